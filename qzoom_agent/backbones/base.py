@@ -1,0 +1,229 @@
+"""What every backbone adapter provides, and the small records they exchange with the model.
+
+An adapter wraps one loaded Hugging Face VLM and holds everything that differs between families: where the
+decoder layers live, how positions are built, how an image becomes visual tokens under a token budget, and how
+a region-of-interest (RoI) image is spliced into a prompt. The Q-Zoom model code above it is family-agnostic.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+@dataclass
+class ImageInputs:
+    """One image, resized and turned into pixel inputs for the vision tower."""
+
+    pixel_values: torch.Tensor  # processor output, family-specific layout
+    image_grid_thw: torch.Tensor | None  # (1, 3) patch grid for Qwen families, None for LLaVA
+    grid: tuple[int, int]  # (gh, gw): visual tokens after merging
+    resized_size: tuple[int, int]  # (width, height) in pixels, as the model saw the image
+    source_size: tuple[int, int]  # (width, height) of the image before resizing
+
+    @property
+    def n_tokens(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+
+@dataclass
+class VisualFeatures:
+    """Visual token embeddings of one or more images, in sequence order."""
+
+    embeds: torch.Tensor  # (N, D)
+    deepstack: list[torch.Tensor] | None = None  # Qwen3-VL: per injected layer, (N, D)
+
+    @staticmethod
+    def cat(parts: list[VisualFeatures]) -> VisualFeatures:
+        embeds = torch.cat([p.embeds for p in parts], 0)
+        if parts[0].deepstack is None:
+            return VisualFeatures(embeds)
+        layers = len(parts[0].deepstack)
+        return VisualFeatures(embeds, [torch.cat([p.deepstack[i] for p in parts], 0) for i in range(layers)])
+
+
+@dataclass
+class Prompt:
+    """A tokenised single-image prompt."""
+
+    input_ids: torch.LongTensor  # (1, L)
+    image_start: int  # index of the first visual token
+    image_end: int  # index after the last visual token
+    image: ImageInputs
+
+
+@dataclass
+class Splice:
+    """The spliced sequence ``[prefix | tail]`` after a RoI image is inserted behind the source image.
+
+    The prefix (everything up to and including the source image tokens) is unchanged, so its key/value cache
+    below layer K can be reused; only the tail is recomputed there.
+    """
+
+    input_ids: torch.LongTensor  # (1, N2) the whole spliced sequence
+    positions: torch.Tensor  # family layout over N2 tokens, e.g. (3, 1, N2) for M-RoPE; may be fractional
+    prefix_len: int  # P: tokens shared with the first pass
+    roi_start: int  # index of the first RoI visual token in the spliced sequence
+    roi_end: int  # index after the last RoI visual token
+
+
+class BackboneAdapter(ABC):
+    """Family-specific access to a loaded VLM. Subclasses set ``family`` and implement the abstract methods."""
+
+    family: str = ""
+    model_types: tuple[str, ...] = ()
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, image_processor) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+
+    # ---- structure -------------------------------------------------------------------------------------------
+    @property
+    def text_model(self) -> nn.Module:
+        return self.model.model.language_model
+
+    @property
+    def text_config(self):
+        return self.text_model.config
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.text_model.layers
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.text_config.hidden_size
+
+    @property
+    def norm(self) -> nn.Module:
+        return self.text_model.norm
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.model.lm_head
+
+    @property
+    def embed_tokens(self) -> nn.Module:
+        return self.text_model.embed_tokens
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        ids = {self.tokenizer.eos_token_id}
+        eos = self.model.generation_config.eos_token_id if self.model.generation_config else None
+        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        return {i for i in ids if i is not None}
+
+    @property
+    def min_branch_layer(self) -> int:
+        """The smallest K at which the layer-K hidden state is complete (Qwen3-VL: after deepstack injection)."""
+        return 1
+
+    def rotary(self, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin), each (1, L, head_dim), for ``positions`` in the family layout."""
+        return self.text_model.rotary_emb(hidden, positions)
+
+    def project_qk(self, layer: nn.Module, normed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Query and key projections of a decoder layer, before RoPE.
+
+        Args:
+            layer: a decoder layer of this family.
+            normed: (1, L, D) hidden states after the layer's input norm.
+
+        Returns:
+            ``(q, k)`` with shapes (1, heads, L, head_dim) and (1, kv_heads, L, head_dim).
+        """
+        attn = layer.self_attn
+        shape = (*normed.shape[:-1], -1, attn.head_dim)
+        q = attn.q_proj(normed).view(shape).transpose(1, 2)
+        k = attn.k_proj(normed).view(shape).transpose(1, 2)
+        return q, k
+
+    def inject(self, layer_idx: int, hidden: torch.Tensor, visual_mask: torch.Tensor | None, visual) -> torch.Tensor:
+        """Add per-layer visual features after decoder layer ``layer_idx`` (Qwen3-VL deepstack); a no-op here."""
+        return hidden
+
+    # ---- inputs ----------------------------------------------------------------------------------------------
+    @classmethod
+    @abstractmethod
+    def default_image_processor(cls, config):
+        """An image processor for ``config`` that works without torchvision."""
+
+    @abstractmethod
+    def prepare_image(self, image: Image.Image, *, min_tokens: int, max_tokens: int) -> ImageInputs:
+        """Resize ``image`` to a visual-token budget and make its pixel inputs."""
+
+    @abstractmethod
+    def build_prompt(self, image: ImageInputs, question: str, *, system: str | None = None) -> Prompt:
+        """Tokenise a one-image, one-question chat prompt ending with the assistant header."""
+
+    @abstractmethod
+    def encode_image(self, images: list[ImageInputs]) -> VisualFeatures:
+        """Run the vision tower; the embeddings come out in the order of ``images``."""
+
+    @abstractmethod
+    def positions(self, input_ids: torch.LongTensor, images: list[ImageInputs]) -> torch.Tensor:
+        """Standard position ids for a sequence holding ``images`` in order."""
+
+    @abstractmethod
+    def splice_roi(
+        self,
+        prompt: Prompt,
+        positions: torch.Tensor,
+        roi: ImageInputs,
+        roi_cells: tuple[int, int, int, int],
+        reuse_src_pos: bool,
+    ) -> Splice:
+        """Insert ``roi`` behind the source image of ``prompt``.
+
+        Args:
+            prompt: the first-pass prompt.
+            positions: the first-pass position ids.
+            roi: the encoded-size inputs of the cropped region.
+            roi_cells: ``(r0, c0, r1, c1)`` the source token cells the crop covers (exclusive ends).
+            reuse_src_pos: True for source-aligned (interpolated) RoI positions, False for plain two-image
+                positions.
+        """
+
+    def next_position(self, positions: torch.Tensor) -> torch.Tensor:
+        """Position ids of the token after the last one, in the family layout (one step)."""
+        return positions[..., -1:] + 1
+
+    def image_mask(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        """(1, L) bool: True at visual-token placeholders."""
+        return input_ids == self.image_token_id
+
+    @property
+    @abstractmethod
+    def image_token_id(self) -> int:
+        """Token id of the visual placeholder."""
+
+    def embed(self, input_ids: torch.LongTensor, visual: VisualFeatures | None) -> torch.Tensor:
+        """Token embeddings with the visual embeddings scattered into the placeholders: (1, L, D)."""
+        hidden = self.embed_tokens(input_ids)
+        if visual is None:
+            return hidden
+        mask = self.image_mask(input_ids)
+        n = int(mask.sum())
+        if n != visual.embeds.shape[0]:
+            raise ValueError(f"{n} visual placeholders but {visual.embeds.shape[0]} visual embeddings")
+        hidden = hidden.clone()
+        hidden[mask] = visual.embeds.to(hidden.dtype)
+        return hidden

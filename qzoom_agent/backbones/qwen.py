@@ -1,0 +1,143 @@
+"""Behaviour shared by the Qwen VL families: M-RoPE positions, dynamic-resolution images, RoI splicing."""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from ..images import fit_to_token_budget, resize_to
+from .base import BackboneAdapter, ImageInputs, Prompt, Splice, VisualFeatures
+
+
+class QwenAdapter(BackboneAdapter):
+    """Qwen2-VL-style models: ``<|vision_start|> IMG <|vision_end|>`` blocks and 3-D (t, h, w) M-RoPE."""
+
+    @property
+    def vision_config(self):
+        return self.model.config.vision_config
+
+    @property
+    def merge(self) -> int:
+        return self.vision_config.spatial_merge_size
+
+    @property
+    def px_per_token(self) -> int:
+        """Resized pixels per merged visual token side: patch size times merge size (28 or 32)."""
+        return self.vision_config.patch_size * self.merge
+
+    @property
+    def image_token_id(self) -> int:
+        return self.model.config.image_token_id
+
+    @property
+    def vision_start_id(self) -> int:
+        return self.model.config.vision_start_token_id
+
+    @property
+    def vision_end_id(self) -> int:
+        return self.model.config.vision_end_token_id
+
+    @classmethod
+    def default_image_processor(cls, config) -> Qwen2VLImageProcessorPil:
+        vc = config.vision_config
+        f = vc.patch_size * vc.spatial_merge_size
+        return Qwen2VLImageProcessorPil(
+            size={"shortest_edge": 4 * f * f, "longest_edge": 16384 * f * f},
+            patch_size=vc.patch_size,
+            temporal_patch_size=vc.temporal_patch_size,
+            merge_size=vc.spatial_merge_size,
+        )
+
+    def prepare_image(self, image: Image.Image, *, min_tokens: int, max_tokens: int) -> ImageInputs:
+        f = self.px_per_token
+        width, height = fit_to_token_budget(image.width, image.height, factor=f, min_tokens=min_tokens,
+                                            max_tokens=max_tokens)
+        resized = resize_to(image, (width, height))
+        # The image already has its final size; equal bounds make the processor's own resize a no-op.
+        out = self.image_processor(
+            images=[resized],
+            size={"shortest_edge": width * height, "longest_edge": width * height},
+            return_tensors="pt",
+        )
+        thw = out["image_grid_thw"]
+        grid = (int(thw[0, 1]) // self.merge, int(thw[0, 2]) // self.merge)
+        if grid != (height // f, width // f):
+            raise RuntimeError(f"image processor produced grid {grid}, expected {(height // f, width // f)}")
+        return ImageInputs(out["pixel_values"], thw, grid, (width, height), (image.width, image.height))
+
+    def build_prompt(self, image: ImageInputs, question: str, *, system: str | None = None) -> Prompt:
+        messages = [] if system is None else [{"role": "system", "content": system}]
+        messages.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]})
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        where = [i for i, t in enumerate(ids) if t == self.image_token_id]
+        if len(where) != 1:
+            raise ValueError(f"the chat template must render exactly one image placeholder, found {len(where)}")
+        at = where[0]
+        ids = ids[:at] + [self.image_token_id] * image.n_tokens + ids[at + 1 :]
+        input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
+        return Prompt(input_ids, at, at + image.n_tokens, image)
+
+    def _vision_outputs(self, images: list[ImageInputs]):
+        pixels = torch.cat([im.pixel_values for im in images], 0).to(self.device)
+        thw = torch.cat([im.image_grid_thw for im in images], 0).to(self.device)
+        return self.model.model.get_image_features(pixel_values=pixels, image_grid_thw=thw)
+
+    def encode_image(self, images: list[ImageInputs]) -> VisualFeatures:
+        out = self._vision_outputs(images)
+        return VisualFeatures(torch.cat(out.pooler_output, 0))
+
+    def positions(self, input_ids: torch.LongTensor, images: list[ImageInputs]) -> torch.Tensor:
+        """(3, 1, L) M-RoPE position ids, exactly as the HF model computes them."""
+        thw = torch.cat([im.image_grid_thw for im in images], 0).to(input_ids.device)
+        types = self.image_mask(input_ids).int()
+        pos, _ = self.model.model.get_rope_index(input_ids, mm_token_type_ids=types, image_grid_thw=thw)
+        return pos
+
+    def splice_roi(
+        self,
+        prompt: Prompt,
+        positions: torch.Tensor,
+        roi: ImageInputs,
+        roi_cells: tuple[int, int, int, int],
+        reuse_src_pos: bool,
+    ) -> Splice:
+        ids = prompt.input_ids
+        p = prompt.image_end  # the prefix ends with the source image tokens; the tail starts at its <|vision_end|>
+        n_roi = roi.n_tokens
+        block = [self.vision_end_id, self.vision_start_id] + [self.image_token_id] * n_roi + [self.vision_end_id]
+        block_t = torch.tensor([block], dtype=ids.dtype, device=ids.device)
+        new_ids = torch.cat([ids[:, :p], block_t, ids[:, p + 1 :]], 1)
+        roi_start, roi_end = p + 2, p + 2 + n_roi
+        if not reuse_src_pos:
+            new_pos = self.positions(new_ids, [prompt.image, roi])
+        else:
+            new_pos = self._source_aligned_positions(prompt, positions, roi, roi_cells)
+        return Splice(new_ids, new_pos, p, roi_start, roi_end)
+
+    def _source_aligned_positions(
+        self, prompt: Prompt, positions: torch.Tensor, roi: ImageInputs, roi_cells: tuple[int, int, int, int]
+    ) -> torch.Tensor:
+        """Q-Zoom's continuous alignment: the RoI is a new frame whose (h, w) indices interpolate the source
+        positions its box covers; text after the RoI block shifts by max(h_roi, w_roi) + 2."""
+        p = prompt.image_end
+        pos = positions.to(torch.float32)
+        t0 = pos[0, 0, prompt.image_start]  # all three components of the source image start at this value
+        end = pos[0, 0, p]  # the source <|vision_end|>
+        gh, gw = roi.grid
+        r0, c0, r1, c1 = roi_cells
+        rows = torch.linspace(float(r0), float(r1 - 1), gh, device=pos.device) + t0
+        cols = torch.linspace(float(c0), float(c1 - 1), gw, device=pos.device) + t0
+        roi_pos = torch.stack(
+            [
+                torch.full((gh * gw,), float(end + 2), device=pos.device),
+                rows.repeat_interleave(gw),
+                cols.repeat(gh),
+            ]
+        )[:, None, :]
+        shift = max(gh, gw) + 2
+        vs = torch.full((3, 1, 1), float(end + 1), device=pos.device)
+        ve = torch.full((3, 1, 1), float(end + shift), device=pos.device)
+        tail = pos[:, :, p + 1 :] + shift
+        return torch.cat([pos[:, :, : p + 1], vs, roi_pos, ve, tail], 2)

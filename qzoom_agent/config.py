@@ -1,0 +1,82 @@
+"""QZoomConfig: where the Q-Zoom branches attach, when to zoom, and the visual-token budgets."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# Paper defaults (K, T) per released backbone; tiny models pick their own.
+DEFAULT_BRANCH = {
+    "Qwen2.5-VL-3B": (24, 3),
+    "Qwen2.5-VL-7B": (18, 3),
+    "Qwen3-VL-4B": (24, 3),
+    "LLaVA-1.5-7B": (15, 3),
+}
+
+
+class QZoomConfig(BaseModel):
+    """Settings of the Q-Zoom heads and of gated two-pass inference.
+
+    The twig (SD-RPN) and the gate both branch off the hidden state that enters decoder layer ``twig_K`` and
+    each holds ``twig_T`` decoder layers initialised from base layers ``twig_K .. twig_K + twig_T - 1``.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    twig_K: int = Field(ge=1, description="Branch layer K: the heads read the input of base layer K (0-indexed).")
+    twig_T: int = Field(ge=1, description="Decoder layers in each head; the twig's last one contributes only q/k.")
+    gate_threshold: float = Field(
+        default=0.5, ge=0.0, le=1.0, description="Zoom when the gate's sigmoid score is at least this."
+    )
+    roi_threshold: float = Field(
+        default=0.15, gt=0.0, lt=1.0, description="Foreground threshold on the blurred RoI probabilities."
+    )
+    min_tokens: int = Field(default=256, ge=1, description="Minimum visual tokens of the global (first-pass) view.")
+    max_tokens: int = Field(default=576, ge=1, description="Maximum visual tokens of the global view.")
+    roi_min_tokens: int | None = Field(
+        default=None, ge=1, description="Minimum visual tokens of the RoI crop; None uses min_tokens."
+    )
+    roi_max_tokens: int | None = Field(
+        default=None, ge=1, description="Maximum visual tokens of the RoI crop; None uses max_tokens."
+    )
+    reuse_src_pos: bool = Field(
+        default=True,
+        description="True: RoI positions interpolate the source positions its box covers; False: two-image "
+        "positions.",
+    )
+    sink_min_tokens: int = Field(
+        default=256, ge=0, description="Mask the attention-sink corner of the RoI map when it has more tokens."
+    )
+    roi_mode: Literal["enclosing", "components"] | None = Field(
+        default=None, description="One enclosing box (Qwen) or connected components (LLaVA); None: by family."
+    )
+
+    @model_validator(mode="after")
+    def _check_budgets(self) -> QZoomConfig:
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(
+                f"min_tokens ({self.min_tokens}) is larger than max_tokens ({self.max_tokens}); lower min_tokens"
+            )
+        lo, hi = self.roi_budget
+        if lo > hi:
+            raise ValueError(f"roi_min_tokens ({lo}) is larger than roi_max_tokens ({hi})")
+        return self
+
+    @property
+    def roi_budget(self) -> tuple[int, int]:
+        """(min, max) visual tokens of the RoI crop."""
+        return (self.roi_min_tokens or self.min_tokens, self.roi_max_tokens or self.max_tokens)
+
+    def check_backbone(self, num_layers: int, min_branch_layer: int) -> None:
+        """Raise a ValueError if K and T do not fit a backbone of ``num_layers`` decoder layers."""
+        if self.twig_K < min_branch_layer:
+            raise ValueError(
+                f"twig_K={self.twig_K} is too early for this backbone: the branch needs K >= {min_branch_layer} "
+                "(Qwen3-VL adds deepstack features after its first layers)"
+            )
+        if self.twig_K + self.twig_T > num_layers:
+            raise ValueError(
+                f"twig_K + twig_T = {self.twig_K + self.twig_T} exceeds the {num_layers} decoder layers; "
+                "lower twig_K or twig_T"
+            )

@@ -1,0 +1,291 @@
+"""QZoomModel: gated two-pass answering with prefix-cache reuse.
+
+Pass 1 prefills the low-resolution prompt up to layer K and keeps the KV cache of layers < K. The gate reads
+the layer-K state of the last prompt token. If it says the low-resolution view suffices, layers K..L-1 continue
+on the same state and decoding starts: the only extra cost was the gate. If it fires, the twig scores the
+visual tokens, one box is cropped from the original image and encoded, and the RoI block is spliced in behind
+the source image. The cache of the unchanged prefix (system + source image) below K is reused; only the new
+tail runs through layers < K, then layers K..L-1 run on the whole spliced sequence, and one answer is decoded.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from PIL import Image
+from transformers import DynamicCache
+
+from . import roi as roi_lib
+from .backbones import BackboneAdapter, Prompt, VisualFeatures
+from .config import QZoomConfig
+from .engine import DecoderRunner
+from .heads import QZoomHeads
+from .images import load_image
+from .loading import load_backbone, resolve_model_path
+from .results import Answer, Perception
+
+logger = logging.getLogger(__name__)
+
+Mode = Literal["auto", "never", "always"]
+RoiWhen = Literal["auto", "always", "never"]
+
+
+@dataclass
+class _FirstPass:
+    """Tensors of pass 1 up to layer K, enough to continue or to splice."""
+
+    image: Image.Image
+    prompt: Prompt
+    visual: VisualFeatures
+    positions: torch.Tensor
+    rotary: tuple[torch.Tensor, torch.Tensor]
+    mask: torch.Tensor | None
+    cache: DynamicCache
+    hidden_k: torch.Tensor  # (1, L, D) input of layer K
+
+
+class QZoomModel:
+    """A Hugging Face VLM with Q-Zoom heads.
+
+    Args:
+        adapter: the backbone adapter wrapping the loaded HF model.
+        heads: trained or freshly initialised Q-Zoom heads, or None for a plain model (``mode="never"`` only).
+        config: where the heads branch, thresholds and token budgets.
+    """
+
+    def __init__(self, adapter: BackboneAdapter, heads: QZoomHeads | None, config: QZoomConfig) -> None:
+        config.check_backbone(adapter.num_layers, adapter.min_branch_layer)
+        if heads is not None and (heads.branch_layer != config.twig_K or heads.T != config.twig_T):
+            raise ValueError(
+                f"heads branch at K={heads.branch_layer} with T={heads.T}, config says K={config.twig_K}, "
+                f"T={config.twig_T}"
+            )
+        self.adapter = adapter
+        self.heads = heads.eval() if heads is not None else None
+        self.config = config
+        self.runner = DecoderRunner(adapter)
+        self.system_prompt: str | None = None
+
+    # ---- loading -----------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        base: str | Path = "zoomworld-tiny",
+        qzoom: str | Path | bool | None = None,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        **overrides,
+    ) -> QZoomModel:
+        """Load a base VLM and, optionally, Q-Zoom heads.
+
+        Args:
+            base: a local model directory, or ``"zoomworld-tiny"`` for the bundled default.
+            qzoom: a Q-Zoom adapter directory or an official Q-Zoom checkpoint. None looks for ``qzoom/`` inside
+                ``base``; False loads no heads.
+            device: torch device.
+            dtype: weight dtype (fp32 on CPU; bf16 on GPU nodes).
+            **overrides: QZoomConfig fields to override (e.g. ``gate_threshold=0.3``).
+        """
+        from .checkpoint import load_heads
+
+        path = resolve_model_path(base)
+        adapter = load_backbone(path, device=device, dtype=dtype)
+        heads, config = None, None
+        if qzoom is None and (path / "qzoom").is_dir():
+            qzoom = path / "qzoom"
+        if qzoom:
+            heads, config = load_heads(qzoom, adapter)
+        if config is None:
+            k = max(adapter.min_branch_layer, adapter.num_layers // 2)
+            config = QZoomConfig(twig_K=k, twig_T=min(3, adapter.num_layers - k))
+        if overrides:
+            config = config.model_copy(update=overrides)
+            config = QZoomConfig.model_validate(config.model_dump())
+        return cls(adapter, heads, config)
+
+    def init_heads(self) -> QZoomHeads:
+        """Attach heads initialised as copies of base layers K..K+T-1 (the start of stage 1 training)."""
+        self.heads = QZoomHeads.from_base(self.adapter, self.config.twig_K, self.config.twig_T).eval()
+        return self.heads
+
+    # ---- pass 1 ------------------------------------------------------------------------------------------------
+    def _first_pass(self, image: Image.Image, question: str, budget: tuple[int, int]) -> _FirstPass:
+        a = self.adapter
+        img_in = a.prepare_image(image, min_tokens=budget[0], max_tokens=budget[1])
+        prompt = a.build_prompt(img_in, question, system=self.system_prompt)
+        visual = a.encode_image([img_in])
+        hidden = a.embed(prompt.input_ids, visual)
+        positions = a.positions(prompt.input_ids, [img_in])
+        rotary = a.rotary(hidden, positions)
+        cache = self.runner.new_cache()
+        mask = self.runner.causal_mask(hidden, cache)
+        visual_mask = a.image_mask(prompt.input_ids)
+        hidden_k = self.runner.run(0, self.config.twig_K, hidden, rotary, mask, cache, visual_mask, visual)
+        return _FirstPass(image, prompt, visual, positions, rotary, mask, cache, hidden_k)
+
+    def _gate(self, fp: _FirstPass) -> float:
+        return float(torch.sigmoid(self.heads.gate_logit(fp.hidden_k, fp.rotary, fp.mask))[0])
+
+    def _roi(self, fp: _FirstPass) -> tuple[torch.Tensor, list[roi_lib.Box]]:
+        img = fp.prompt.image
+        logits = self.heads.roi_logits(
+            self.adapter, fp.hidden_k, fp.rotary, fp.mask, fp.prompt.image_start, fp.prompt.image_end
+        ).reshape(img.grid)
+        family_mode = "components" if self.adapter.family == "llava" else "enclosing"
+        cfg = roi_lib.RoiConfig(
+            threshold=self.config.roi_threshold,
+            sink_min_tokens=self.config.sink_min_tokens,
+            mode=self.config.roi_mode or family_mode,
+        )
+        sink = None if cfg.mode == "components" else roi_lib.qwen_sink_mask(*img.grid, cfg.sink_min_tokens)
+        boxes = roi_lib.propose_boxes(
+            logits.float(),
+            grid=img.grid,
+            resized_size=img.resized_size,
+            source_size=img.source_size,
+            cfg=cfg,
+            sink_mask=sink,
+        )
+        return logits, boxes
+
+    def _require_heads(self, what: str) -> QZoomHeads:
+        if self.heads is None:
+            raise ValueError(f"{what} needs Q-Zoom heads; load an adapter (qzoom=...) or use mode='never'")
+        return self.heads
+
+    @torch.inference_mode()
+    def perceive(
+        self, image, question: str, *, roi: RoiWhen = "auto", budget: tuple[int, int] | None = None
+    ) -> Perception:
+        """One low-resolution prefill to layer K: the gate score, the RoI logits and the box. No decoding.
+
+        Args:
+            image: a path, bytes or PIL image (loaded safely).
+            question: the user's question.
+            roi: ``"auto"`` runs the twig only when the gate fires; ``"always"`` runs it regardless (a zoom tool
+                that was explicitly called); ``"never"`` skips it.
+            budget: (min, max) visual tokens of the global view; defaults to the config's.
+
+        Returns:
+            A Perception; its ``state`` lets `answer(..., perception=p)` resume without a second prefill.
+        """
+        heads = self._require_heads("perceive")
+        t0 = time.perf_counter()
+        image = load_image(image)
+        fp = self._first_pass(image, question, budget or (self.config.min_tokens, self.config.max_tokens))
+        gate = float(torch.sigmoid(heads.gate_logit(fp.hidden_k, fp.rotary, fp.mask))[0])
+        logits, boxes = None, []
+        if roi == "always" or (roi == "auto" and gate >= self.config.gate_threshold):
+            logits, boxes = self._roi(fp)
+        img = fp.prompt.image
+        return Perception(
+            gate, logits, boxes, img.grid, img.resized_size, img.source_size, img.n_tokens,
+            time.perf_counter() - t0, state=fp,
+        )
+
+    # ---- answering ---------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def answer(
+        self,
+        image,
+        question: str,
+        *,
+        mode: Mode = "auto",
+        max_new_tokens: int = 32,
+        budget: tuple[int, int] | None = None,
+        perception: Perception | None = None,
+    ) -> Answer:
+        """Answer one question about one image, zooming when the gate says so.
+
+        Args:
+            image: a path, bytes or PIL image.
+            question: the question.
+            mode: ``"auto"`` follows the gate; ``"never"`` answers from the low-resolution view (the gate does not
+                run); ``"always"`` zooms whenever the twig proposes a box.
+            max_new_tokens: decoding budget.
+            budget: (min, max) visual tokens of the global view; defaults to the config's.
+            perception: a `perceive` result for the same image and question to resume from (consumed).
+        """
+        if mode not in ("auto", "never", "always"):
+            raise ValueError(f"mode must be 'auto', 'never' or 'always', got {mode!r}")
+        if mode != "never":
+            self._require_heads(f"mode={mode!r}")
+        t0 = time.perf_counter()
+        if perception is not None and perception.state is not None:
+            fp, gate = perception.state, perception.gate_score
+            perception.state = None  # the cache below is extended in place: a perception resumes once
+        else:
+            image = load_image(image)
+            fp = self._first_pass(image, question, budget or (self.config.min_tokens, self.config.max_tokens))
+            gate = None if mode == "never" else self._gate(fp)
+        logits = None
+        boxes: list[roi_lib.Box] = []
+        if mode == "always" or (mode == "auto" and gate is not None and gate >= self.config.gate_threshold):
+            if perception is not None and perception.roi_logits is not None:
+                logits, boxes = perception.roi_logits, perception.boxes
+            else:
+                logits, boxes = self._roi(fp)
+        if boxes:
+            first_logits, next_pos, extra_tokens = self._zoom_prefill(fp, boxes[0])
+            prefills = 2
+        else:
+            first_logits, extra_tokens = self._direct_prefill(fp), 0
+            next_pos = self.adapter.next_position(fp.positions)
+            prefills = 1
+        tokens, steps = self.runner.greedy(first_logits, fp.cache, next_pos, max_new_tokens)
+        text = self.adapter.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+        img = fp.prompt.image
+        return Answer(
+            text=text,
+            zoomed=bool(boxes),
+            gate_score=gate,
+            bbox=boxes[0] if boxes else None,
+            visual_tokens=img.n_tokens + extra_tokens,
+            forward_passes=prefills + steps,
+            generated_tokens=len(tokens),
+            latency_s=time.perf_counter() - t0,
+            image_size=img.source_size,
+            grid=img.grid,
+            roi_logits=logits,
+        )
+
+    def _direct_prefill(self, fp: _FirstPass) -> torch.Tensor:
+        """Continue layers K..L-1 on the first-pass state; (1, V) logits of the next token."""
+        hidden = self.runner.run(self.config.twig_K, self.adapter.num_layers, fp.hidden_k, fp.rotary, fp.mask, fp.cache)
+        return self.runner.logits(hidden[:, -1:])
+
+    def _zoom_prefill(self, fp: _FirstPass, box: roi_lib.Box) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Splice the RoI crop in and re-prefill with prefix-cache reuse.
+
+        Returns:
+            ``(logits, next_position, roi_tokens)``: (1, V) next-token logits on the spliced sequence, the
+            position of the first generated token, and the RoI's visual token count.
+        """
+        a, cfg, k = self.adapter, self.config, self.config.twig_K
+        src = fp.prompt.image
+        crop = roi_lib.crop(fp.image, box)
+        lo, hi = cfg.roi_budget
+        roi_in = a.prepare_image(crop, min_tokens=lo, max_tokens=hi)
+        roi_visual = a.encode_image([roi_in])
+        cells = roi_lib.box_to_cells(box, src.grid, src.resized_size, src.source_size)
+        splice = a.splice_roi(fp.prompt, fp.positions, roi_in, cells, cfg.reuse_src_pos)
+        p = splice.prefix_len
+        length = fp.prompt.input_ids.shape[1]
+        for i in range(k):  # keep the prefix (system + source image) below K; drop the old tail
+            fp.cache.layers[i].crop(-(length - p))
+        tail_ids = splice.input_ids[:, p:]
+        tail = a.embed(tail_ids, roi_visual)
+        rotary = a.rotary(tail, splice.positions)
+        tail_rotary = (rotary[0][:, p:], rotary[1][:, p:])
+        tail_mask = self.runner.causal_mask(tail, fp.cache, layer_idx=0)
+        tail = self.runner.run(0, k, tail, tail_rotary, tail_mask, fp.cache, a.image_mask(tail_ids), roi_visual)
+        hidden = torch.cat([fp.hidden_k[:, :p], tail], 1)
+        mask = self.runner.causal_mask(hidden, fp.cache, layer_idx=k)
+        hidden = self.runner.run(k, a.num_layers, hidden, rotary, mask, fp.cache)
+        return self.runner.logits(hidden[:, -1:]), a.next_position(splice.positions), roi_in.n_tokens

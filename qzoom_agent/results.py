@@ -1,0 +1,86 @@
+"""What `perceive` and `answer` return: plain records with per-answer cost statistics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .roi import Box
+
+
+@dataclass
+class Perception:
+    """The outcome of one low-resolution prefill up to layer K: gate score, RoI map and box. No decoding.
+
+    Attributes:
+        gate_score: sigmoid of the gate logit, or None when no gate ran.
+        roi_logits: (gh, gw) raw SD-RPN scores on the merged-token grid, or None when the twig did not run.
+        boxes: proposed zoom boxes in source pixels; empty means "do not zoom".
+        grid: (gh, gw) visual tokens of the global view.
+        resized_size: (width, height) of the global view as the model saw it.
+        image_size: (width, height) of the source image.
+        visual_tokens: visual tokens processed (the global view).
+        latency_s: wall time of the call.
+    """
+
+    gate_score: float | None
+    roi_logits: torch.Tensor | None
+    boxes: list[Box]
+    grid: tuple[int, int]
+    resized_size: tuple[int, int]
+    image_size: tuple[int, int]
+    visual_tokens: int
+    latency_s: float
+    state: Any = field(default=None, repr=False)  # first-pass tensors that `answer` can resume from
+
+    @property
+    def box(self) -> Box | None:
+        return self.boxes[0] if self.boxes else None
+
+
+@dataclass
+class Answer:
+    """One answer and what it cost.
+
+    Attributes:
+        text: the decoded answer, special tokens removed.
+        zoomed: True when a RoI crop was spliced in and the answer was decoded from the spliced sequence.
+        gate_score: sigmoid gate score, or None when the gate did not run (``mode="never"``/``"always"``
+            without heads).
+        bbox: the zoom box in source pixels, or None.
+        visual_tokens: visual tokens processed: the global view plus the RoI crop, if any.
+        forward_passes: prefills (the first pass, plus the partial re-prefill when zoomed) plus decode steps.
+        generated_tokens: tokens produced, including a final end-of-turn token.
+        latency_s: wall time from image to text.
+        image_size: (width, height) of the source image.
+        grid: (gh, gw) visual tokens of the global view.
+        roi_logits: (gh, gw) SD-RPN scores when the twig ran, for heat maps.
+    """
+
+    text: str
+    zoomed: bool
+    gate_score: float | None
+    bbox: Box | None
+    visual_tokens: int
+    forward_passes: int
+    generated_tokens: int
+    latency_s: float
+    image_size: tuple[int, int]
+    grid: tuple[int, int]
+    roi_logits: torch.Tensor | None = field(default=None, repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        """The CLI's ``--json`` record."""
+        return {
+            "answer": self.text,
+            "zoomed": self.zoomed,
+            "gate_score": self.gate_score,
+            "bbox": self.bbox.to_json() if self.bbox else None,
+            "visual_tokens": self.visual_tokens,
+            "forward_passes": self.forward_passes,
+            "generated_tokens": self.generated_tokens,
+            "latency_s": round(self.latency_s, 4),
+            "image_size": list(self.image_size),
+        }
