@@ -1,0 +1,187 @@
+"""The Q-Zoom inference path against plain Hugging Face forwards, on tiny models of all three families."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from qzoom_agent import roi as roi_lib
+from qzoom_agent.backbones import adapter_class_for
+from qzoom_agent.config import QZoomConfig
+from qzoom_agent.model import QZoomModel
+from qzoom_agent.tiny import build_tiny
+
+FAMILIES = ["qwen2_5_vl", "qwen3_vl", "llava"]
+QUESTION = "What is written on the green tag?"
+
+
+def make_model(family: str, attn: str = "sdpa", **overrides) -> QZoomModel:
+    model, tok = build_tiny(family, seed=1)
+    if attn != "sdpa":
+        model.set_attn_implementation(attn)
+    cls = adapter_class_for(model.config)
+    adapter = cls(model, tok, cls.default_image_processor(model.config))
+    settings = dict(twig_K=2, twig_T=2, min_tokens=16, max_tokens=64, gate_threshold=0.0, roi_threshold=0.2)
+    settings.update(overrides)
+    qm = QZoomModel(adapter, None, QZoomConfig(**settings))
+    torch.manual_seed(2)
+    qm.init_heads()
+    return qm
+
+
+def make_image(w: int = 451, h: int = 300, seed: int = 0) -> Image.Image:
+    g = torch.Generator().manual_seed(seed)
+    return Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).byte().numpy())
+
+
+def hf_inputs(qm: QZoomModel, ids: torch.Tensor, images) -> dict:
+    """Keyword arguments of the plain HF forward / generate for ``ids`` holding ``images`` in order."""
+    pixels = torch.cat([im.pixel_values for im in images], 0)
+    if qm.adapter.family == "llava":
+        return {"input_ids": ids, "pixel_values": pixels}
+    return {
+        "input_ids": ids,
+        "pixel_values": pixels,
+        "image_grid_thw": torch.cat([im.image_grid_thw for im in images], 0),
+        "mm_token_type_ids": (ids == qm.adapter.image_token_id).int(),
+    }
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_resume_from_layer_k_reproduces_full_forward(family):
+    qm = make_model(family)
+    a = qm.adapter
+    with torch.inference_mode():
+        fp = qm._first_pass(make_image(), QUESTION, (16, 64))
+        ref = a.model(**hf_inputs(qm, fp.prompt.input_ids, [fp.prompt.image])).logits
+        hidden = qm.runner.run(2, a.num_layers, fp.hidden_k, fp.rotary, fp.mask, fp.cache)
+        ours = a.lm_head(a.norm(hidden))
+    assert ours.shape == ref.shape
+    assert (ours - ref).abs().max().item() <= 1e-4
+
+
+def _from_scratch_logits(qm: QZoomModel, splice, visual, extra_token: int | None = None) -> torch.Tensor:
+    """All layers over the whole spliced sequence, no cache: the reference the reuse path must match."""
+    a = qm.adapter
+    ids, pos = splice.input_ids, splice.positions
+    if extra_token is not None:
+        ids = torch.cat([ids, torch.tensor([[extra_token]])], 1)
+        pos = torch.cat([pos, a.next_position(pos)], -1)
+    hidden = a.embed(ids, visual)
+    rotary = a.rotary(hidden, pos)
+    mask = qm.runner.causal_mask(hidden, None)
+    hidden = qm.runner.run(0, a.num_layers, hidden, rotary, mask, None, a.image_mask(ids), visual)
+    return qm.runner.logits(hidden[:, -1:])
+
+
+@pytest.mark.parametrize("reuse_src_pos", [True, False])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prefix_cache_reuse_matches_from_scratch_forward(family, reuse_src_pos):
+    qm = make_model(family, reuse_src_pos=reuse_src_pos)
+    a = qm.adapter
+    image = make_image()
+    box = roi_lib.Box(60, 40, 260, 200)
+    with torch.inference_mode():
+        fp = qm._first_pass(image, QUESTION, (16, 64))
+        src_visual = fp.visual
+        reuse_logits, next_pos, n_roi = qm._zoom_prefill(fp, box)
+        # One decode step from the reused cache as well, so the cache itself is checked, not only the logits.
+        token = int(reuse_logits.argmax(-1))
+        step_hidden = a.embed_tokens(torch.tensor([[token]]))
+        step_hidden = qm.runner.run(0, a.num_layers, step_hidden, a.rotary(step_hidden, next_pos), None, fp.cache)
+        reuse_step = qm.runner.logits(step_hidden)
+
+        # Rebuild the spliced sequence independently and run it from scratch.
+        fp2 = qm._first_pass(image, QUESTION, (16, 64))
+        roi_in = a.prepare_image(roi_lib.crop(image, box), min_tokens=16, max_tokens=64)
+        cells = roi_lib.box_to_cells(box, fp2.prompt.image.grid, fp2.prompt.image.resized_size, image.size)
+        splice = a.splice_roi(fp2.prompt, fp2.positions, roi_in, cells, reuse_src_pos)
+        from qzoom_agent.backbones import VisualFeatures
+
+        visual = VisualFeatures.cat([src_visual, a.encode_image([roi_in])])
+        ref = _from_scratch_logits(qm, splice, visual)
+        ref_step = _from_scratch_logits(qm, splice, visual, extra_token=token)
+        if not reuse_src_pos:
+            # Plain two-image positions: the stock HF forward on the spliced ids must agree too.
+            hf = a.model(**hf_inputs(qm, splice.input_ids, [fp2.prompt.image, roi_in])).logits[:, -1]
+            assert (hf - ref).abs().max().item() <= 1e-4
+    assert n_roi == roi_in.n_tokens
+    assert (reuse_logits - ref).abs().max().item() <= 1e-4
+    assert (reuse_step - ref_step).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_source_aligned_positions_follow_the_design(family):
+    qm = make_model(family)
+    a = qm.adapter
+    image = make_image()
+    with torch.inference_mode():
+        fp = qm._first_pass(image, QUESTION, (16, 64))
+        roi_in = a.prepare_image(image.crop((0, 0, 200, 150)), min_tokens=16, max_tokens=64)
+        splice = a.splice_roi(fp.prompt, fp.positions, roi_in, (1, 2, 4, 6), True)
+    p, pos = fp.prompt.image_end, splice.positions[:, 0]
+    end = fp.positions[0, 0, p]  # source <|vision_end|>
+    t0 = fp.positions[0, 0, fp.prompt.image_start]
+    gh, gw = roi_in.grid
+    roi = pos[:, splice.roi_start : splice.roi_end]
+    assert torch.all(roi[0] == end + 2)  # a new frame right after the RoI start token
+    assert pos[:, p + 1].tolist() == [float(end + 1)] * 3
+    assert roi[1].min() == t0 + 1 and roi[1].max() == t0 + 3  # rows 1..3 of the source
+    assert roi[2].min() == t0 + 2 and roi[2].max() == t0 + 5  # cols 2..5 of the source
+    shift = max(gh, gw) + 2
+    assert torch.equal(pos[:, splice.roi_end + 1 :], fp.positions[:, 0, p + 1 :].float() + shift)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_never_mode_matches_hf_generate(family):
+    qm = make_model(family)
+    a = qm.adapter
+    image = make_image(seed=3)
+    with torch.inference_mode():
+        fp = qm._first_pass(image, QUESTION, (16, 64))
+        out = a.model.generate(**hf_inputs(qm, fp.prompt.input_ids, [fp.prompt.image]), max_new_tokens=8,
+                               do_sample=False)
+    expected = a.tokenizer.decode(out[0, fp.prompt.input_ids.shape[1] :], skip_special_tokens=True).strip()
+    ans = qm.answer(image, QUESTION, mode="never", max_new_tokens=8, budget=(16, 64))
+    assert ans.text == expected
+    assert ans.gate_score is None and not ans.zoomed
+    assert ans.forward_passes == 1 + ans.generated_tokens - 1
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_heads_start_as_copies_of_base_layers(family):
+    qm = make_model(family)
+    base = qm.adapter.layers
+    for i in range(qm.config.twig_T):
+        ref = base[qm.config.twig_K + i].state_dict()
+        for branch in (qm.heads.twig_layers[i], qm.heads.high_res_layers[i]):
+            got = branch.state_dict()
+            assert got.keys() == ref.keys()
+            assert all(torch.equal(got[k], ref[k]) for k in ref)
+            assert all(p.data_ptr() != q.data_ptr() for p, q in zip(branch.parameters(), base[2].parameters()))
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_roi_scores_live_on_the_merged_grid(family):
+    qm = make_model(family)
+    p = qm.perceive(make_image(), QUESTION, roi="always", budget=(16, 64))
+    thw = p.state.prompt.image.image_grid_thw[0]
+    merge = qm.adapter.merge
+    assert p.roi_logits.shape == (int(thw[1]) // merge, int(thw[2]) // merge) == p.grid
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_twig_scores_at_init_are_the_base_attention_logits(family):
+    """At init the twig equals base layers K..K+T-1, so its scores are layer K+T-1's pre-softmax attention of the
+    last token over the visual tokens, averaged over heads: the log attention weights up to one constant."""
+    qm = make_model(family, attn="eager")
+    a = qm.adapter
+    image = make_image(seed=5)
+    with torch.inference_mode():
+        p = qm.perceive(image, QUESTION, roi="always", budget=(16, 64))
+        prompt = p.state.prompt
+        out = a.model(**hf_inputs(qm, prompt.input_ids, [prompt.image]), output_attentions=True)
+    att = out.attentions[qm.config.twig_K + qm.config.twig_T - 1][0, :, -1, prompt.image_start : prompt.image_end]
+    diff = p.roi_logits.flatten() - att.log().mean(0)
+    assert diff.std().item() < 1e-4
