@@ -37,7 +37,9 @@ class QZoomHeads(nn.Module):
         branch_layer: K, the base layer whose input the heads read.
     """
 
-    def __init__(self, twig_layers: list[nn.Module], gate_layers: list[nn.Module], hidden_size: int, branch_layer: int):
+    def __init__(
+        self, twig_layers: list[nn.Module], gate_layers: list[nn.Module], hidden_size: int, branch_layer: int
+    ):
         super().__init__()
         self.branch_layer = branch_layer
         self.twig_layers = nn.ModuleList(twig_layers)

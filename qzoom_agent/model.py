@@ -247,6 +247,7 @@ class QZoomModel:
             gate_score=gate,
             bbox=boxes[0] if boxes else None,
             visual_tokens=img.n_tokens + extra_tokens,
+            roi_tokens=extra_tokens,
             forward_passes=prefills + steps,
             generated_tokens=len(tokens),
             latency_s=time.perf_counter() - t0,
@@ -257,7 +258,8 @@ class QZoomModel:
 
     def _direct_prefill(self, fp: _FirstPass) -> torch.Tensor:
         """Continue layers K..L-1 on the first-pass state; (1, V) logits of the next token."""
-        hidden = self.runner.run(self.config.twig_K, self.adapter.num_layers, fp.hidden_k, fp.rotary, fp.mask, fp.cache)
+        k, n = self.config.twig_K, self.adapter.num_layers
+        hidden = self.runner.run(k, n, fp.hidden_k, fp.rotary, fp.mask, fp.cache)
         return self.runner.logits(hidden[:, -1:])
 
     def _zoom_prefill(self, fp: _FirstPass, box: roi_lib.Box) -> tuple[torch.Tensor, torch.Tensor, int]:

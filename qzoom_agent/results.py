@@ -51,6 +51,7 @@ class Answer:
             without heads).
         bbox: the zoom box in source pixels, or None.
         visual_tokens: visual tokens processed: the global view plus the RoI crop, if any.
+        roi_tokens: visual tokens of the RoI crop (0 when not zoomed); each view obeys the token cap.
         forward_passes: prefills (the first pass, plus the partial re-prefill when zoomed) plus decode steps.
         generated_tokens: tokens produced, including a final end-of-turn token.
         latency_s: wall time from image to text.
@@ -64,6 +65,7 @@ class Answer:
     gate_score: float | None
     bbox: Box | None
     visual_tokens: int
+    roi_tokens: int
     forward_passes: int
     generated_tokens: int
     latency_s: float
@@ -79,6 +81,7 @@ class Answer:
             "gate_score": self.gate_score,
             "bbox": self.bbox.to_json() if self.bbox else None,
             "visual_tokens": self.visual_tokens,
+            "roi_tokens": self.roi_tokens,
             "forward_passes": self.forward_passes,
             "generated_tokens": self.generated_tokens,
             "latency_s": round(self.latency_s, 4),

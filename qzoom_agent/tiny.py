@@ -176,18 +176,40 @@ def build_tiny(
     return model, tok
 
 
-def make_tiny(out_dir: str | Path, family: str, *, hidden: int = 64, layers: int | None = None, seed: int = 0) -> Path:
+def make_tiny(
+    out_dir: str | Path,
+    family: str,
+    *,
+    hidden: int = 64,
+    layers: int | None = None,
+    seed: int = 0,
+    with_heads: bool = True,
+) -> Path:
     """Build a tiny model of ``family`` and save it, with tokenizer and image processor, to ``out_dir``.
+
+    With ``with_heads``, Q-Zoom heads initialised from the base layers (untrained) are saved to
+    ``out_dir/qzoom``, which `QZoomModel.from_pretrained(out_dir)` picks up.
 
     Returns:
         The directory, which `QZoomModel.from_pretrained` loads offline.
     """
     from .backbones import adapter_class_for
+    from .checkpoint import save_adapter
+    from .config import QZoomConfig
+    from .heads import QZoomHeads
 
     model, tok = build_tiny(family, hidden=hidden, layers=layers, seed=seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tok.save_pretrained(out)
-    adapter_class_for(model.config).default_image_processor(model.config).save_pretrained(out)
+    cls = adapter_class_for(model.config)
+    processor = cls.default_image_processor(model.config)
+    processor.save_pretrained(out)
+    if with_heads:
+        adapter = cls(model, tok, processor)
+        k = max(adapter.min_branch_layer, adapter.num_layers // 2)
+        config = QZoomConfig(twig_K=k, twig_T=min(2, adapter.num_layers - k))
+        save_adapter(QZoomHeads.from_base(adapter, config.twig_K, config.twig_T), config, out / "qzoom",
+                     base_model=f"tiny-{family}")
     return out

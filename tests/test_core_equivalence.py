@@ -36,16 +36,7 @@ def make_image(w: int = 451, h: int = 300, seed: int = 0) -> Image.Image:
 
 
 def hf_inputs(qm: QZoomModel, ids: torch.Tensor, images) -> dict:
-    """Keyword arguments of the plain HF forward / generate for ``ids`` holding ``images`` in order."""
-    pixels = torch.cat([im.pixel_values for im in images], 0)
-    if qm.adapter.family == "llava":
-        return {"input_ids": ids, "pixel_values": pixels}
-    return {
-        "input_ids": ids,
-        "pixel_values": pixels,
-        "image_grid_thw": torch.cat([im.image_grid_thw for im in images], 0),
-        "mm_token_type_ids": (ids == qm.adapter.image_token_id).int(),
-    }
+    return qm.adapter.hf_inputs(ids, images)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -159,7 +150,8 @@ def test_heads_start_as_copies_of_base_layers(family):
             got = branch.state_dict()
             assert got.keys() == ref.keys()
             assert all(torch.equal(got[k], ref[k]) for k in ref)
-            assert all(p.data_ptr() != q.data_ptr() for p, q in zip(branch.parameters(), base[2].parameters()))
+            pairs = zip(branch.parameters(), base[qm.config.twig_K + i].parameters(), strict=True)
+            assert all(p.data_ptr() != q.data_ptr() for p, q in pairs)  # copies, not shared tensors
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])

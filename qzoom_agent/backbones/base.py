@@ -175,6 +175,10 @@ class BackboneAdapter(ABC):
         """Tokenise a one-image, one-question chat prompt ending with the assistant header."""
 
     @abstractmethod
+    def hf_inputs(self, input_ids: torch.LongTensor, images: list[ImageInputs]) -> dict[str, torch.Tensor]:
+        """Keyword arguments for the stock HF ``forward``/``generate`` (the plain-model baseline)."""
+
+    @abstractmethod
     def encode_image(self, images: list[ImageInputs]) -> VisualFeatures:
         """Run the vision tower; the embeddings come out in the order of ``images``."""
 

@@ -63,6 +63,11 @@ class LlavaAdapter(BackboneAdapter):
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
         return Prompt(input_ids, at, at + image.n_tokens, image)
 
+    def hf_inputs(self, input_ids: torch.LongTensor, images: list[ImageInputs]) -> dict[str, torch.Tensor]:
+        """Keyword arguments for the stock HF ``forward``/``generate`` on ``input_ids`` holding ``images``."""
+        pixels = torch.cat([im.pixel_values for im in images], 0).to(self.device, self.dtype)
+        return {"input_ids": input_ids, "pixel_values": pixels}
+
     def encode_image(self, images: list[ImageInputs]) -> VisualFeatures:
         cfg = self.model.config
         pixels = torch.cat([im.pixel_values for im in images], 0).to(self.device, self.dtype)

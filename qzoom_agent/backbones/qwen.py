@@ -79,6 +79,15 @@ class QwenAdapter(BackboneAdapter):
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
         return Prompt(input_ids, at, at + image.n_tokens, image)
 
+    def hf_inputs(self, input_ids: torch.LongTensor, images: list[ImageInputs]) -> dict[str, torch.Tensor]:
+        """Keyword arguments for the stock HF ``forward``/``generate`` on ``input_ids`` holding ``images``."""
+        return {
+            "input_ids": input_ids,
+            "pixel_values": torch.cat([im.pixel_values for im in images], 0).to(self.device),
+            "image_grid_thw": torch.cat([im.image_grid_thw for im in images], 0).to(self.device),
+            "mm_token_type_ids": self.image_mask(input_ids).int(),
+        }
+
     def _vision_outputs(self, images: list[ImageInputs]):
         pixels = torch.cat([im.pixel_values for im in images], 0).to(self.device)
         thw = torch.cat([im.image_grid_thw for im in images], 0).to(self.device)

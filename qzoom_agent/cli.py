@@ -1,0 +1,145 @@
+"""The `qzoom-agent` command line.
+
+Bad input (missing or corrupt files, bad options, unknown models) exits with code 2 and one line on stderr.
+Set ``QZOOM_DEBUG=1`` to see the traceback of an unexpected error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from .images import ImageLoadError
+
+
+class UsageError(ValueError):
+    """A user-facing problem with the command's input."""
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, no usage dump
+        raise UsageError(message)
+
+
+def _cmd_ask(args: argparse.Namespace) -> int:
+    from transformers.utils import logging as hf_logging
+
+    from .images import load_image
+    from .model import QZoomModel
+
+    image = load_image(args.image)  # fail on a bad image before spending time on the model
+    hf_logging.disable_progress_bar()
+    qzoom = False if args.no_qzoom else args.qzoom
+    overrides = {}
+    if args.max_tokens is not None:
+        overrides["max_tokens"] = args.max_tokens
+        if args.min_tokens is None:
+            overrides["min_tokens"] = min(args.max_tokens, 256)
+    if args.min_tokens is not None:
+        overrides["min_tokens"] = args.min_tokens
+    model = QZoomModel.from_pretrained(args.model, qzoom, **overrides)
+    if args.mode != "never" and model.heads is None:
+        raise UsageError(
+            f"--mode {args.mode} needs Q-Zoom heads and {args.model} has none; pass --qzoom DIR or --mode never"
+        )
+    ans = model.answer(image, args.question, mode=args.mode, max_new_tokens=args.max_new_tokens)
+    if args.json:
+        print(json.dumps(ans.to_json()))
+        return 0
+    print(ans.text)
+    details = [
+        f"zoomed={ans.zoomed}",
+        f"gate={ans.gate_score:.3f}" if ans.gate_score is not None else "gate=off",
+        f"bbox={ans.bbox.to_json() if ans.bbox else None}",
+        f"visual_tokens={ans.visual_tokens}",
+        f"forward_passes={ans.forward_passes}",
+        f"latency={ans.latency_s:.3f}s",
+    ]
+    print("  ".join(details), file=sys.stderr)
+    return 0
+
+
+def _cmd_make_tiny(args: argparse.Namespace) -> int:
+    from .tiny import make_tiny
+
+    out = make_tiny(args.out_dir, args.family, hidden=args.hidden, layers=args.layers, seed=args.seed,
+                    with_heads=not args.no_heads)
+    print(out)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="qzoom-agent", description="Q-Zoom adaptive perception for vision-language models.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    ask = sub.add_parser("ask", help="answer one question about one image, zooming when the gate says so")
+    ask.add_argument("image", help="image file (JPEG, PNG, WebP, TIFF, GIF, ...)")
+    ask.add_argument("question", help="the question")
+    ask.add_argument("--model", default="zoomworld-tiny", help="model directory or bundled model name")
+    ask.add_argument("--qzoom", default=None, help="Q-Zoom adapter or official checkpoint (default: MODEL/qzoom)")
+    ask.add_argument("--no-qzoom", action="store_true", help="load no Q-Zoom heads (implies --mode never)")
+    ask.add_argument("--mode", choices=["auto", "never", "always"], default="auto", help="when to zoom")
+    ask.add_argument("--max-tokens", type=_positive, default=None, help="max visual tokens per image view")
+    ask.add_argument("--min-tokens", type=_positive, default=None, help="min visual tokens per image view")
+    ask.add_argument("--max-new-tokens", type=_positive, default=32, help="max generated tokens")
+    ask.add_argument("--json", action="store_true", help="print one JSON object")
+    ask.set_defaults(func=_cmd_ask)
+
+    tiny = sub.add_parser("make-tiny", help="write a tiny random model of a family, loadable offline")
+    tiny.add_argument("out_dir", help="output directory")
+    tiny.add_argument("--family", choices=["qwen2_5_vl", "qwen3_vl", "llava"], default="qwen2_5_vl")
+    tiny.add_argument("--hidden", type=_positive, default=64, help="hidden size (multiple of 16)")
+    tiny.add_argument("--layers", type=_positive, default=None, help="language-model layers")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--no-heads", action="store_true", help="do not write Q-Zoom heads (copied from the base)")
+    tiny.set_defaults(func=_cmd_make_tiny)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `qzoom-agent` console script; returns the exit code."""
+    expected: tuple[type[Exception], ...] = (UsageError, ImageLoadError, FileNotFoundError, ValueError)
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command == "ask" and args.no_qzoom:
+            args.mode = "never"
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+        func: Callable[[argparse.Namespace], int] = args.func
+        return func(args)
+    except expected as err:
+        if os.environ.get("QZOOM_DEBUG"):
+            raise
+        print(f"qzoom-agent: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("qzoom-agent: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # an unexpected failure still gets one line; QZOOM_DEBUG=1 shows the traceback
+        if os.environ.get("QZOOM_DEBUG"):
+            raise
+        print(f"qzoom-agent: internal error: {type(err).__name__}: {_one_line(err)} (QZOOM_DEBUG=1 for details)",
+              file=sys.stderr)
+        return 1
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+if __name__ == "__main__":
+    sys.exit(main())
