@@ -170,9 +170,22 @@ class BackboneAdapter(ABC):
     def prepare_image(self, image: Image.Image, *, min_tokens: int, max_tokens: int) -> ImageInputs:
         """Resize ``image`` to a visual-token budget and make its pixel inputs."""
 
-    @abstractmethod
     def build_prompt(self, image: ImageInputs, question: str, *, system: str | None = None) -> Prompt:
-        """Tokenise a one-image, one-question chat prompt ending with the assistant header."""
+        """Tokenise a one-image, one-question chat prompt ending with the assistant header.
+
+        The chat template renders one visual placeholder; it is expanded to the image's token count here.
+        """
+        messages = [] if system is None else [{"role": "system", "content": system}]
+        messages.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]})
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        where = [i for i, t in enumerate(ids) if t == self.image_token_id]
+        if len(where) != 1:
+            raise ValueError(f"the chat template must render exactly one image placeholder, found {len(where)}")
+        at = where[0]
+        ids = ids[:at] + [self.image_token_id] * image.n_tokens + ids[at + 1 :]
+        input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
+        return Prompt(input_ids, at, at + image.n_tokens, image)
 
     @abstractmethod
     def hf_inputs(self, input_ids: torch.LongTensor, images: list[ImageInputs]) -> dict[str, torch.Tensor]:

@@ -50,19 +50,6 @@ class LlavaAdapter(BackboneAdapter):
         grid = (self.grid_side, self.grid_side)
         return ImageInputs(out["pixel_values"], None, grid, (side, side), (image.width, image.height))
 
-    def build_prompt(self, image: ImageInputs, question: str, *, system: str | None = None) -> Prompt:
-        messages = [] if system is None else [{"role": "system", "content": system}]
-        messages.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]})
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        where = [i for i, t in enumerate(ids) if t == self.image_token_id]
-        if len(where) != 1:
-            raise ValueError(f"the chat template must render exactly one image placeholder, found {len(where)}")
-        at = where[0]
-        ids = ids[:at] + [self.image_token_id] * image.n_tokens + ids[at + 1 :]
-        input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
-        return Prompt(input_ids, at, at + image.n_tokens, image)
-
     def hf_inputs(self, input_ids: torch.LongTensor, images: list[ImageInputs]) -> dict[str, torch.Tensor]:
         """Keyword arguments for the stock HF ``forward``/``generate`` on ``input_ids`` holding ``images``."""
         pixels = torch.cat([im.pixel_values for im in images], 0).to(self.device, self.dtype)
