@@ -7,6 +7,9 @@ round by round (so machine drift cancels):
    of the same model (the HF forward on the same prompt, last-token logits only).
 2. ``answer(mode="never")`` is within 5% of plain ``generate`` for the same number of new tokens.
 
+It also reports ``answer(mode="auto")`` on a skipped question (full prefill plus the T gate layers) against
+``generate``: the end-to-end price of asking the gate.
+
 Both sides include preparing the image and the prompt. Random-weight models built from configs are used:
 speed does not depend on the weights. Run: ``python benchmarks/bench_core_speed.py [--rounds 15]``.
 """
@@ -81,6 +84,7 @@ def run_setup(setup, rounds: int, budget: int, new_tokens: int) -> dict:
         "perceive_skip+twig": lambda: qm.perceive(image, QUESTION, roi="always"),
         "plain_generate": lambda: plain_generate(qm, image, budget, new_tokens),
         "answer_never": lambda: qm.answer(image, QUESTION, mode="never", max_new_tokens=new_tokens),
+        "answer_auto_skip": lambda: qm.answer(image, QUESTION, mode="auto", max_new_tokens=new_tokens),
     }
     times = {key: [] for key in variants}
     with torch.inference_mode():
@@ -102,6 +106,7 @@ def run_setup(setup, rounds: int, budget: int, new_tokens: int) -> dict:
         "perceive_skip_twig_over_prefill": med["perceive_skip+twig"] / med["plain_prefill"] - 1,
         "perceive_bound": bound,
         "answer_never_over_generate": med["answer_never"] / med["plain_generate"] - 1,
+        "answer_auto_skip_over_generate": med["answer_auto_skip"] / med["plain_generate"] - 1,
         "generated_tokens": {"plain_generate": n_plain, "answer_never": n_ours},
     }
 
@@ -119,12 +124,14 @@ def main() -> None:
     if args.json:
         print(json.dumps(results, indent=2))
         return
-    print(f"{'setup':<14} {'tok':>4}  {'perceive(skip)':>15} {'+twig':>8} {'bound':>7}  {'answer(never)':>14}  tokens")
+    print(f"{'setup':<14} {'tok':>4}  {'perceive(skip)':>15} {'+twig':>8} {'bound':>7}  {'answer(never)':>14} "
+          f"{'answer(auto,skip)':>18}  tokens")
     for r in results:
         print(
             f"{r['setup']:<14} {r['visual_tokens']:>4}  {r['perceive_skip_over_prefill']:>+14.1%} "
             f"{r['perceive_skip_twig_over_prefill']:>+8.1%} {r['perceive_bound']:>+7.1%}  "
-            f"{r['answer_never_over_generate']:>+13.1%}  {r['generated_tokens']}"
+            f"{r['answer_never_over_generate']:>+13.1%} {r['answer_auto_skip_over_generate']:>+18.1%}  "
+            f"{r['generated_tokens']}"
         )
     print("ratios are (variant / plain) - 1 on medians; negative means faster than the plain model")
 
