@@ -145,7 +145,7 @@ class QZoomModel:
         )
         sink = None if cfg.mode == "components" else roi_lib.qwen_sink_mask(*img.grid, cfg.sink_min_tokens)
         boxes = roi_lib.propose_boxes(
-            logits.float(),
+            logits.float().cpu(),  # a few hundred scores: box geometry runs on the CPU, like the sink mask
             grid=img.grid,
             resized_size=img.resized_size,
             source_size=img.source_size,
@@ -232,6 +232,7 @@ class QZoomModel:
             else:
                 logits, boxes = self._roi(fp)
         if boxes:
+            # Components mode (LLaVA) may propose two boxes; one RoI is spliced in, the largest.
             first_logits, next_pos, extra_tokens = self._zoom_prefill(fp, boxes[0])
             prefills = 2
         else:

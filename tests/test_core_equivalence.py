@@ -177,3 +177,27 @@ def test_twig_scores_at_init_are_the_base_attention_logits(family):
     att = out.attentions[qm.config.twig_K + qm.config.twig_T - 1][0, :, -1, prompt.image_start : prompt.image_end]
     diff = p.roi_logits.flatten() - att.log().mean(0)
     assert diff.std().item() < 1e-4
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava"])
+def test_answer_resumes_from_perception(family):
+    """perceive() then answer(perception=p) gives what a fresh answer() gives, without a second prefill."""
+    qm = make_model(family, roi_threshold=0.3)
+    image = make_image(seed=7)
+    fresh = qm.answer(image, QUESTION, mode="always", max_new_tokens=6, budget=(16, 64))
+    p = qm.perceive(image, QUESTION, roi="always", budget=(16, 64))
+    resumed = qm.answer(image, QUESTION, mode="always", max_new_tokens=6, perception=p)
+    assert p.state is None  # consumed: the cache was extended in place
+    assert resumed.text == fresh.text and resumed.bbox == fresh.bbox and resumed.zoomed == fresh.zoomed
+    assert resumed.gate_score == pytest.approx(fresh.gate_score, abs=1e-6)
+    assert resumed.forward_passes == fresh.forward_passes
+
+
+def test_plain_model_refuses_zoom_modes():
+    qm = make_model("qwen2_5_vl")
+    qm.heads = None
+    with pytest.raises(ValueError, match="needs Q-Zoom heads"):
+        qm.answer(make_image(), QUESTION, mode="auto")
+    with pytest.raises(ValueError, match="mode must be"):
+        qm.answer(make_image(), QUESTION, mode="sometimes")
+    assert qm.answer(make_image(), QUESTION, mode="never", max_new_tokens=2, budget=(16, 64)).gate_score is None
