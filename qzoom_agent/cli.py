@@ -82,6 +82,44 @@ def _cmd_make_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
+    return value
+
+
+def _cmd_zoomworld(args: argparse.Namespace) -> int:
+    from .bench.zoomworld import export_folder
+
+    out = export_folder(args.variant, args.split, args.n, args.out, start=args.start, alphabet=args.alphabet)
+    print(out)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from transformers.utils import logging as hf_logging
+
+    from .demo import draw_panels, load_demo_model, run_demo
+
+    hf_logging.disable_progress_bar()
+    model, trained = load_demo_model(args.model)
+    if not trained:
+        print("note: zoomworld-tiny is not bundled yet; this runs a tiny RANDOM model, so the answers are noise "
+              "(the gating, boxes and heat maps are computed for real)")
+    rows, panels = run_demo(model, args.n, variant=args.variant)
+    for row in rows:
+        gate = "off" if row.gate_score is None else f"{row.gate_score:.2f}"
+        print(f"[{row.kind}] {row.question.splitlines()[0]}")
+        print(f"    truth {row.truth!r} | low-res {row.lowres_answer!r} | gate {gate} | box {row.box} "
+              f"| Q-Zoom {row.qzoom_answer!r} (zoomed={row.zoomed})")
+    print(f"wrote {draw_panels(panels, args.out)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="qzoom-agent", description="Q-Zoom adaptive perception for vision-language models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
@@ -108,6 +146,26 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--no-heads", action="store_true", help="do not write Q-Zoom heads (copied from the base)")
     tiny.set_defaults(func=_cmd_make_tiny)
+
+    zw = sub.add_parser("zoomworld", help="write ZoomWorld images, questions and boxes to a folder (resumable)")
+    zw.add_argument("--variant", choices=["hr", "doc"], required=True, help="photo-like clutter or page layouts")
+    zw.add_argument("--split", choices=["train", "val", "test"], required=True, help="seed range to draw from")
+    zw.add_argument("--n", type=_positive, required=True, help="number of samples")
+    zw.add_argument("--out", required=True, help="output folder; an interrupted run there is resumed")
+    zw.add_argument("--start", type=_non_negative, default=0, help="first sample index")
+    zw.add_argument("--alphabet", default="ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789", help="glyph characters (A-Z0-9)")
+    zw.set_defaults(func=_cmd_zoomworld)
+
+    demo = sub.add_parser("demo", help="answer a few ZoomWorld test questions and draw boxes and heat maps")
+    demo.add_argument("--model", default="zoomworld-tiny", help="model directory or bundled model name")
+    demo.add_argument("--n", type=_positive, default=4, help="number of questions")
+    demo.add_argument("--variant", choices=["hr", "doc"], default="hr")
+    demo.add_argument("--out", default="qzoom-demo.png", help="PNG with boxes and RoI heat maps")
+    demo.set_defaults(func=_cmd_demo)
+
+    from .bench.runner import add_compare_parser
+
+    add_compare_parser(sub)
     return parser
 
 

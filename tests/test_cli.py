@@ -170,3 +170,20 @@ def test_console_script_end_to_end(tmp_path):
     bad = subprocess.run([str(exe), "ask", str(tmp_path / "none.png"), "q", "--model", str(model)],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "not found" in bad.stderr
+
+
+def test_demo_writes_png_and_compare_is_wired(tiny_dirs, capsys, tmp_path):
+    out = tmp_path / "demo.png"
+    assert main(["demo", "--model", str(tiny_dirs["qwen2_5_vl"]), "--n", "2", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("truth ") == 2 and "gate " in printed
+    with Image.open(out) as im:
+        assert im.width > 400 and im.height > 200
+    run = tmp_path / "cmp"
+    code = main(["compare", "--bench", "zoomworld:hr", "--agents", "lowres,highres", "--n", "2", "--seed", "3",
+                 "--out", str(run), "--model", str(tiny_dirs["qwen2_5_vl"]), "--lowres-tokens", "16",
+                 "--highres-tokens", "64", "--json"])
+    summary = json.loads(capsys.readouterr().out)
+    assert code == 0 and set(summary["agents"]) == {"lowres", "highres"}
+    assert all(v["n"] == 2 for v in summary["agents"].values())
+    assert main(["compare", "--bench", "zoomworld:nope", "--out", str(tmp_path / "x")]) == 2

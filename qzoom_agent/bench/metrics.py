@@ -1,0 +1,180 @@
+"""Scoring answers and summarising comparison runs: answer normalisation, correctness, box overlap, per-agent means.
+
+Everything here is a pure function of its inputs, so a summary can always be recomputed from ``results.jsonl``.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+OPTION_LETTERS = "ABCDEFGHIJ"
+SUMMARY_KEYS = (
+    "accuracy", "accuracy_fine", "accuracy_coarse", "latency_s_mean", "visual_tokens_mean", "forward_passes_mean",
+    "tool_calls_mean", "n",
+)
+_EDGE_CHARS = string.punctuation + string.whitespace + "\u2018\u2019\u201c\u201d"
+_LETTER_FORM = re.compile(r"^\(?([a-z])(?:[).:]|\s|$)\s*(.*)$")
+
+BoxLike = Sequence[float]
+
+
+def normalize(text: str) -> str:
+    """Lowercase, strip surrounding whitespace, punctuation and quotes, and collapse inner whitespace.
+
+    Args:
+        text: a model answer or a reference answer.
+
+    Returns:
+        The normalised text; inner punctuation is kept (``"A-3"`` stays ``"a-3"``).
+
+    Examples:
+        >>> normalize('  "The  Left." ')
+        'the left'
+        >>> normalize("(A)")
+        'a'
+        >>> normalize("A-3")
+        'a-3'
+    """
+    return " ".join(str(text).lower().strip(_EDGE_CHARS).split())
+
+
+def _correct_option(answer: str, options: Sequence[str]) -> int | None:
+    """Index of the right option: ``answer`` is either an option letter or an option's text."""
+    norm = normalize(answer)
+    letters = [c.lower() for c in OPTION_LETTERS[: len(options)]]
+    if norm in letters:
+        return letters.index(norm)
+    texts = [normalize(o) for o in options]
+    return texts.index(norm) if norm in texts else None
+
+
+def is_correct(prediction: str, answer: str, options: Sequence[str] | None = None) -> bool:
+    """Whether ``prediction`` answers correctly.
+
+    An exact match after :func:`normalize` always counts. For multiple choice, the right option's letter in any
+    usual form (``B``, ``(B)``, ``B.``, ``B)``, optionally followed by the option's text) or the option's text
+    alone also counts. A prediction that reads as a valid option letter is judged as a letter, never as text.
+
+    Args:
+        prediction: the model's answer.
+        answer: the reference answer (for multiple choice, the option letter or the option text).
+        options: the option texts of a multiple-choice question, else None.
+
+    Returns:
+        True when the prediction is correct.
+
+    Examples:
+        >>> is_correct("Left.", "left")
+        True
+        >>> is_correct("(B)", "B", ["7K", "7X", "QQ", "A1"])
+        True
+        >>> is_correct("7x", "B", ["7K", "7X", "QQ", "A1"])
+        True
+        >>> is_correct("B. 7X", "B", ["7K", "7X", "QQ", "A1"])
+        True
+        >>> is_correct("A", "B", ["7K", "7X", "QQ", "A1"])
+        False
+        >>> is_correct("right", "left")
+        False
+    """
+    pred = normalize(prediction)
+    if pred == normalize(answer):
+        return True
+    if not options:
+        return False
+    right = _correct_option(answer, options)
+    if right is None:
+        return False
+    right_text = normalize(options[right])
+    letter = _LETTER_FORM.match(pred)
+    if letter and letter.group(1) in OPTION_LETTERS[: len(options)].lower():
+        rest = normalize(letter.group(2))
+        return OPTION_LETTERS.lower().index(letter.group(1)) == right and rest in ("", right_text)
+    return pred == right_text
+
+
+def _intersection(a: BoxLike, b: BoxLike) -> float:
+    return max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+
+
+def _area(box: BoxLike) -> float:
+    return max(0.0, box[2] - box[0]) * max(0.0, box[3] - box[1])
+
+
+def box_iou(a: BoxLike | None, b: BoxLike | None) -> float | None:
+    """Intersection over union of two ``(x1, y1, x2, y2)`` boxes; None when either is missing or both are empty.
+
+    Examples:
+        >>> box_iou((0, 0, 10, 10), (5, 0, 15, 10))
+        0.3333333333333333
+        >>> box_iou(None, (0, 0, 1, 1)) is None
+        True
+    """
+    if a is None or b is None:
+        return None
+    inter = _intersection(a, b)
+    union = _area(a) + _area(b) - inter
+    return inter / union if union > 0 else None
+
+
+def box_coverage(pred: BoxLike | None, target: BoxLike | None) -> float | None:
+    """Fraction of ``target``'s area inside ``pred``; None when either is missing or the target is empty.
+
+    Examples:
+        >>> box_coverage((0, 0, 100, 100), (10, 10, 20, 20))
+        1.0
+        >>> box_coverage((0, 0, 15, 100), (10, 10, 20, 20))
+        0.5
+    """
+    if pred is None or target is None or _area(target) <= 0:
+        return None
+    return _intersection(pred, target) / _area(target)
+
+
+def _mean(values: Iterable[float]) -> float | None:
+    vals = [float(v) for v in values]
+    return sum(vals) / len(vals) if vals else None
+
+
+def summarize_agent(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Accuracy (overall, fine, coarse; fractions, None when empty) and mean costs over one agent's records.
+
+    Examples:
+        >>> rows = [{"correct": True, "kind": "fine", "latency_s": 1.0, "visual_tokens": 4, "forward_passes": 2,
+        ...          "tool_calls": 0}, {"correct": False, "kind": "fine", "latency_s": 3.0, "visual_tokens": 4,
+        ...          "forward_passes": 4, "tool_calls": 0}]
+        >>> s = summarize_agent(rows)
+        >>> s["accuracy"], s["accuracy_coarse"], s["latency_s_mean"], s["n"]
+        (0.5, None, 2.0, 2)
+    """
+    fine = [r for r in records if r.get("kind") == "fine"]
+    coarse = [r for r in records if r.get("kind") == "coarse"]
+    return {
+        "accuracy": _mean(bool(r["correct"]) for r in records),
+        "accuracy_fine": _mean(bool(r["correct"]) for r in fine),
+        "accuracy_coarse": _mean(bool(r["correct"]) for r in coarse),
+        "latency_s_mean": _mean(r["latency_s"] for r in records),
+        "visual_tokens_mean": _mean(r["visual_tokens"] for r in records),
+        "forward_passes_mean": _mean(r["forward_passes"] for r in records),
+        "tool_calls_mean": _mean(r.get("tool_calls", 0) for r in records),
+        "n": len(records),
+    }
+
+
+def summarize(records: Iterable[Mapping[str, Any]], agents: Sequence[str] | None = None) -> dict[str, Any]:
+    """The run summary ``{"agents": {name: summarize_agent(...)}}``.
+
+    Args:
+        records: result records (``results.jsonl`` lines), each with at least ``agent`` and ``correct``.
+        agents: agent order; agents without records still appear (with ``n`` 0). Default: order of appearance.
+
+    Returns:
+        The summary, JSON-ready.
+    """
+    by_agent: dict[str, list[Mapping[str, Any]]] = {name: [] for name in agents or []}
+    for rec in records:
+        by_agent.setdefault(rec["agent"], []).append(rec)
+    return {"agents": {name: summarize_agent(rows) for name, rows in by_agent.items()}}

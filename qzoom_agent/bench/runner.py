@@ -1,0 +1,323 @@
+"""`qzoom-agent compare`: run agents on benchmark questions, interleaved, and summarise accuracy against cost.
+
+Questions: ``--seed S --n N`` draws ``random.Random(S).sample(range(T), N)`` question indices, where ``T`` is the
+size of ZoomWorld's TEST split, so every seed gives held-out questions and the same seed always the same ones
+(a larger N with the same seed extends the list: the first N' indices are the same).
+
+Timing follows DESIGN "Measuring": batch size 1; one unrecorded warm-up question per agent (from the val split);
+then, for each question, every agent in turn before the next question, so machine drift cancels.
+
+Output in ``--out DIR``:
+    results.jsonl  one line per (question, agent), written and flushed as it goes; an interrupted run resumes,
+                   skipping pairs already there and never rewriting lines (a torn last line is dropped, logged).
+    run.json       arguments, resolved model path, date, agents, question indices; a rerun with other arguments
+                   is refused.
+    summary.json, summary.md  per-agent accuracy and mean costs, recomputed from all of results.jsonl.
+    accuracy_by_budget.png    fine/coarse accuracy against the token budget, when two or more plain@B agents ran.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import random
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from . import agents as agents_lib
+from . import metrics, report, zoomworld
+
+logger = logging.getLogger(__name__)
+
+TEST_SPLIT = "test"
+WARMUP_SPLIT, WARMUP_INDEX = "val", 0
+RESULTS, RUN, SUMMARY_JSON, SUMMARY_MD, PLOT = (
+    "results.jsonl", "run.json", "summary.json", "summary.md", "accuracy_by_budget.png")
+IDENTITY_KEYS = ("bench", "agents", "seed", "n", "model", "lowres_tokens", "highres_tokens", "max_new_tokens")
+
+
+@dataclass
+class CompareConfig:
+    """A validated `compare` run.
+
+    Attributes:
+        bench: ``zoomworld:VARIANT``.
+        agents: agent names in run order (``--agents`` then ``plain@B`` for each ``--budgets`` value).
+        n: number of questions.
+        seed: picks the question indices (see :func:`question_indices`).
+        out: output directory.
+        model: model directory or bundled model name.
+        lowres_tokens: visual tokens of ``lowres``.
+        highres_tokens: visual tokens of ``highres``.
+        max_new_tokens: decoding budget per answer.
+        device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ...
+    """
+
+    bench: str
+    agents: list[str]
+    n: int
+    seed: int
+    out: str
+    model: str = "zoomworld-tiny"
+    lowres_tokens: int = agents_lib.DEFAULT_LOWRES_TOKENS
+    highres_tokens: int = agents_lib.DEFAULT_HIGHRES_TOKENS
+    max_new_tokens: int = 8
+    device: str = "auto"
+
+    @property
+    def variant(self) -> str:
+        return self.bench.partition(":")[2]
+
+
+def split_size() -> int:
+    """Number of questions in ZoomWorld's test split."""
+    start, stop = zoomworld.SPLITS[TEST_SPLIT]
+    return stop - start
+
+
+def question_indices(seed: int, n: int) -> list[int]:
+    """The ``n`` test-split question indices of ``seed``: ``random.Random(seed).sample(range(test size), n)``."""
+    return random.Random(seed).sample(range(split_size()), n)
+
+
+def parse_bench(text: str) -> str:
+    """Check ``zoomworld:VARIANT`` and return it; raises ValueError naming the valid benches."""
+    valid = [f"zoomworld:{v}" for v in zoomworld.VARIANTS]
+    if text not in valid:
+        raise ValueError(f"unknown bench {text!r}; choose one of {', '.join(valid)}")
+    return text
+
+
+def _check_positive(name: str, value: int) -> None:
+    if value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value}")
+
+
+def config_from_args(args: argparse.Namespace) -> CompareConfig:
+    """Validate the parsed `compare` options.
+
+    Raises:
+        ValueError: unknown bench or agent, n < 1 or beyond the test split, a bad budget list, or bad token counts.
+    """
+    bench = parse_bench(args.bench)
+    names = [a.strip() for a in str(args.agents).split(",") if a.strip()]
+    if args.budgets is not None:
+        names += [f"plain@{b}" for b in agents_lib.parse_budgets(args.budgets)]
+    if not names:
+        raise ValueError("no agents given; pass --agents lowres,highres or --budgets 256,1024")
+    for name in names:
+        agents_lib.check_agent_name(name)
+    repeated = sorted({a for a in names if names.count(a) > 1})
+    if repeated:
+        raise ValueError(f"agents repeat: {', '.join(repeated)}; list each agent once")
+    _check_positive("--n", args.n)
+    if args.n > split_size():
+        raise ValueError(f"--n {args.n} exceeds the {split_size()} questions of the test split")
+    for opt in ("lowres_tokens", "highres_tokens", "max_new_tokens"):
+        _check_positive("--" + opt.replace("_", "-"), getattr(args, opt))
+    return CompareConfig(bench, names, args.n, args.seed, str(args.out), str(args.model), args.lowres_tokens,
+                         args.highres_tokens, args.max_new_tokens, args.device)
+
+
+# ---- run directory -------------------------------------------------------------------------------------------
+def _identity(cfg: CompareConfig, model_path: Path) -> dict[str, Any]:
+    values = {**asdict(cfg), "model": str(model_path.resolve())}
+    return {key: values[key] for key in IDENTITY_KEYS}
+
+
+def prepare_run_dir(cfg: CompareConfig, model_path: Path) -> dict[str, Any]:
+    """Create ``cfg.out`` and write run.json, or check an existing one was written with the same arguments.
+
+    Raises:
+        ValueError: run.json exists with different arguments (or is unreadable).
+    """
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / RUN
+    identity = _identity(cfg, model_path)
+    if path.exists():
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+            changed = [k for k in IDENTITY_KEYS if old["args"].get(k) != identity[k]]
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise ValueError(f"{path} is unreadable; choose another --out or remove {out}") from None
+        if changed:
+            raise ValueError(f"{out} holds a run with other arguments ({', '.join(changed)}); choose another --out "
+                             "or repeat the original arguments to resume")
+        return old
+    run = {
+        "args": identity, "device": cfg.device, "model_path": identity["model"], "out": str(out),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "agents": cfg.agents,
+        "budgets": {name: _budget_of(cfg, name) for name in cfg.agents}, "split": TEST_SPLIT,
+        "question_indices": question_indices(cfg.seed, cfg.n), "generator_version": zoomworld.GENERATOR_VERSION,
+        "command": " ".join(sys.argv),
+    }
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(run, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return run
+
+
+def _budget_of(cfg: CompareConfig, name: str) -> list[int] | None:
+    tokens = {"lowres": cfg.lowres_tokens, "highres": cfg.highres_tokens}.get(name)
+    if tokens is None and name.startswith("plain@"):
+        tokens = int(name.partition("@")[2])
+    return list(agents_lib.budget_for(tokens)) if tokens else None
+
+
+def load_results(path: Path) -> list[dict[str, Any]]:
+    """Read results.jsonl, first record of each (index, agent) pair only.
+
+    A torn last line (no newline: a run killed mid-write) is cut off and logged, so appending can resume; other
+    unreadable lines are skipped and logged. Complete lines are never changed.
+    """
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        keep = data.rfind(b"\n") + 1
+        logger.warning("%s: dropping a half-written last line (%d bytes); its pair will be rerun", path,
+                       len(data) - keep)
+        with path.open("r+b") as fh:
+            fh.truncate(keep)
+        data = data[:keep]
+    records, seen = [], set()
+    for lineno, line in enumerate(data.split(b"\n")[:-1], 1):
+        try:
+            rec = json.loads(line.decode("utf-8"))
+            key = (int(rec["index"]), str(rec["agent"]))
+        except (ValueError, KeyError, TypeError):
+            logger.warning("%s:%d is not a result record; skipped", path, lineno)
+            continue
+        if key not in seen:
+            seen.add(key)
+            records.append(rec)
+    return records
+
+
+# ---- running ---------------------------------------------------------------------------------------------------
+def _record(cfg: CompareConfig, s: zoomworld.ZoomWorldSample, name: str, res: agents_lib.AgentResult) -> dict:
+    target = list(s.target_box) if s.target_box is not None else None
+    return {
+        "index": s.index, "seed": s.seed, "run_seed": cfg.seed, "split": s.split, "variant": s.variant,
+        "family": s.family, "kind": s.kind, "agent": name, "question": s.question, "answer": res.answer,
+        "truth": s.answer, "options": s.options, "correct": metrics.is_correct(res.answer, s.answer, s.options),
+        "latency_s": res.latency_s, "visual_tokens": res.visual_tokens, "forward_passes": res.forward_passes,
+        "generated_tokens": res.generated_tokens, "tool_calls": res.tool_calls, "zooms": res.zooms,
+        "gate_score": res.gate_score, "bbox": res.bbox, "target_box": target,
+        "iou": metrics.box_iou(res.bbox, target), "coverage": metrics.box_coverage(res.bbox, target),
+    }
+
+
+def _load_model(cfg: CompareConfig):
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    from ..model import QZoomModel
+
+    hf_logging.disable_progress_bar()
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    logger.info("loading %s on %s", cfg.model, device)
+    return QZoomModel.from_pretrained(cfg.model, device=device, dtype=dtype)
+
+
+def _run_pending(cfg: CompareConfig, pending: list[tuple[int, list[str]]], path: Path) -> None:
+    """Warm every agent up, then run the pending (question, agents) pairs interleaved, appending to ``path``."""
+    from tqdm import tqdm
+
+    ctx = agents_lib.AgentContext(_load_model(cfg), cfg.lowres_tokens, cfg.highres_tokens, cfg.max_new_tokens)
+    names = [a for a in cfg.agents if any(a in todo for _, todo in pending)]
+    runners = {name: agents_lib.make_agent(name, ctx) for name in names}
+    warm = zoomworld.sample(cfg.variant, WARMUP_SPLIT, WARMUP_INDEX)
+    for agent in runners.values():
+        agent.run(warm.image, warm.question)  # warm-up: not recorded
+    done = cfg.n - len(pending)
+    with path.open("a", encoding="utf-8") as fh, tqdm(total=cfg.n, initial=done, unit="q", file=sys.stderr,
+                                                      desc=f"compare {cfg.bench}", disable=None) as bar:
+        for index, todo in pending:
+            s = zoomworld.sample(cfg.variant, TEST_SPLIT, index)
+            for name in todo:
+                res = runners[name].run(s.image, s.question)
+                fh.write(json.dumps(_record(cfg, s, name, res)) + "\n")
+                fh.flush()
+            bar.update(1)
+
+
+def run_compare(cfg: CompareConfig) -> dict[str, Any]:
+    """Run (or resume) a comparison and write its outputs; returns the summary ``{"agents": {...}}``.
+
+    Raises:
+        ValueError: the output directory holds a run with other arguments.
+        FileNotFoundError: the model directory does not exist.
+    """
+    from ..loading import resolve_model_path
+
+    model_path = resolve_model_path(cfg.model)
+    prepare_run_dir(cfg, model_path)
+    out = Path(cfg.out)
+    path = out / RESULTS
+    done = {(int(r["index"]), r["agent"]) for r in load_results(path)}
+    pending = [(i, [a for a in cfg.agents if (i, a) not in done]) for i in question_indices(cfg.seed, cfg.n)]
+    pending = [(i, todo) for i, todo in pending if todo]
+    if pending:
+        logger.info("%d of %d questions to run (%d already done)", len(pending), cfg.n, len(done))
+        _run_pending(cfg, pending, path)
+    else:
+        logger.info("all %d questions x %d agents already in %s", cfg.n, len(cfg.agents), path)
+    return write_summary(cfg, load_results(path))
+
+
+def write_summary(cfg: CompareConfig, records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Summarise ``records`` of this run's questions and agents into summary.json, summary.md and the plot."""
+    wanted = set(question_indices(cfg.seed, cfg.n))
+    records = [r for r in records if int(r["index"]) in wanted and r["agent"] in cfg.agents]
+    summary = metrics.summarize(records, cfg.agents)
+    out = Path(cfg.out)
+    (out / SUMMARY_JSON).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    title = f"{cfg.bench}, n={cfg.n}, seed={cfg.seed}"
+    (out / SUMMARY_MD).write_text(f"# {title}\n\n{report.markdown_table(summary)}\n", encoding="utf-8")
+    report.plot_accuracy_by_budget(summary, out / PLOT, title=f"Accuracy by visual-token budget ({title})")
+    return summary
+
+
+# ---- command line ------------------------------------------------------------------------------------------------
+def add_compare_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``compare`` subcommand to ``subparsers`` (from ``ArgumentParser.add_subparsers``)."""
+    p = subparsers.add_parser("compare", help="compare agents' accuracy and cost on benchmark questions",
+                              description="Run agents on benchmark questions, interleaved, and summarise accuracy "
+                              "against cost. Rerun with the same --out and arguments to resume.")
+    p.add_argument("--bench", required=True, help="zoomworld:hr or zoomworld:doc")
+    p.add_argument("--agents", default="lowres,highres",
+                   help=f"comma-separated agents: {', '.join(agents_lib.known_agents())} (default: lowres,highres)")
+    p.add_argument("--n", type=int, default=100, help="number of test questions (default 100)")
+    p.add_argument("--seed", type=int, default=0, help="picks the test questions (default 0)")
+    p.add_argument("--out", required=True, help="output directory; rerun with the same arguments to resume")
+    p.add_argument("--budgets", default=None, help="also run plain@B for each budget, e.g. 256,576,1024,2048,4096")
+    p.add_argument("--model", default="zoomworld-tiny", help="model directory or bundled model name")
+    p.add_argument("--lowres-tokens", type=int, default=agents_lib.DEFAULT_LOWRES_TOKENS,
+                   help="visual tokens of the lowres agent (default 256)")
+    p.add_argument("--highres-tokens", type=int, default=agents_lib.DEFAULT_HIGHRES_TOKENS,
+                   help="visual tokens of the highres agent (default 4096)")
+    p.add_argument("--max-new-tokens", type=int, default=8, help="max generated tokens per answer (default 8)")
+    p.add_argument("--device", default="auto", help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    p.set_defaults(func=cmd_compare)
+    return p
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Run `qzoom-agent compare`; prints the summary table (or one JSON object with ``--json``); returns 0."""
+    cfg = config_from_args(args)
+    summary = run_compare(cfg)
+    if args.json:
+        print(json.dumps(summary))  # noqa: T201 - CLI output
+    else:
+        print(report.markdown_table(summary))  # noqa: T201 - CLI output
+    return 0

@@ -1,0 +1,240 @@
+"""`compare`: scoring, the interleaved runner, resuming, seeds and bad input, on a tiny random model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+zoomworld = pytest.importorskip("qzoom_agent.bench.zoomworld")
+
+from qzoom_agent.bench import metrics  # noqa: E402
+from qzoom_agent.bench.agents import AgentResult, budget_for, parse_budgets  # noqa: E402
+from qzoom_agent.bench.runner import add_compare_parser, question_indices  # noqa: E402
+from qzoom_agent.tiny import make_tiny  # noqa: E402
+
+SUMMARY_KEYS = {"accuracy", "accuracy_fine", "accuracy_coarse", "latency_s_mean", "visual_tokens_mean",
+                "forward_passes_mean", "tool_calls_mean", "n"}
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    return make_tiny(tmp_path_factory.mktemp("tiny") / "model", "qwen2_5_vl")
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="qzoom-agent")
+    add_compare_parser(parser.add_subparsers(dest="command", required=True))
+    return parser.parse_args(["compare", *argv])
+
+
+def _argv(model: Path, out: Path, n: int = 3, seed: int = 0, *extra: str) -> list[str]:
+    return ["--bench", "zoomworld:hr", "--agents", "lowres,highres", "--n", str(n), "--seed", str(seed),
+            "--out", str(out), "--model", str(model), "--lowres-tokens", "16", "--highres-tokens", "64",
+            "--max-new-tokens", "2", *extra]
+
+
+def _run(argv: list[str], capsys) -> str:
+    args = _parse(argv)
+    assert args.func(args) == 0
+    return capsys.readouterr().out
+
+
+def _lines(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+
+
+# ---- metrics -----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("text, expected", [
+    ("  Left. ", "left"), ('"7K"', "7k"), ("(A)", "a"), ("A.", "a"), ("two   words\n", "two words"),
+    ("'diamond'!", "diamond"), ("A-3", "a-3"), ("", ""),
+])
+def test_normalize(text, expected):
+    assert metrics.normalize(text) == expected
+
+
+OPTIONS = ["7K", "7X", "QQ", "A1"]
+
+
+@pytest.mark.parametrize("pred, answer, options, expected", [
+    ("Diamond.", "diamond", None, True),
+    ("diamonds", "diamond", None, False),
+    ("right", "left", None, False),
+    ("3", "3", None, True),
+    ("", "3", None, False),
+    ("B", "B", OPTIONS, True),
+    ("(B)", "B", OPTIONS, True),
+    ("b.", "B", OPTIONS, True),
+    ("B) 7X", "B", OPTIONS, True),
+    ("(B) 7K", "B", OPTIONS, False),  # letter and text disagree
+    ("7x", "B", OPTIONS, True),  # the option text
+    ("7X", "7X", OPTIONS, True),  # answer given as option text
+    ("B", "7X", OPTIONS, True),  # ... and predicted as its letter
+    ("A", "B", OPTIONS, False),
+    ("7K", "B", OPTIONS, False),
+    ("A1", "D", OPTIONS, True),  # "A1" is option text, not the letter A
+    ("E", "B", OPTIONS, False),
+])
+def test_is_correct(pred, answer, options, expected):
+    assert metrics.is_correct(pred, answer, options) is expected
+
+
+def test_box_geometry():
+    assert metrics.box_iou((0, 0, 10, 10), (0, 0, 10, 10)) == 1.0
+    assert metrics.box_iou((0, 0, 10, 10), (20, 20, 30, 30)) == 0.0
+    assert metrics.box_iou((0, 0, 10, 10), (5, 0, 15, 10)) == pytest.approx(1 / 3)
+    assert metrics.box_coverage((0, 0, 15, 100), (10, 10, 20, 20)) == 0.5
+    assert metrics.box_coverage(None, (0, 0, 1, 1)) is None and metrics.box_iou((0, 0, 1, 1), None) is None
+
+
+def test_budgets_and_agent_result():
+    assert budget_for(4096) == (256, 4096) and budget_for(64) == (64, 64)
+    assert parse_budgets("256,576, 1024") == [256, 576, 1024]
+    assert AgentResult("x", 0.1, 16, 3, 2).tool_calls == 0
+
+
+# ---- runs --------------------------------------------------------------------------------------------------------
+def _recompute(records: list[dict], agents: list[str]) -> dict:
+    def mean(values):
+        values = list(values)
+        return sum(values) / len(values) if values else None
+
+    out = {}
+    for name in agents:
+        rows = [r for r in records if r["agent"] == name]
+        out[name] = {
+            "accuracy": mean(r["correct"] for r in rows),
+            "accuracy_fine": mean(r["correct"] for r in rows if r["kind"] == "fine"),
+            "accuracy_coarse": mean(r["correct"] for r in rows if r["kind"] == "coarse"),
+            "latency_s_mean": mean(r["latency_s"] for r in rows),
+            "visual_tokens_mean": mean(r["visual_tokens"] for r in rows),
+            "forward_passes_mean": mean(r["forward_passes"] for r in rows),
+            "tool_calls_mean": mean(r["tool_calls"] for r in rows),
+            "n": len(rows),
+        }
+    return out
+
+
+def test_run_writes_everything(tiny_model, tmp_path, capsys):
+    out = tmp_path / "run"
+    stdout = _run(_argv(tiny_model, out, 3, 0, "--budgets", "16,32", "--json"), capsys)
+    summary = json.loads(stdout)  # exactly one JSON object
+    agents = ["lowres", "highres", "plain@16", "plain@32"]
+    assert list(summary) == ["agents"] and list(summary["agents"]) == agents
+    for stats in summary["agents"].values():
+        assert set(stats) == SUMMARY_KEYS and stats["n"] == 3
+        for key in ("accuracy", "accuracy_fine", "accuracy_coarse"):
+            assert stats[key] is None or 0.0 <= stats[key] <= 1.0
+        assert stats["tool_calls_mean"] == 0
+    assert summary["agents"]["lowres"]["visual_tokens_mean"] <= 16
+    assert summary["agents"]["plain@32"]["visual_tokens_mean"] <= 32
+    records = _lines(out)
+    assert len(records) == 3 * len(agents)
+    assert summary == {"agents": _recompute(records, agents)}
+    assert json.loads((out / "summary.json").read_text()) == summary
+    for rec in records:
+        assert rec["correct"] is metrics.is_correct(rec["answer"], rec["truth"], rec["options"])
+        assert rec["kind"] in ("fine", "coarse") and rec["variant"] == "hr" and rec["zooms"] == 0
+        assert rec["target_box"] is not None and rec["bbox"] is None and rec["iou"] is None
+    run = json.loads((out / "run.json").read_text())
+    assert run["agents"] == agents and run["args"]["n"] == 3 and run["args"]["seed"] == 0
+    assert run["model_path"] == str(tiny_model.resolve()) and run["date"]
+    assert "| lowres | 3 |" in (out / "summary.md").read_text()
+    assert (out / "accuracy_by_budget.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_text_output_and_interleaving(tiny_model, tmp_path, capsys):
+    out = tmp_path / "run"
+    stdout = _run(_argv(tiny_model, out, 3, 5), capsys)
+    assert stdout.startswith("| agent | n | accuracy | fine | coarse |") and "| highres | 3 |" in stdout
+    records = _lines(out)
+    assert [r["agent"] for r in records] == ["lowres", "highres"] * 3
+    indices = question_indices(5, 3)
+    assert [r["index"] for r in records] == [i for i in indices for _ in range(2)]
+    assert not (out / "accuracy_by_budget.png").exists()  # no budget sweep
+
+
+def test_resume(tiny_model, tmp_path, capsys, caplog):
+    out = tmp_path / "run"
+    _run(_argv(tiny_model, out, 2), capsys)
+    results = out / "results.jsonl"
+    before = results.read_bytes()
+    _run(_argv(tiny_model, out, 2), capsys)  # same arguments: nothing to add
+    assert results.read_bytes() == before
+    with pytest.raises(ValueError, match="other arguments .*n.*choose another --out"):
+        _run(_argv(tiny_model, out, 4), capsys)
+    with pytest.raises(ValueError, match="seed"):
+        _run(_argv(tiny_model, out, 2, 1), capsys)
+    assert results.read_bytes() == before
+
+    out = tmp_path / "interrupted"
+    _run(_argv(tiny_model, out, 3), capsys)
+    results = out / "results.jsonl"
+    lines = results.read_text().splitlines(keepends=True)
+    assert len(lines) == 6
+    results.write_text("".join(lines[:3]) + lines[3][: len(lines[3]) // 2])  # killed mid-write
+    with caplog.at_level(logging.WARNING, logger="qzoom_agent.bench.runner"):
+        _run(_argv(tiny_model, out, 3), capsys)
+    assert "half-written" in caplog.text
+    final = results.read_text().splitlines(keepends=True)
+    assert final[:3] == lines[:3]
+    pairs = [(r["index"], r["agent"]) for r in _lines(out)]
+    assert len(pairs) == 6 and set(pairs) == {(i, a) for i in question_indices(0, 3) for a in ("lowres", "highres")}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary == {"agents": _recompute(_lines(out), ["lowres", "highres"])}
+
+
+def test_seeds_pick_held_out_questions(tiny_model, tmp_path, capsys):
+    start, stop = zoomworld.SPLITS["test"]
+    assert set(question_indices(0, 20)).isdisjoint(question_indices(1, 20))
+    assert question_indices(3, 20) == question_indices(3, 20)
+    assert question_indices(3, 5) == question_indices(3, 20)[:5]
+    assert all(0 <= i < stop - start for i in question_indices(7, 1000))
+    seen = {}
+    for seed in (0, 1):
+        out = tmp_path / f"seed{seed}"
+        _run(_argv(tiny_model, out, 3, seed), capsys)
+        records = _lines(out)
+        assert all(start <= r["seed"] < stop and r["split"] == "test" for r in records)
+        assert all(r["seed"] == zoomworld.seed_for("test", r["index"]) for r in records)
+        seen[seed] = {r["index"] for r in records}
+    assert seen[0] != seen[1]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--bench", "zoomworld:xyz"], "unknown bench 'zoomworld:xyz'; choose one of zoomworld:hr, zoomworld:doc"),
+    (["--bench", "foo"], "unknown bench 'foo'"),
+    (["--agents", "lowres,bogus"], "unknown agent 'bogus'; choose from lowres, highres, plain@N"),
+    (["--agents", "plain@x"], "plain@TOKENS must be a positive integer"),
+    (["--agents", "lowres,lowres"], "agents repeat: lowres"),
+    (["--n", "0"], "--n must be a positive integer, got 0"),
+    (["--budgets", "256,,1024"], "--budgets must be comma-separated positive integers"),
+    (["--budgets", "256,abc"], "each --budgets value must be a positive integer, got 'abc'"),
+    (["--budgets", "0"], "each --budgets value must be a positive integer, got 0"),
+    (["--budgets", "64,64"], "--budgets has repeated values"),
+    (["--highres-tokens", "0"], "--highres-tokens must be a positive integer"),
+])
+def test_bad_input(tmp_path, extra, message, capsys):
+    argv = _argv(tmp_path / "model", tmp_path / "out", 3, 0, *extra)
+    with pytest.raises(ValueError) as err:
+        _run(argv, capsys)
+    assert message in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "out").exists()  # rejected before anything is written
+
+
+def test_missing_model(tmp_path, capsys):
+    with pytest.raises(FileNotFoundError, match="model directory not found"):
+        _run(_argv(tmp_path / "nope", tmp_path / "out"), capsys)
+
+
+def test_doctests():
+    import doctest
+
+    from qzoom_agent.bench import agents, report
+
+    for module in (metrics, agents, report):
+        result = doctest.testmod(module)
+        assert result.attempted > 0 and result.failed == 0, module.__name__
