@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Literal
@@ -411,16 +412,17 @@ def sanitize_box(x1: float, y1: float, x2: float, y2: float, source_size: Pair, 
     return None if xs is None or ys is None else Box(xs[0], ys[0], xs[1], ys[1])
 
 
-def _intersection(a: Box, b: Box) -> int:
-    return max(0, min(a.x2, b.x2) - max(a.x1, b.x1)) * max(0, min(a.y2, b.y2) - max(a.y1, b.y1))
+def box_intersection(a: Sequence[float], b: Sequence[float]) -> float:
+    """Area shared by two ``(x1, y1, x2, y2)`` boxes (exclusive ends); 0 when they do not overlap."""
+    return max(0, min(a[2], b[2]) - max(a[0], b[0])) * max(0, min(a[3], b[3]) - max(a[1], b[1]))
 
 
 def coverage(pred: Box, target: Box) -> float:
     """Fraction of ``target``'s area inside ``pred``, in [0, 1]."""
-    return _intersection(pred, target) / target.area
+    return box_intersection(pred.as_tuple(), target.as_tuple()) / target.area
 
 
 def iou(a: Box, b: Box) -> float:
     """Intersection over union of two boxes, in [0, 1]."""
-    inter = _intersection(a, b)
+    inter = box_intersection(a.as_tuple(), b.as_tuple())
     return inter / (a.area + b.area - inter)

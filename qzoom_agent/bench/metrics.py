@@ -10,6 +10,8 @@ import string
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from ..roi import box_intersection
+
 OPTION_LETTERS = "ABCDEFGHIJ"
 SUMMARY_KEYS = (
     "accuracy", "accuracy_fine", "accuracy_coarse", "latency_s_mean", "visual_tokens_mean", "forward_passes_mean",
@@ -96,10 +98,6 @@ def is_correct(prediction: str, answer: str, options: Sequence[str] | None = Non
     return pred == right_text
 
 
-def _intersection(a: BoxLike, b: BoxLike) -> float:
-    return max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-
-
 def _area(box: BoxLike) -> float:
     return max(0.0, box[2] - box[0]) * max(0.0, box[3] - box[1])
 
@@ -115,7 +113,7 @@ def box_iou(a: BoxLike | None, b: BoxLike | None) -> float | None:
     """
     if a is None or b is None:
         return None
-    inter = _intersection(a, b)
+    inter = box_intersection(a, b)
     union = _area(a) + _area(b) - inter
     return inter / union if union > 0 else None
 
@@ -131,7 +129,7 @@ def box_coverage(pred: BoxLike | None, target: BoxLike | None) -> float | None:
     """
     if pred is None or target is None or _area(target) <= 0:
         return None
-    return _intersection(pred, target) / _area(target)
+    return box_intersection(pred, target) / _area(target)
 
 
 def _mean(values: Iterable[float]) -> float | None:
