@@ -63,6 +63,13 @@ class QZoomConfig(BaseModel):
             raise ValueError(f"roi_min_tokens ({lo}) is larger than roi_max_tokens ({hi})")
         return self
 
+    @classmethod
+    def for_backbone(cls, num_layers: int, min_branch_layer: int = 1, **fields) -> QZoomConfig:
+        """A config for a backbone without released heads: K at mid-depth (at least ``min_branch_layer``) and up
+        to three head layers, as in the paper's defaults."""
+        k = max(min_branch_layer, num_layers // 2)
+        return cls(twig_K=k, twig_T=min(3, num_layers - k), **fields)
+
     @property
     def roi_budget(self) -> tuple[int, int]:
         """(min, max) visual tokens of the RoI crop."""

@@ -102,11 +102,9 @@ class QZoomModel:
         if qzoom:
             heads, config = load_heads(qzoom, adapter)
         if config is None:
-            k = max(adapter.min_branch_layer, adapter.num_layers // 2)
-            config = QZoomConfig(twig_K=k, twig_T=min(3, adapter.num_layers - k))
+            config = QZoomConfig.for_backbone(adapter.num_layers, adapter.min_branch_layer)
         if overrides:
-            config = config.model_copy(update=overrides)
-            config = QZoomConfig.model_validate(config.model_dump())
+            config = QZoomConfig.model_validate({**config.model_dump(), **overrides})
         return cls(adapter, heads, config)
 
     def init_heads(self) -> QZoomHeads:
@@ -175,11 +173,11 @@ class QZoomModel:
         Returns:
             A Perception; its ``state`` lets `answer(..., perception=p)` resume without a second prefill.
         """
-        heads = self._require_heads("perceive")
+        self._require_heads("perceive")
         t0 = time.perf_counter()
         image = load_image(image)
         fp = self._first_pass(image, question, budget or (self.config.min_tokens, self.config.max_tokens))
-        gate = float(torch.sigmoid(heads.gate_logit(fp.hidden_k, fp.rotary, fp.mask))[0])
+        gate = self._gate(fp)
         logits, boxes = None, []
         if roi == "always" or (roi == "auto" and gate >= self.config.gate_threshold):
             logits, boxes = self._roi(fp)

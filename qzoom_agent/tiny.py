@@ -208,8 +208,7 @@ def make_tiny(
     processor.save_pretrained(out)
     if with_heads:
         adapter = cls(model, tok, processor)
-        k = max(adapter.min_branch_layer, adapter.num_layers // 2)
-        config = QZoomConfig(twig_K=k, twig_T=min(2, adapter.num_layers - k))
+        config = QZoomConfig.for_backbone(adapter.num_layers, adapter.min_branch_layer)
         save_adapter(QZoomHeads.from_base(adapter, config.twig_K, config.twig_T), config, out / "qzoom",
                      base_model=f"tiny-{family}")
     return out
