@@ -120,6 +120,23 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .train.warmup import CheckpointMismatchError, load_train_config, run_warmup
+
+    if args.stage != "base":
+        raise UsageError(f"training stage {args.stage!r} is not available yet; this version trains 'base'")
+    sizes, cfg = load_train_config(args.config)
+    try:
+        metrics = run_warmup(cfg, args.out, sizes=sizes, max_steps=args.steps)
+    except CheckpointMismatchError as err:
+        raise UsageError(str(err)) from None
+    # Only phase 1 (dense vision warm-up) of the base recipe exists so far; say so rather than imply a full model.
+    print(f"phase 1 (vision warm-up) done at step {metrics.get('step')}: held-out char accuracy "
+          f"aligned {metrics.get('char_acc_aligned', float('nan')):.3f}, "
+          f"free-placed {metrics.get('char_acc_free', float('nan')):.3f}; phases 2-4 are not implemented yet")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="qzoom-agent", description="Q-Zoom adaptive perception for vision-language models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
@@ -162,6 +179,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--variant", choices=["hr", "doc"], default="hr")
     demo.add_argument("--out", default="qzoom-demo.png", help="PNG with boxes and RoI heat maps")
     demo.set_defaults(func=_cmd_demo)
+
+    train = sub.add_parser("train", help="train zoomworld-tiny (stage 'base'); resumable from OUT")
+    train.add_argument("stage", choices=["base", "stage1", "stage2", "stage3"], help="what to train")
+    train.add_argument("--config", default="configs/train/zoomworld_tiny.yaml", help="training YAML")
+    train.add_argument("--out", required=True, help="run folder; an interrupted run there resumes")
+    train.add_argument("--steps", type=_positive, default=None, help="stop at this global step (resume later)")
+    train.set_defaults(func=_cmd_train)
 
     from .bench.runner import add_compare_parser
 

@@ -1,0 +1,253 @@
+"""Phase-1 vision warm-up: dense crops and targets, token order, trainer, checkpoint and resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from qzoom_agent.bench.zoomworld_render import PALETTE
+from qzoom_agent.train.dense_crops import (
+    CHAR_CLASSES,
+    COLOURS,
+    EVAL_FREE_OFFSET,
+    IGNORE_INDEX,
+    SEED_RANGES,
+    TOKEN_PX,
+    DenseCrop,
+    DenseCropConfig,
+    Tag,
+    crop_seed,
+    dense_targets,
+    render_dense_crop,
+)
+from qzoom_agent.train.dense_probe import dense_losses, encode_crops, vision_tokens
+from qzoom_agent.train.warmup import (
+    CHECKPOINT_FILE,
+    DEFAULT_CONFIG,
+    PHASE_DIR,
+    CheckpointMismatchError,
+    WarmupConfig,
+    build_run,
+    load_train_config,
+    lr_factor,
+    run_warmup,
+    train_batch,
+    train_step,
+)
+from qzoom_agent.train.zoomworld_tiny import ZoomWorldTinySizes, build_zoomworld_tiny
+
+torch.set_num_threads(2)
+SMALL = ZoomWorldTinySizes(vision_hidden=32, vision_depth=2, hidden=32, layers=1, intermediate=64)
+
+
+def small_config(**overrides) -> WarmupConfig:
+    base = dict(steps=6, batch_size=3, warmup_steps=2, checkpoint_every=3, eval_every=3, eval_images=4,
+                crops=DenseCropConfig(max_side_tokens=4))
+    return WarmupConfig(**{**base, **overrides})
+
+
+def _centre(box) -> tuple[float, float]:
+    return (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+
+
+def test_dense_crop_is_deterministic():
+    a, b = render_dense_crop(7, 0.4), render_dense_crop(7, 0.4)
+    assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
+    for field in ("present", "char", "colour"):
+        assert np.array_equal(getattr(a, field), getattr(b, field))
+    assert not np.array_equal(np.asarray(render_dense_crop(8, 0.4).image), np.asarray(a.image))
+
+
+def test_dense_targets_on_hand_made_tags():
+    # a 3x4-token panel, and a one-glyph panel whose glyph centre is at (70, 126): cell row 4, col 2
+    tags = [Tag((0, 0, 84, 112), "red", "AB", 24, [("A", (10, 10, 27, 34)), ("B", (38, 10, 55, 34))], []),
+            Tag((56, 105, 84, 140), "blue", "7", 20, [("7", (63, 116, 77, 136))], [])]
+    present, char, colour = dense_targets(tags, 5, 6)
+    assert present.shape == char.shape == colour.shape == (5, 6)
+    assert (present[:4, :3] == 1).all() and (colour[:4, :3] == COLOURS.index("red")).all()
+    assert (present[:, 4:] == 0).all() and (colour[:, 4:] == IGNORE_INDEX).all()
+    assert present[3, 2] == 1 and present[4, 2] == 1 and colour[4, 2] == COLOURS.index("blue")  # 28/28, 28x35
+    assert char[0, 0] == CHAR_CLASSES.index("A") and char[0, 1] == CHAR_CLASSES.index("B")
+    assert char[4, 2] == CHAR_CLASSES.index("7") and (char != IGNORE_INDEX).sum() == 3
+    # a panel covering a quarter of a cell is ignored, not called background
+    present, _, colour = dense_targets([Tag((0, 0, 14, 14), "green", "", 8, [], [])], 2, 2)
+    assert present[0, 0] == -1 and colour[0, 0] == IGNORE_INDEX and (present.ravel()[1:] == 0).all()
+    # two glyph centres in one cell: no single right answer
+    _, char, _ = dense_targets([Tag((0, 0, 56, 56), "red", "AB", 10, [("A", (2, 2, 9, 12)), ("B", (14, 2, 21, 12))],
+                                    [])], 2, 2)
+    assert (char == IGNORE_INDEX).all()
+
+
+@pytest.mark.parametrize("progress", [0.0, 1.0])
+def test_rendered_crop_targets_match_its_tags(progress):
+    offsets = []
+    for seed in range(12):
+        crop = render_dense_crop(seed, progress)
+        rows, cols = crop.grid
+        assert (crop.image.height, crop.image.width) == (rows * TOKEN_PX, cols * TOKEN_PX)
+        assert 56 <= crop.image.width <= 224 and 56 <= crop.image.height <= 224
+        pixels = np.asarray(crop.image)
+        touched = np.zeros((rows, cols), bool)
+        for tag in crop.tags:
+            x1, y1, x2, y2 = tag.box
+            assert tuple(pixels[y1 + 1, x1 + 1]) == PALETTE[tag.colour]  # the panel is drawn where recorded
+            r1, c1, r2, c2 = -(-y1 // TOKEN_PX), -(-x1 // TOKEN_PX), y2 // TOKEN_PX, x2 // TOKEN_PX
+            assert (crop.present[r1:r2, c1:c2] == 1).all()  # cells wholly inside the panel
+            assert (crop.colour[r1:r2, c1:c2] == COLOURS.index(tag.colour)).all()
+            touched[y1 // TOKEN_PX:-(-y2 // TOKEN_PX), x1 // TOKEN_PX:-(-x2 // TOKEN_PX)] = True
+            for ch, gbox in tag.glyphs:
+                cx, cy = _centre(gbox)
+                r, c = int(cy // TOKEN_PX), int(cx // TOKEN_PX)
+                shared = sum(int(_centre(g)[1] // TOKEN_PX) == r and int(_centre(g)[0] // TOKEN_PX) == c
+                             for t in crop.tags for _, g in t.glyphs) > 1
+                assert crop.char[r, c] == (IGNORE_INDEX if shared else CHAR_CLASSES.index(ch))
+                offsets.append((cx % TOKEN_PX - TOKEN_PX / 2, cy % TOKEN_PX - TOKEN_PX / 2))
+                assert (pixels[gbox[1]:gbox[3], gbox[0]:gbox[2]] != PALETTE[tag.colour]).any()  # ink is there
+        assert (crop.present[~touched] == 0).all()
+        assert (crop.colour[~touched] == IGNORE_INDEX).all() and (crop.char[~touched] == IGNORE_INDEX).all()
+    offsets = np.array(offsets)
+    if progress == 0.0:  # every glyph centred on a token centre (within the font's rounding)
+        assert np.abs(offsets).max() <= 1.5
+    else:  # free placement: centres spread over the whole token
+        assert offsets.std(0).min() > 5
+
+
+def test_curriculum_sizes():
+    cfg = DenseCropConfig()
+    assert cfg.size_range(0.0) == cfg.size_range(0.1) == (24, 30)
+    assert cfg.size_range(0.7) == cfg.size_range(1.0) == (16, 40)
+    assert cfg.ramp(0.4) == pytest.approx(0.5)
+    sizes = {t.size for s in range(30) for t in render_dense_crop(s, 0.0).tags}
+    assert min(sizes) >= 24 and max(sizes) <= 30
+    digits = DenseCropConfig(alphabet="0123456789")
+    assert all(t.text.isdigit() for s in range(10) for t in render_dense_crop(s, 1.0, digits).tags)
+    with pytest.raises(ValueError, match="alphabet"):
+        DenseCropConfig(alphabet="ab")
+
+
+def test_target_raster_order_matches_vision_tower_output():
+    """Brightening one token cell changes the vision tower's output row r * cols + c the most.
+
+    A 5x7-token image spans several 4x4-token attention windows, so the window-ordered sequence inside the tower
+    differs from raster order: a missing reverse permutation (or a transposed grid) would fail here.
+    """
+    model, _, processor = build_zoomworld_tiny(0, **SMALL.model_dump())
+    rows, cols = 5, 7
+    base = np.random.default_rng(0).integers(60, 120, (rows * TOKEN_PX, cols * TOKEN_PX, 3), dtype=np.uint8)
+    zeros = np.zeros((rows, cols))
+
+    def tokens(pixels: np.ndarray) -> torch.Tensor:
+        crop = DenseCrop(Image.fromarray(pixels), zeros.astype(np.float32), zeros.astype(np.int64),
+                         zeros.astype(np.int64), [])
+        with torch.no_grad():
+            return vision_tokens(model, encode_crops([crop], processor))
+
+    ref = tokens(base)
+    assert ref.shape[0] == rows * cols
+    for r, c in [(0, 0), (0, 5), (1, 4), (2, 6), (4, 1), (4, 6)]:
+        lit = base.copy()
+        lit[r * TOKEN_PX:(r + 1) * TOKEN_PX, c * TOKEN_PX:(c + 1) * TOKEN_PX] = 255
+        assert int((tokens(lit) - ref).norm(dim=-1).argmax()) == r * cols + c
+
+
+def test_zoomworld_tiny_default_size_and_init():
+    model, tok, processor = build_zoomworld_tiny(0)
+    n = sum(p.numel() for p in model.parameters())
+    assert 3.5e6 < n < 3.75e6  # the doc's config A: 3.62 M
+    vision_w = model.model.visual.blocks[0].mlp.up_proj.weight.detach()
+    text_w = model.model.language_model.layers[0].mlp.up_proj.weight.detach()
+    assert float(vision_w.std()) == pytest.approx(128**-0.5, rel=0.1)  # 1/sqrt(width), not HF's 0.02
+    assert float(text_w.std()) == pytest.approx(256**-0.5, rel=0.1)
+    assert sum(model.config.text_config.rope_parameters["mrope_section"]) == 256 // 4 // 2
+    assert processor.merge_size * processor.patch_size == TOKEN_PX
+
+
+def test_repo_config_loads_and_bad_config_is_one_line(tmp_path: Path):
+    sizes, cfg = load_train_config(DEFAULT_CONFIG)
+    assert sizes == ZoomWorldTinySizes() and cfg.batch_size == 16 and cfg.lr == 3e-3
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("warmup:\n  lr: -1\n")
+    with pytest.raises(ValueError, match="lr") as err:
+        load_train_config(bad)
+    assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        WarmupConfig(steps=10, warmup_steps=10)
+
+
+def test_seed_ranges_are_disjoint_and_enforced():
+    (a0, a1), (b0, b1) = SEED_RANGES["train"], SEED_RANGES["eval"]
+    assert a1 <= b0 or b1 <= a0
+    assert crop_seed("eval", EVAL_FREE_OFFSET) < b1
+    with pytest.raises(ValueError):
+        crop_seed("train", a1 - a0)
+    with pytest.raises(ValueError, match="seed range"):
+        WarmupConfig(steps=10**9, batch_size=16)
+
+
+def test_training_moves_only_vision_and_probe_and_fits_a_fixed_batch():
+    cfg = small_config(steps=20)
+    run = build_run(cfg, SMALL)
+    batch = train_batch(cfg, run.processor, 0)
+    frozen = {k: v.clone() for k, v in run.model.named_parameters() if not k.startswith("model.visual.")}
+    visual = {k: v.clone() for k, v in run.model.model.visual.named_parameters()}
+    weights = cfg.loss_weights.model_dump()
+
+    def loss() -> float:
+        with torch.no_grad():
+            return float(dense_losses(run.probe(vision_tokens(run.model, batch)), batch.targets, weights)["total"])
+
+    before = loss()
+    for _ in range(8):
+        train_step(run, batch, cfg)
+    assert loss() < 0.8 * before
+    assert all(torch.equal(v, dict(run.model.named_parameters())[k]) for k, v in frozen.items())
+    assert all(not torch.equal(v, dict(run.model.model.visual.named_parameters())[k]) for k, v in visual.items())
+    assert run.scheduler.get_last_lr()[0] == pytest.approx(cfg.lr * lr_factor(8, cfg))
+
+
+def test_checkpoint_resume_continues_exactly(tmp_path: Path):
+    cfg = small_config()
+    first = run_warmup(cfg, tmp_path / "split", sizes=SMALL, max_steps=3)
+    assert first["step"] == 3 and 0 <= first["char_acc_free"] <= 1
+    ckpt = tmp_path / "split" / PHASE_DIR / CHECKPOINT_FILE
+    saved = torch.load(ckpt, weights_only=True)
+    resumed = build_run(cfg, SMALL)
+    resumed.restore(ckpt, saved["config_key"])
+    assert resumed.step == 3 and resumed.scheduler.last_epoch == 3
+    assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(cfg.lr * lr_factor(3, cfg))  # no warm-up restart
+    state = resumed.optimizer.state_dict()["state"]
+    assert all(torch.equal(state[i]["exp_avg"], s["exp_avg"]) for i, s in saved["optimizer"]["state"].items())
+
+    run_warmup(cfg, tmp_path / "split", sizes=SMALL)
+    run_warmup(cfg, tmp_path / "whole", sizes=SMALL)
+    split = torch.load(ckpt, weights_only=True)
+    whole = torch.load(tmp_path / "whole" / PHASE_DIR / CHECKPOINT_FILE, weights_only=True)
+    assert split["step"] == whole["step"] == 6
+    for k, v in whole["visual"].items():
+        torch.testing.assert_close(split["visual"][k], v, rtol=1e-5, atol=1e-6)
+    assert split["scheduler"]["last_epoch"] == whole["scheduler"]["last_epoch"] == 6
+    assert (tmp_path / "whole" / PHASE_DIR / "model" / "config.json").exists()
+    with pytest.raises(CheckpointMismatchError):
+        run_warmup(small_config(lr=1e-3), tmp_path / "whole", sizes=SMALL)
+
+
+def test_train_base_cli_runs_phase1_and_refuses_missing_stages(tmp_path, capsys):
+    import yaml
+
+    from qzoom_agent.cli import main
+    from qzoom_agent.train.warmup import DEFAULT_CONFIG
+
+    cfg = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    cfg["model"].update(vision_hidden=32, vision_depth=2, hidden=64, layers=2, intermediate=64)
+    cfg["warmup"].update(steps=4, batch_size=2, checkpoint_every=2, eval_every=2, eval_images=2, warmup_steps=1)
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["train", "base", "--config", str(path), "--out", str(tmp_path / "run")]) == 0
+    assert "phase 1 (vision warm-up) done at step 4" in capsys.readouterr().out
+    assert (tmp_path / "run" / "phase1" / "checkpoint.pt").is_file()
+    assert main(["train", "stage2", "--config", str(path), "--out", str(tmp_path / "run")]) == 2
+    assert "not available yet" in capsys.readouterr().err
