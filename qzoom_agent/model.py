@@ -87,18 +87,20 @@ class QZoomModel:
         Args:
             base: a local model directory, or ``"zoomworld-tiny"`` for the bundled default.
             qzoom: a Q-Zoom adapter directory or an official Q-Zoom checkpoint. None looks for ``qzoom/`` inside
-                ``base``; False loads no heads.
+                ``base``, then for heads inside ``base`` itself (an official checkpoint); False loads no heads.
             device: torch device.
             dtype: weight dtype (fp32 on CPU; bf16 on GPU nodes).
             **overrides: QZoomConfig fields to override (e.g. ``gate_threshold=0.3``).
         """
-        from .checkpoint import load_heads
+        from .checkpoint import is_official_checkpoint, load_heads
 
         path = resolve_model_path(base)
         adapter = load_backbone(path, device=device, dtype=dtype)
         heads, config = None, None
         if qzoom is None and (path / "qzoom").is_dir():
             qzoom = path / "qzoom"
+        elif qzoom is None and is_official_checkpoint(path):  # a released Q-Zoom model carries its heads
+            qzoom = path
         if qzoom:
             heads, config = load_heads(qzoom, adapter)
         if config is None:

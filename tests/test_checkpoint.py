@@ -336,3 +336,36 @@ def test_official_errors(tmp_path: Path) -> None:
         load_official(out, adapter_for("qwen2_5_vl", hidden=96))
     with pytest.raises(ValueError, match="exceeds the 3 decoder layers"):
         load_official(out, adapter_for("qwen2_5_vl", layers=3))
+
+
+@pytest.mark.parametrize("layout", ["language_model", "old"])
+def test_official_checkpoint_loads_as_a_whole_model(tmp_path, layout):
+    """A released Q-Zoom model directory is both the base model and the heads: from_pretrained finds them."""
+    from PIL import Image
+
+    from qzoom_agent.backbones import adapter_class_for
+    from qzoom_agent.config import QZoomConfig
+    from qzoom_agent.heads import QZoomHeads
+    from qzoom_agent.model import QZoomModel
+
+    model, tok = build_tiny("qwen2_5_vl", seed=4)
+    cls = adapter_class_for(model.config)
+    processor = cls.default_image_processor(model.config)
+    adapter = cls(model, tok, processor)
+    heads = QZoomHeads.from_base(adapter, 2, 2)
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    cfg = QZoomConfig(twig_K=2, twig_T=2, gate_threshold=0.0, min_tokens=16, max_tokens=64)
+    out = write_official_checkpoint(model, heads, cfg, tmp_path / "official", layout=layout)
+    tok.save_pretrained(out)
+    processor.save_pretrained(out)
+
+    qm = QZoomModel.from_pretrained(out)
+    assert qm.heads is not None and (qm.config.twig_K, qm.config.gate_threshold) == (2, 0.0)
+    loaded = qm.heads.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in heads.state_dict().items())
+    base = qm.adapter.model.state_dict()
+    assert all(torch.equal(base[k], v) for k, v in model.state_dict().items())  # the base weights load too
+    ans = qm.answer(Image.new("RGB", (300, 200), (9, 99, 199)), "Color?", mode="auto", max_new_tokens=2)
+    assert ans.gate_score is not None and ans.zoomed == (ans.bbox is not None)
