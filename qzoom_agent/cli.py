@@ -58,7 +58,8 @@ def _cmd_ask(args: argparse.Namespace) -> int:
     if args.max_tokens is not None:
         overrides["max_tokens"] = args.max_tokens
         if args.min_tokens is None:
-            overrides["min_tokens"] = min(args.max_tokens, 256)
+            # Leave room below the cap: min == max would force an exact token count and distort the aspect ratio.
+            overrides["min_tokens"] = min(256, max(1, args.max_tokens // 4))
     if args.min_tokens is not None:
         overrides["min_tokens"] = args.min_tokens
     model = QZoomModel.from_pretrained(args.model, qzoom, **overrides)

@@ -187,3 +187,15 @@ def test_demo_writes_png_and_compare_is_wired(tiny_dirs, capsys, tmp_path):
     assert code == 0 and set(summary["agents"]) == {"lowres", "highres"}
     assert all(v["n"] == 2 for v in summary["agents"].values())
     assert main(["compare", "--bench", "zoomworld:nope", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_max_tokens_alone_keeps_the_aspect_ratio(tiny_dirs, capsys, tmp_path):
+    from qzoom_agent.images import fit_to_token_budget
+
+    path = tmp_path / "wide.png"
+    Image.new("RGB", (1600, 800), (10, 10, 10)).save(path)
+    rec = ask_json(capsys, str(path), "q", "--model", str(tiny_dirs["qwen2_5_vl"]), "--mode", "never",
+                   "--max-tokens", "256", "--max-new-tokens", "1")
+    w, h = fit_to_token_budget(1600, 800, factor=28, min_tokens=64, max_tokens=256)  # the CLI's default floor
+    assert (w // 28) == 2 * (h // 28)  # a 2:1 image keeps a 2:1 token grid
+    assert rec["visual_tokens"] == (w // 28) * (h // 28) <= 256
