@@ -246,8 +246,14 @@ def test_train_base_cli_runs_phase1_and_refuses_missing_stages(tmp_path, capsys)
     cfg["warmup"].update(steps=4, batch_size=2, checkpoint_every=2, eval_every=2, eval_images=2, warmup_steps=1)
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    assert main(["train", "base", "--config", str(path), "--out", str(tmp_path / "run")]) == 0
-    assert "phase 1 (vision warm-up) done at step 4" in capsys.readouterr().out
+    assert main(["train", "base", "--phase", "1", "--config", str(path), "--out", str(tmp_path / "run")]) == 0
+    assert "phase 1 (vision warm-up) at step 4" in capsys.readouterr().out
     assert (tmp_path / "run" / "phase1" / "checkpoint.pt").is_file()
+    cfg["answer"].update(steps=2, batch_size=2, checkpoint_every=2, eval_every=2, eval_items=2, warmup_steps=1)
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["train", "base", "--phase", "2", "--config", str(path), "--out", str(tmp_path / "run")]) == 0
+    assert "phase 2 (answer training) at step 2" in capsys.readouterr().out
+    assert (tmp_path / "run" / "phase2" / "model" / "config.json").is_file()
     assert main(["train", "stage2", "--config", str(path), "--out", str(tmp_path / "run")]) == 2
     assert "not available yet" in capsys.readouterr().err
+    assert main(["train", "base", "--steps", "3", "--config", str(path), "--out", str(tmp_path / "run")]) == 2

@@ -1,0 +1,227 @@
+"""Answer-training data of phase 2 (``joint``): what the model sees after a zoom, plus dense and coarse examples.
+
+Three sources, drawn per example from a seeded stream (the same ``(cfg, alphabet, split, index)`` always give the
+same example):
+
+* ``oracle``: a ZoomWorld scene (hr or doc), a fine ``read``/``mcq`` question, and a crop around its target tag
+  with random context (``margin`` panel sizes per side), enlarged so the tag is ``zoom`` times its native size and
+  encoded at <= ``oracle_max_tokens`` tokens: the view an ideal zoom would splice in.
+* ``dense``: a phase-1 dense crop (1-3 tags, free placement) asked "What is written on the <colour> tag?" about a
+  tag whose colour is unique in the crop; its per-token targets feed the auxiliary probe loss.
+* ``coarse``: colour/shape of the large object on the whole scene at 64-256 tokens.
+
+Encoding builds the prompt exactly as inference does (``adapter.build_prompt``), then appends the answer and
+``<|im_end|>``; only those appended tokens are supervised.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ..backbones import BackboneAdapter, ImageInputs
+from ..bench.zoomworld import VARIANTS, generate, seed_for
+from ..images import resize_to
+from .dense_crops import DenseCrop, DenseCropConfig, crop_seed, render_dense_crop
+from .dense_probe import DenseTargets
+
+SOURCES = ("oracle", "dense", "coarse")
+END_TOKEN = "<|im_end|>"
+IGNORE = -100
+_DENSE_TRIES = 16  # dense crops tried per example until one has a tag of a unique colour
+_FINE_MIX = {"read": 0.7, "mcq": 0.3}
+_COARSE_MIX = {"color": 1.0, "shape": 1.0}
+
+
+class AnswerDataConfig(BaseModel):
+    """How answer examples are drawn (the ``answer.data`` section of the training YAML)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mix: dict[str, float] = Field(default_factory=lambda: {"oracle": 0.5, "dense": 0.2, "coarse": 0.3},
+                                  description="weight per source: oracle, dense, coarse")
+    alphabet: str | None = Field(None, description="tag characters; None: the phase-1 alphabet (warmup.crops)")
+    size_range: tuple[int, int] = Field((1024, 1792), description="ZoomWorld canvas side range (px); small = cheap")
+    margin: tuple[float, float] = Field((0.5, 2.0), description="oracle context per side, in panel sizes")
+    zoom: tuple[float, float] = Field((2.0, 4.0), description="oracle enlargement of the tag over its native size")
+    oracle_max_tokens: int = Field(256, ge=4, description="token cap of oracle crops")
+    coarse_tokens: tuple[int, int] = Field((64, 256), description="range of the token cap of whole coarse scenes")
+    dense_max_tags: int = Field(3, ge=1, description="most tags in a 224 px dense crop (fewer in smaller ones)")
+
+    @field_validator("mix")
+    @classmethod
+    def _check_mix(cls, value: dict[str, float]) -> dict[str, float]:
+        if set(value) - set(SOURCES) or any(w < 0 for w in value.values()) or sum(value.values()) <= 0:
+            raise ValueError(f"mix needs non-negative weights over {SOURCES} with a positive sum, got {value}")
+        return value
+
+
+@dataclass
+class AnswerExample:
+    """One training or evaluation example before encoding.
+
+    Attributes:
+        image: RGB image the model sees (resized again to ``budget`` by the adapter).
+        question: the question text.
+        answer: the reference answer.
+        budget: (min_tokens, max_tokens) for ``adapter.prepare_image``.
+        source: "oracle", "dense" or "coarse".
+        dense: the dense crop (per-token targets) for ``dense`` examples, else None.
+    """
+
+    image: Image.Image
+    question: str
+    answer: str
+    budget: tuple[int, int]
+    source: str
+    dense: DenseCrop | None = None
+
+
+def zoom_crop(image: Image.Image, box: tuple[int, int, int, int], margins: tuple[float, float, float, float],
+              zoom: float) -> Image.Image:
+    """Crop ``box`` with ``margins`` (left, top, right, bottom, in box sizes) of context and enlarge by ``zoom``."""
+    x1, y1, x2, y2 = box
+    w, h = x2 - x1, y2 - y1
+    left, top = max(0, round(x1 - margins[0] * w)), max(0, round(y1 - margins[1] * h))
+    right, bottom = min(image.width, round(x2 + margins[2] * w)), min(image.height, round(y2 + margins[3] * h))
+    crop = image.crop((left, top, right, bottom))
+    return resize_to(crop, (max(1, round(crop.width * zoom)), max(1, round(crop.height * zoom))))
+
+
+def _oracle(rng: random.Random, cfg: AnswerDataConfig, alphabet: str, seed: int) -> AnswerExample:
+    s = generate(rng.choice(VARIANTS), seed, alphabet=alphabet, mix=_FINE_MIX, size_range=cfg.size_range)
+    margins = tuple(rng.uniform(*cfg.margin) for _ in range(4))
+    image = zoom_crop(s.image, tuple(s.target_box), margins, rng.uniform(*cfg.zoom))
+    return AnswerExample(image, s.question, s.answer, (4, cfg.oracle_max_tokens), "oracle")
+
+
+def _coarse(rng: random.Random, cfg: AnswerDataConfig, alphabet: str, seed: int) -> AnswerExample:
+    s = generate(rng.choice(VARIANTS), seed, alphabet=alphabet, mix=_COARSE_MIX, size_range=cfg.size_range)
+    cap = rng.randint(*cfg.coarse_tokens)
+    return AnswerExample(s.image, s.question, s.answer, (min(cfg.coarse_tokens[0], cap), cap), "coarse")
+
+
+def _dense(rng: random.Random, cfg: AnswerDataConfig, alphabet: str, index: int) -> AnswerExample:
+    crop_cfg = DenseCropConfig(alphabet=alphabet, max_tags=cfg.dense_max_tags)
+    for attempt in range(_DENSE_TRIES):
+        # the dense-crop train range is separate from ZoomWorld's seeds; 16 slots per example keep indices apart
+        crop = render_dense_crop(crop_seed("train", index * _DENSE_TRIES + attempt), 1.0, crop_cfg)
+        colours = [t.colour for t in crop.tags]
+        unique = [t for t in crop.tags if colours.count(t.colour) == 1]
+        if unique:
+            tag = rng.choice(unique)
+            n = crop.grid[0] * crop.grid[1]  # min == max == native token count: the crop is encoded unresized
+            return AnswerExample(crop.image, f"What is written on the {tag.colour} tag?", tag.text, (n, n), "dense",
+                                 crop)
+    raise RuntimeError(f"no dense crop with a uniquely coloured tag for example {index}")
+
+
+def make_example(cfg: AnswerDataConfig, alphabet: str, index: int, split: str = "train") -> AnswerExample:
+    """Example ``index`` of ``split``: a pure function of its arguments.
+
+    Args:
+        cfg: data settings.
+        alphabet: tag characters (e.g. "0123456789").
+        index: example index; ZoomWorld scenes use ``seed_for(split, index)``, so train never meets val.
+        split: a ZoomWorld split ("train" for training).
+    """
+    rng = random.Random(f"answer/{split}/{index}")
+    source = rng.choices(SOURCES, weights=[cfg.mix.get(s, 0.0) for s in SOURCES])[0]
+    if source == "dense":
+        if split != "train":
+            raise ValueError("dense examples are drawn from the training crop range only")
+        return _dense(rng, cfg, alphabet, index)
+    make = _oracle if source == "oracle" else _coarse
+    return make(rng, cfg, alphabet, seed_for(split, index))
+
+
+@dataclass
+class EncodedExample:
+    """An example as token ids and pixels.
+
+    Attributes:
+        input_ids: (L,) prompt (as ``adapter.build_prompt`` makes it) + answer + ``<|im_end|>``.
+        labels: (L,) -100 on the prompt, the token ids on the answer and ``<|im_end|>``.
+        image: the encoded image.
+        dense: per-token targets (dense examples only), raster order, ``image.n_tokens`` long.
+        prompt_len: length of the prompt part.
+    """
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    image: ImageInputs
+    dense: DenseTargets | None
+    prompt_len: int
+
+
+def encode_example(adapter: BackboneAdapter, ex: AnswerExample) -> EncodedExample:
+    """Tokenise ``ex`` exactly as inference prompts are built, then append the supervised answer."""
+    image = adapter.prepare_image(ex.image, min_tokens=ex.budget[0], max_tokens=ex.budget[1])
+    prompt = adapter.build_prompt(image, ex.question)
+    answer = adapter.tokenizer(ex.answer + END_TOKEN, add_special_tokens=False)["input_ids"]
+    ids = torch.cat([prompt.input_ids[0].cpu(), torch.tensor(answer, dtype=torch.long)])
+    labels = ids.clone()
+    labels[: prompt.input_ids.shape[1]] = IGNORE
+    dense = None
+    if ex.dense is not None:
+        if image.grid != ex.dense.grid:
+            raise RuntimeError(f"dense crop of grid {ex.dense.grid} was encoded at grid {image.grid}")
+        c = ex.dense
+        dense = DenseTargets(torch.from_numpy(c.present.ravel()), torch.from_numpy(c.char.ravel()),
+                             torch.from_numpy(c.colour.ravel()))
+    return EncodedExample(ids, labels, image, dense, prompt.input_ids.shape[1])
+
+
+@dataclass
+class AnswerBatch:
+    """Right-padded examples for one stock HF forward.
+
+    Attributes:
+        inputs: ``input_ids`` (B, L), ``attention_mask`` (B, L), ``mm_token_type_ids`` (B, L), ``pixel_values``
+            (P, C) and ``image_grid_thw`` (B, 3).
+        labels: (B, L) with -100 on prompts and padding.
+        n_tokens: (B,) visual tokens per image, the order of the vision tower's output.
+        dense: targets of the dense images concatenated, with ``dense_rows`` their examples' indices.
+        sources: source name per example.
+    """
+
+    inputs: dict[str, torch.Tensor]
+    labels: torch.Tensor
+    n_tokens: list[int]
+    dense: DenseTargets | None
+    dense_rows: list[int]
+    sources: list[str]
+
+    @property
+    def size(self) -> int:
+        return int(self.labels.shape[0])
+
+
+def collate(adapter: BackboneAdapter, encoded: list[EncodedExample], sources: list[str]) -> AnswerBatch:
+    """Right-pad ``encoded`` with the pad token into one batch (padding is masked out and never supervised)."""
+    length = max(e.input_ids.shape[0] for e in encoded)
+    pad = adapter.tokenizer.pad_token_id
+    ids = torch.full((len(encoded), length), pad, dtype=torch.long)
+    labels = torch.full_like(ids, IGNORE)
+    mask = torch.zeros_like(ids)
+    for i, e in enumerate(encoded):
+        n = e.input_ids.shape[0]
+        ids[i, :n], labels[i, :n], mask[i, :n] = e.input_ids, e.labels, 1
+    inputs = adapter.hf_inputs(ids, [e.image for e in encoded])
+    inputs["attention_mask"] = mask
+    rows = [i for i, e in enumerate(encoded) if e.dense is not None]
+    dense = None
+    if rows:
+        parts = [encoded[i].dense for i in rows]
+        dense = DenseTargets(*(torch.cat([getattr(p, f) for p in parts]) for f in ("present", "char", "colour")))
+    return AnswerBatch(inputs, labels, [e.image.n_tokens for e in encoded], dense, rows, sources)
+
+
+def make_batch(adapter: BackboneAdapter, cfg: AnswerDataConfig, alphabet: str, start: int, size: int) -> AnswerBatch:
+    """Training examples ``start .. start + size - 1``, encoded and collated."""
+    examples = [make_example(cfg, alphabet, start + i) for i in range(size)]
+    return collate(adapter, [encode_example(adapter, ex) for ex in examples], [ex.source for ex in examples])

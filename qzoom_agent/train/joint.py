@@ -1,0 +1,267 @@
+"""Phase 2 of ``qzoom-agent train base`` for ``zoomworld-tiny``: joint answer training from the warmed-up tower.
+
+Starts from ``OUT/phase1/model`` and phase 1's probe; every parameter trains on the answer loss (per-example mean
+cross-entropy over the answer and ``<|im_end|>``, averaged over the batch) plus the probe's dense loss on dense
+crops, weighted ``aux_weight`` until ``aux_until`` of the run and 0 after (``docs/ZOOMWORLD-TRAINING.md``, item 4).
+
+Usage::
+
+    python -m qzoom_agent.train.joint --config configs/train/zoomworld_tiny.yaml --out runs/zw [--steps N]
+
+Writes ``OUT/phase2/``: ``checkpoint.pt`` (atomic; resumed from when present), ``metrics.jsonl`` (held-out
+oracle-crop reading and coarse accuracy through the inference path) and ``model/`` (an HF folder loadable with
+``QZoomModel.from_pretrained(dir, qzoom=False)``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from tqdm import tqdm
+
+from ..backbones import BackboneAdapter
+from .answer_data import IGNORE, AnswerBatch, AnswerDataConfig, make_batch
+from .dense_probe import dense_losses
+from .joint_eval import eval_sets, evaluate_answers, inference_model
+from .joint_run import JointRun, build_joint_run
+from .warmup import DEFAULT_CONFIG, _keep_metrics_until, _read_metrics, load_train_config
+from .zoomworld_tiny import ZoomWorldTinySizes
+
+logger = logging.getLogger(__name__)
+
+PHASE_DIR, PREV_PHASE_DIR = "phase2", "phase1"
+CHECKPOINT_FILE, METRICS_FILE = "checkpoint.pt", "metrics.jsonl"
+_FREE_FIELDS = {"checkpoint_every", "eval_every", "eval_items", "threads"}
+_EMA = 0.95
+
+
+class AnswerConfig(BaseModel):
+    """Phase-2 settings (the ``answer:`` section of ``configs/train/zoomworld_tiny.yaml``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int = Field(3000, ge=1, description="schedule length in optimiser steps")
+    batch_size: int = Field(16, ge=1, description="examples per step")
+    lr: float = Field(1e-3, gt=0.0, description="peak AdamW learning rate")
+    betas: tuple[float, float] = Field((0.9, 0.98), description="AdamW betas")
+    weight_decay: float = Field(0.01, ge=0.0, description="AdamW weight decay on matrices")
+    warmup_steps: int = Field(100, ge=0, description="linear LR warm-up steps, then cosine decay")
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="final LR as a fraction of the peak")
+    grad_clip: float = Field(1.0, gt=0.0, description="max global gradient norm")
+    vision_lr_scale: float = Field(1.0, ge=0.0, description="LR multiplier of the warmed-up vision tower and probe")
+    aux_weight: float = Field(1.0, ge=0.0, description="weight of the dense probe loss on dense examples")
+    aux_until: float = Field(0.85, ge=0.0, le=1.0, description="fraction of the run after which aux weight is 0")
+    data: AnswerDataConfig = Field(default_factory=AnswerDataConfig, description="example drawing")
+    checkpoint_every: int = Field(250, ge=1, description="steps between checkpoints")
+    eval_every: int = Field(250, ge=1, description="steps between held-out evaluations")
+    eval_items: int = Field(100, ge=1, description="questions per held-out set")
+    threads: int = Field(2, ge=1, description="torch CPU threads")
+
+    @model_validator(mode="after")
+    def _check(self) -> AnswerConfig:
+        if self.warmup_steps >= self.steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below steps ({self.steps})")
+        if self.steps * self.batch_size >= 10**6:  # train indices stay below eval's COARSE_OFFSET-sized ranges
+            raise ValueError("steps * batch_size must stay below 1e6 examples")
+        return self
+
+    def aux_at(self, step: int) -> float:
+        """Auxiliary loss weight at optimiser step ``step``."""
+        return self.aux_weight if step < self.aux_until * self.steps else 0.0
+
+    def lr_factor(self, step: int) -> float:
+        """LR multiplier: linear warm-up, then cosine down to ``min_lr_ratio``."""
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        frac = min(1.0, (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps))
+        return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
+def load_answer_config(path: str | Path) -> tuple[ZoomWorldTinySizes, AnswerConfig, str]:
+    """Read ``model:``, ``answer:`` and the phase-1 alphabet (``warmup.crops.alphabet``) from a training YAML.
+
+    Returns:
+        ``(sizes, answer config, alphabet)``; the alphabet is ``answer.data.alphabet`` when set.
+
+    Raises:
+        ValueError: one line saying which file and field is wrong.
+    """
+    sizes, warm = load_train_config(path)
+    data = yaml.safe_load(Path(path).read_text())
+    if not isinstance(data.get("answer"), dict):
+        raise ValueError(f"{path} needs an 'answer:' mapping (see configs/train/zoomworld_tiny.yaml)")
+    try:
+        cfg = AnswerConfig(**data["answer"])
+    except ValueError as err:
+        raise ValueError(f"invalid answer config {path}: {' '.join(str(err).split())}") from err
+    return sizes, cfg, cfg.data.alphabet or warm.crops.alphabet
+
+
+def config_key(sizes: ZoomWorldTinySizes, cfg: AnswerConfig, alphabet: str) -> str:
+    """Hash of everything shaping the trajectory; a checkpoint resumes only under the same key."""
+    blob = {"model": sizes.model_dump(), "answer": cfg.model_dump(exclude=_FREE_FIELDS), "alphabet": alphabet}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def answer_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-example mean next-token CE over supervised positions.
+
+    Args:
+        logits: (B, L, V) next-token logits.
+        labels: (B, L) token ids aligned with the inputs, -100 where unsupervised.
+
+    Returns:
+        (B,) losses; the batch loss is their mean, so padding never reweights an example.
+    """
+    target = labels[:, 1:]
+    ce = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), target, ignore_index=IGNORE, reduction="none")
+    sup = (target != IGNORE).float()
+    return (ce * sup).sum(1) / sup.sum(1).clamp(min=1)
+
+
+def batch_loss(run: JointRun, batch: AnswerBatch, aux_weight: float) -> dict[str, torch.Tensor]:
+    """Answer loss (mean of per-example losses), dense aux loss on dense examples, and their weighted sum."""
+    captured: list[torch.Tensor] = []
+    # The stock forward runs the vision tower once for all images; the hook keeps its merged tokens for the probe.
+    hook = run.model.model.visual.register_forward_hook(lambda m, i, o: captured.append(o.pooler_output))
+    try:
+        logits = run.model(**batch.inputs).logits
+    finally:
+        hook.remove()
+    per_example = answer_losses(logits, batch.labels)
+    out = {"answer": per_example.mean(), "aux": per_example.sum() * 0.0}
+    if batch.dense is not None and aux_weight > 0:
+        bounds = [0]
+        for n in batch.n_tokens:
+            bounds.append(bounds[-1] + n)
+        feats = torch.cat([captured[0][bounds[i] : bounds[i + 1]] for i in batch.dense_rows])
+        out["aux"] = dense_losses(run.probe(feats), batch.dense, {"present": 1.0, "char": 1.0, "colour": 1.0})["total"]
+    out["total"] = out["answer"] + aux_weight * out["aux"]
+    return out
+
+
+def train_step(run: JointRun, batch: AnswerBatch, cfg: AnswerConfig) -> dict[str, float]:
+    """One optimiser step; returns the step's answer, aux and total losses."""
+    losses = batch_loss(run, batch, cfg.aux_at(run.step))
+    run.optimizer.zero_grad(set_to_none=True)
+    losses["total"].backward()
+    torch.nn.utils.clip_grad_norm_(run.params, cfg.grad_clip)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.step += 1
+    out = {k: float(v.detach()) for k, v in losses.items()}
+    for k, v in out.items():
+        run.running[k] = _EMA * run.running.get(k, v) + (1 - _EMA) * v
+    return out
+
+
+def _evaluate(run: JointRun, cfg: AnswerConfig, sets: dict, metrics_path: Path) -> dict:
+    seen = run.step * cfg.batch_size
+    row = {"step": run.step, "examples": seen, "lr": run.scheduler.get_last_lr()[0],
+           "loss": run.running.get("total"), "answer_loss": run.running.get("answer"),
+           "aux_loss": run.running.get("aux"), "train_seconds": round(run.train_seconds, 1),
+           "examples_per_s": round(seen / run.train_seconds, 2) if run.train_seconds else None}
+    row.update(evaluate_answers(inference_model(run.adapter), sets))
+    with open(metrics_path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    logger.info("step %d: oracle read %.3f, coarse %.3f, answer loss %.3f", run.step, row["oracle_read_acc"],
+                row["coarse_acc"], row["answer_loss"] or float("nan"))
+    return row
+
+
+def export(adapter: BackboneAdapter, folder: Path) -> None:
+    """Write model, tokenizer and image processor as an HF folder for `QZoomModel.from_pretrained`."""
+    adapter.model.save_pretrained(folder)
+    adapter.tokenizer.save_pretrained(folder)
+    adapter.image_processor.save_pretrained(folder)
+
+
+def run_joint(cfg: AnswerConfig, out_dir: str | Path, *, alphabet: str, sizes: ZoomWorldTinySizes | None = None,
+              max_steps: int | None = None) -> dict:
+    """Train (or resume) phase 2 in ``out_dir/phase2`` from ``out_dir/phase1`` until ``cfg.steps`` or ``max_steps``.
+
+    Args:
+        cfg: phase-2 settings.
+        out_dir: run folder holding ``phase1/model`` and ``phase1/checkpoint.pt`` (for the probe).
+        alphabet: tag characters of the examples.
+        sizes: model sizes, only for the checkpoint key (the weights come from phase 1).
+        max_steps: stop once the global step reaches this (the schedule still spans ``cfg.steps``).
+
+    Returns:
+        The last metrics row (step, losses, examples/s, ``oracle_read_acc``, ``coarse_acc``).
+    """
+    sizes = sizes or ZoomWorldTinySizes()
+    torch.set_num_threads(cfg.threads)
+    out_dir = Path(out_dir)
+    phase = out_dir / PHASE_DIR
+    phase.mkdir(parents=True, exist_ok=True)
+    ckpt, metrics_path, key = phase / CHECKPOINT_FILE, phase / METRICS_FILE, config_key(sizes, cfg, alphabet)
+    run = build_joint_run(cfg, out_dir / PREV_PHASE_DIR)
+    if ckpt.exists():
+        run.restore(ckpt, key)
+        _keep_metrics_until(metrics_path, run.step)
+        logger.info("resuming phase 2 from step %d of %d", run.step, cfg.steps)
+    stop = min(cfg.steps, max_steps if max_steps is not None else cfg.steps)
+    sets = eval_sets(cfg.data, alphabet, cfg.eval_items)
+    last = (_read_metrics(metrics_path) or [None])[-1]
+
+    def batch_at(step: int) -> AnswerBatch:
+        return make_batch(run.adapter, cfg.data, alphabet, step * cfg.batch_size, cfg.batch_size)
+
+    with ThreadPoolExecutor(max_workers=1) as pool, tqdm(total=stop, initial=run.step, desc="phase 2 answers",
+                                                          dynamic_ncols=True, mininterval=2.0) as bar:
+        # the next batch renders in a worker thread while this one trains
+        pending = pool.submit(batch_at, run.step) if run.step < stop else None
+        while pending is not None:
+            tick = time.perf_counter()
+            batch = pending.result()
+            pending = pool.submit(batch_at, run.step + 1) if run.step + 1 < stop else None
+            train_step(run, batch, cfg)
+            run.train_seconds += time.perf_counter() - tick
+            bar.update(1)
+            bar.set_postfix(loss=f"{run.running['answer']:.3f}")
+            if run.step % cfg.eval_every == 0 or run.step == stop:
+                last = _evaluate(run, cfg, sets, metrics_path)
+            if run.step % cfg.checkpoint_every == 0 or run.step == stop:
+                run.save(ckpt, key)
+    if last is None or last["step"] != run.step:
+        last = _evaluate(run, cfg, sets, metrics_path)
+    export(run.adapter, phase / "model")
+    return last
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m qzoom_agent.train.joint``: exit 0 when done, 2 with a one-line error on bad input."""
+    parser = argparse.ArgumentParser(prog="python -m qzoom_agent.train.joint", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="training YAML with model:, warmup:, answer:")
+    parser.add_argument("--out", required=True, help="run folder with phase1/; phase 2 writes OUT/phase2/")
+    parser.add_argument("--steps", type=int, default=None, help="stop once the global step reaches N")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.steps is not None and args.steps < 1:
+        logger.error("--steps must be a positive integer, got %d", args.steps)
+        return 2
+    try:
+        sizes, cfg, alphabet = load_answer_config(args.config)
+        metrics = run_joint(cfg, args.out, alphabet=alphabet, sizes=sizes, max_steps=args.steps)
+    except (ValueError, FileNotFoundError) as err:
+        logger.error("%s", err)
+        return 2
+    logger.info("phase 2 metrics: %s", json.dumps(metrics))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

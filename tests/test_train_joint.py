@@ -1,0 +1,172 @@
+"""Phase-2 answer training: data, prompts and labels, batched loss, training, checkpoint/resume, held-out seeds."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from qzoom_agent.bench.zoomworld import SPLITS
+from qzoom_agent.model import QZoomModel
+from qzoom_agent.train.answer_data import (
+    END_TOKEN,
+    IGNORE,
+    SOURCES,
+    AnswerDataConfig,
+    collate,
+    encode_example,
+    make_batch,
+    make_example,
+)
+from qzoom_agent.train.dense_crops import DenseCropConfig
+from qzoom_agent.train.joint import (
+    CHECKPOINT_FILE,
+    DEFAULT_CONFIG,
+    METRICS_FILE,
+    PHASE_DIR,
+    AnswerConfig,
+    answer_losses,
+    batch_loss,
+    load_answer_config,
+    run_joint,
+    train_step,
+)
+from qzoom_agent.train.joint_eval import eval_seeds
+from qzoom_agent.train.joint_run import build_joint_run
+from qzoom_agent.train.warmup import WarmupConfig, run_warmup
+from qzoom_agent.train.zoomworld_tiny import ZoomWorldTinySizes
+
+torch.set_num_threads(2)
+# two LM layers: QZoomModel's default config needs at least 2
+SMALL = ZoomWorldTinySizes(vision_hidden=32, vision_depth=2, hidden=32, layers=2, intermediate=64)
+ALPHABET = "0123456789"
+# small budgets keep the tests fast; the code paths are the same as at 256 tokens
+DATA = AnswerDataConfig(oracle_max_tokens=64, coarse_tokens=(16, 64))
+
+
+def small_config(**overrides) -> AnswerConfig:
+    base = dict(steps=4, batch_size=3, warmup_steps=1, checkpoint_every=2, eval_every=2, eval_items=2, data=DATA)
+    return AnswerConfig(**{**base, **overrides})
+
+
+@pytest.fixture(scope="module")
+def phase1(tmp_path_factory) -> Path:
+    """A tiny phase-1 run folder (2 warm-up steps)."""
+    out = tmp_path_factory.mktemp("phase1run")
+    cfg = WarmupConfig(steps=2, batch_size=2, warmup_steps=1, checkpoint_every=2, eval_every=2, eval_images=2,
+                       crops=DenseCropConfig(max_side_tokens=4, alphabet=ALPHABET))
+    run_warmup(cfg, out, sizes=SMALL)
+    return out
+
+
+def _copy_phase1(src: Path, dst: Path) -> Path:
+    shutil.copytree(src / "phase1", dst / "phase1")
+    return dst
+
+
+def test_examples_are_deterministic_and_mixed():
+    a, b = make_example(DATA, ALPHABET, 5), make_example(DATA, ALPHABET, 5)
+    assert (a.question, a.answer, a.source, a.budget) == (b.question, b.answer, b.source, b.budget)
+    assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
+    examples = [make_example(DATA, ALPHABET, i) for i in range(20)]
+    assert {ex.source for ex in examples} == set(SOURCES)
+    dense = next(ex for ex in examples if ex.source == "dense")
+    assert dense.question.startswith("What is written on the ") and set(dense.answer) <= set(ALPHABET)
+    assert dense.dense is not None
+
+
+def test_prompt_and_label_masking(phase1):
+    adapter = build_joint_run(small_config(), phase1 / "phase1").adapter
+    tok = adapter.tokenizer
+    for i in range(6):
+        ex = make_example(DATA, ALPHABET, i)
+        enc = encode_example(adapter, ex)
+        image = adapter.prepare_image(ex.image, min_tokens=ex.budget[0], max_tokens=ex.budget[1])
+        prompt = adapter.build_prompt(image, ex.question).input_ids[0]
+        assert torch.equal(enc.input_ids[: enc.prompt_len], prompt)  # the inference prompt, unchanged
+        sup = enc.labels != IGNORE
+        assert not sup[: enc.prompt_len].any() and sup[enc.prompt_len :].all()
+        assert tok.decode(enc.labels[sup].tolist()) == ex.answer + END_TOKEN
+        assert tok.decode(enc.labels[sup].tolist(), skip_special_tokens=True) == ex.answer
+        if ex.dense is not None:
+            assert enc.dense.char.shape[0] == enc.image.n_tokens
+
+
+def test_batched_loss_is_mean_of_example_losses(phase1):
+    run = build_joint_run(small_config(), phase1 / "phase1")
+    run.model.eval()
+    examples = [make_example(DATA, ALPHABET, i) for i in range(5)]
+    encoded = [encode_example(run.adapter, ex) for ex in examples]
+    assert len({e.input_ids.shape[0] for e in encoded}) > 1  # padding is exercised
+    with torch.no_grad():
+        batched = batch_loss(run, collate(run.adapter, encoded, [ex.source for ex in examples]), 0.0)["answer"]
+        single = [batch_loss(run, collate(run.adapter, [e], [ex.source]), 0.0)["answer"]
+                  for e, ex in zip(encoded, examples, strict=True)]
+    assert abs(float(batched) - float(torch.stack(single).mean())) < 1e-4
+
+
+def test_answer_losses_ignore_unsupervised():
+    logits = torch.randn(2, 5, 7)
+    labels = torch.tensor([[IGNORE, IGNORE, 3, 4, IGNORE], [IGNORE, 1, IGNORE, IGNORE, IGNORE]])
+    out = answer_losses(logits, labels)
+    want0 = torch.nn.functional.cross_entropy(logits[0, 1:3], torch.tensor([3, 4]))
+    want1 = torch.nn.functional.cross_entropy(logits[1, 0:1], torch.tensor([1]))
+    assert torch.allclose(out, torch.stack([want0, want1]))
+
+
+def test_training_reduces_loss_and_moves_the_lm(phase1):
+    cfg = small_config(lr=1e-2, steps=20, warmup_steps=1, vision_lr_scale=0.0)
+    run = build_joint_run(cfg, phase1 / "phase1")
+    batch = make_batch(run.adapter, cfg.data, ALPHABET, 0, 4)
+    head = run.model.lm_head.weight.detach().clone()
+    tower = {k: v.clone() for k, v in run.model.model.visual.state_dict().items()}
+    with torch.no_grad():
+        before = float(batch_loss(run, batch, 1.0)["answer"])
+    for _ in range(6):
+        train_step(run, batch, cfg)
+    with torch.no_grad():
+        after = float(batch_loss(run, batch, 1.0)["answer"])
+    assert after < before
+    assert not torch.equal(head, run.model.lm_head.weight)
+    # vision_lr_scale=0 freezes the tower (and the decoupled weight decay, which AdamW scales by the LR)
+    assert all(torch.equal(tower[k], v) for k, v in run.model.model.visual.state_dict().items())
+
+
+def test_checkpoint_resume_and_export(phase1, tmp_path):
+    cfg = small_config()
+    split, whole = _copy_phase1(phase1, tmp_path / "split"), _copy_phase1(phase1, tmp_path / "whole")
+    first = run_joint(cfg, split, alphabet=ALPHABET, sizes=SMALL, max_steps=2)
+    assert first["step"] == 2
+    assert torch.load(split / PHASE_DIR / CHECKPOINT_FILE, weights_only=True)["step"] == 2
+    last = run_joint(cfg, split, alphabet=ALPHABET, sizes=SMALL)
+    ref = run_joint(cfg, whole, alphabet=ALPHABET, sizes=SMALL)
+    assert last["step"] == ref["step"] == 4
+    a = torch.load(split / PHASE_DIR / CHECKPOINT_FILE, weights_only=True)["model"]
+    b = torch.load(whole / PHASE_DIR / CHECKPOINT_FILE, weights_only=True)["model"]
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    rows = [json.loads(r) for r in (split / PHASE_DIR / METRICS_FILE).read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4] and {"oracle_read_acc", "coarse_acc"} <= set(rows[-1])
+    qz = QZoomModel.from_pretrained(split / PHASE_DIR / "model", qzoom=False)
+    ex = make_example(DATA, ALPHABET, 0)
+    assert isinstance(qz.answer(ex.image, ex.question, mode="never", budget=(4, 64), max_new_tokens=3).text, str)
+
+
+def test_eval_seeds_come_from_val():
+    lo, hi = SPLITS["val"]
+    seeds = eval_seeds(50)
+    assert all(lo <= s < hi for group in seeds.values() for s in group)
+    assert not set(seeds["oracle_read"]) & set(seeds["coarse"])
+    with pytest.raises(ValueError):
+        make_example(AnswerDataConfig(mix={"dense": 1.0}), ALPHABET, 0, split="val")
+
+
+def test_default_config_has_answer_section():
+    sizes, cfg, alphabet = load_answer_config(DEFAULT_CONFIG)
+    assert sizes == ZoomWorldTinySizes() and cfg.betas == (0.9, 0.98) and alphabet
+    assert cfg.aux_at(0) == 1.0 and cfg.aux_at(int(0.9 * cfg.steps)) == 0.0
+    with pytest.raises(ValueError):
+        AnswerConfig(steps=10, warmup_steps=10)
