@@ -122,8 +122,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from .train.common import CheckpointMismatchError
     from .train.joint import load_answer_config, run_joint
-    from .train.warmup import CheckpointMismatchError, load_train_config, run_warmup
+    from .train.warmup import load_train_config, run_warmup
 
     if args.stage != "base":
         raise UsageError(f"training stage {args.stage!r} is not available yet; this version trains 'base'")

@@ -25,7 +25,6 @@ from qzoom_agent.train.answer_data import (
 from qzoom_agent.train.dense_crops import DenseCropConfig
 from qzoom_agent.train.joint import (
     CHECKPOINT_FILE,
-    DEFAULT_CONFIG,
     METRICS_FILE,
     PHASE_DIR,
     AnswerConfig,
@@ -37,7 +36,7 @@ from qzoom_agent.train.joint import (
 )
 from qzoom_agent.train.joint_eval import eval_seeds
 from qzoom_agent.train.joint_run import build_joint_run
-from qzoom_agent.train.warmup import WarmupConfig, run_warmup
+from qzoom_agent.train.warmup import DEFAULT_CONFIG, WarmupConfig, run_warmup
 from qzoom_agent.train.zoomworld_tiny import ZoomWorldTinySizes
 
 torch.set_num_threads(2)

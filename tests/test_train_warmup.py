@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from qzoom_agent.bench.zoomworld_render import PALETTE
+from qzoom_agent.train.common import CheckpointMismatchError
 from qzoom_agent.train.dense_crops import (
     CHAR_CLASSES,
     COLOURS,
@@ -29,11 +30,9 @@ from qzoom_agent.train.warmup import (
     CHECKPOINT_FILE,
     DEFAULT_CONFIG,
     PHASE_DIR,
-    CheckpointMismatchError,
     WarmupConfig,
     build_run,
     load_train_config,
-    lr_factor,
     run_warmup,
     train_batch,
     train_step,
@@ -206,7 +205,7 @@ def test_training_moves_only_vision_and_probe_and_fits_a_fixed_batch():
     assert loss() < 0.8 * before
     assert all(torch.equal(v, dict(run.model.named_parameters())[k]) for k, v in frozen.items())
     assert all(not torch.equal(v, dict(run.model.model.visual.named_parameters())[k]) for k, v in visual.items())
-    assert run.scheduler.get_last_lr()[0] == pytest.approx(cfg.lr * lr_factor(8, cfg))
+    assert run.scheduler.get_last_lr()[0] == pytest.approx(cfg.lr * cfg.lr_factor(8))
 
 
 def test_checkpoint_resume_continues_exactly(tmp_path: Path):
@@ -218,7 +217,7 @@ def test_checkpoint_resume_continues_exactly(tmp_path: Path):
     resumed = build_run(cfg, SMALL)
     resumed.restore(ckpt, saved["config_key"])
     assert resumed.step == 3 and resumed.scheduler.last_epoch == 3
-    assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(cfg.lr * lr_factor(3, cfg))  # no warm-up restart
+    assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(cfg.lr * cfg.lr_factor(3))  # no warm-up restart
     state = resumed.optimizer.state_dict()["state"]
     assert all(torch.equal(state[i]["exp_avg"], s["exp_avg"]) for i, s in saved["optimizer"]["state"].items())
 

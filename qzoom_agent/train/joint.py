@@ -6,7 +6,7 @@ crops, weighted ``aux_weight`` until ``aux_until`` of the run and 0 after (``doc
 
 Usage::
 
-    python -m qzoom_agent.train.joint --config configs/train/zoomworld_tiny.yaml --out runs/zw [--steps N]
+    qzoom-agent train base --phase 2 --config configs/train/zoomworld_tiny.yaml --out runs/zw [--steps N]
 
 Writes ``OUT/phase2/``: ``checkpoint.pt`` (atomic; resumed from when present), ``metrics.jsonl`` (held-out
 oracle-crop reading and coarse accuracy through the inference path) and ``model/`` (an HF folder loadable with
@@ -15,12 +15,9 @@ oracle-crop reading and coarse accuracy through the inference path) and ``model/
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
-import math
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,15 +25,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 from tqdm import tqdm
 
 from ..backbones import BackboneAdapter
 from .answer_data import IGNORE, AnswerBatch, AnswerDataConfig, make_batch
+from .common import OptimConfig, keep_metrics_until, read_metrics
 from .dense_probe import dense_losses
 from .joint_eval import eval_sets, evaluate_answers, inference_model
 from .joint_run import JointRun, build_joint_run
-from .warmup import DEFAULT_CONFIG, _keep_metrics_until, _read_metrics, load_train_config
+from .warmup import load_train_config
 from .zoomworld_tiny import ZoomWorldTinySizes
 
 logger = logging.getLogger(__name__)
@@ -47,19 +45,9 @@ _FREE_FIELDS = {"checkpoint_every", "eval_every", "eval_items", "threads"}
 _EMA = 0.95
 
 
-class AnswerConfig(BaseModel):
+class AnswerConfig(OptimConfig):
     """Phase-2 settings (the ``answer:`` section of ``configs/train/zoomworld_tiny.yaml``)."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    steps: int = Field(3000, ge=1, description="schedule length in optimiser steps")
-    batch_size: int = Field(16, ge=1, description="examples per step")
-    lr: float = Field(1e-3, gt=0.0, description="peak AdamW learning rate")
-    betas: tuple[float, float] = Field((0.9, 0.98), description="AdamW betas")
-    weight_decay: float = Field(0.01, ge=0.0, description="AdamW weight decay on matrices")
-    warmup_steps: int = Field(100, ge=0, description="linear LR warm-up steps, then cosine decay")
-    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="final LR as a fraction of the peak")
-    grad_clip: float = Field(1.0, gt=0.0, description="max global gradient norm")
     vision_lr_scale: float = Field(1.0, ge=0.0, description="LR multiplier of the warmed-up vision tower and probe")
     aux_weight: float = Field(1.0, ge=0.0, description="weight of the dense probe loss on dense examples")
     aux_until: float = Field(0.85, ge=0.0, le=1.0, description="fraction of the run after which aux weight is 0")
@@ -81,12 +69,6 @@ class AnswerConfig(BaseModel):
         """Auxiliary loss weight at optimiser step ``step``."""
         return self.aux_weight if step < self.aux_until * self.steps else 0.0
 
-    def lr_factor(self, step: int) -> float:
-        """LR multiplier: linear warm-up, then cosine down to ``min_lr_ratio``."""
-        if step < self.warmup_steps:
-            return (step + 1) / self.warmup_steps
-        frac = min(1.0, (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps))
-        return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * frac))
 
 
 def load_answer_config(path: str | Path) -> tuple[ZoomWorldTinySizes, AnswerConfig, str]:
@@ -211,11 +193,11 @@ def run_joint(cfg: AnswerConfig, out_dir: str | Path, *, alphabet: str, sizes: Z
     run = build_joint_run(cfg, out_dir / PREV_PHASE_DIR)
     if ckpt.exists():
         run.restore(ckpt, key)
-        _keep_metrics_until(metrics_path, run.step)
+        keep_metrics_until(metrics_path, run.step)
         logger.info("resuming phase 2 from step %d of %d", run.step, cfg.steps)
     stop = min(cfg.steps, max_steps if max_steps is not None else cfg.steps)
     sets = eval_sets(cfg.data, alphabet, cfg.eval_items)
-    last = (_read_metrics(metrics_path) or [None])[-1]
+    last = (read_metrics(metrics_path) or [None])[-1]
 
     def batch_at(step: int) -> AnswerBatch:
         return make_batch(run.adapter, cfg.data, alphabet, step * cfg.batch_size, cfg.batch_size)
@@ -240,28 +222,3 @@ def run_joint(cfg: AnswerConfig, out_dir: str | Path, *, alphabet: str, sizes: Z
         last = _evaluate(run, cfg, sets, metrics_path)
     export(run.adapter, phase / "model")
     return last
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m qzoom_agent.train.joint``: exit 0 when done, 2 with a one-line error on bad input."""
-    parser = argparse.ArgumentParser(prog="python -m qzoom_agent.train.joint", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="training YAML with model:, warmup:, answer:")
-    parser.add_argument("--out", required=True, help="run folder with phase1/; phase 2 writes OUT/phase2/")
-    parser.add_argument("--steps", type=int, default=None, help="stop once the global step reaches N")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.steps is not None and args.steps < 1:
-        logger.error("--steps must be a positive integer, got %d", args.steps)
-        return 2
-    try:
-        sizes, cfg, alphabet = load_answer_config(args.config)
-        metrics = run_joint(cfg, args.out, alphabet=alphabet, sizes=sizes, max_steps=args.steps)
-    except (ValueError, FileNotFoundError) as err:
-        logger.error("%s", err)
-        return 2
-    logger.info("phase 2 metrics: %s", json.dumps(metrics))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

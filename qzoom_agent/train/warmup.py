@@ -7,7 +7,7 @@ placement and size follow a curriculum (`dense_crops`). Only the vision tower an
 
 Usage::
 
-    python -m qzoom_agent.train.warmup --config configs/train/zoomworld_tiny.yaml --out runs/zw [--steps N]
+    qzoom-agent train base --phase 1 --config configs/train/zoomworld_tiny.yaml --out runs/zw [--steps N]
 
 Writes ``OUT/phase1/``: ``checkpoint.pt`` (atomic; resumed from when present), ``metrics.jsonl`` (one row per
 held-out evaluation) and, when the call ends, ``model/`` (the whole model, tokenizer and image processor, loadable
@@ -16,24 +16,22 @@ with ``from_pretrained``) for the next phase.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
 import math
-import os
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm import tqdm
 
+from .common import OptimConfig, RunState, decay_groups, keep_metrics_until, read_metrics
 from .dense_crops import SEED_RANGES, DenseCropConfig, crop_seed, eval_sets, render_dense_crop
 from .dense_probe import (
     DenseProbe,
@@ -57,10 +55,6 @@ _FREE_FIELDS = {"checkpoint_every", "eval_every", "eval_images", "threads"}
 _EMA = 0.95  # smoothing of the loss and accuracy shown on the progress bar
 
 
-class CheckpointMismatchError(ValueError):
-    """``OUT/phase1/checkpoint.pt`` was written under a different trajectory config."""
-
-
 class LossWeights(BaseModel):
     """Weights of the three probe losses in the total."""
 
@@ -71,20 +65,12 @@ class LossWeights(BaseModel):
     colour: float = Field(1.0, ge=0.0, description="CE: the colour of the tag covering the token")
 
 
-class WarmupConfig(BaseModel):
+class WarmupConfig(OptimConfig):
     """Phase-1 settings (the ``warmup:`` section of ``configs/train/zoomworld_tiny.yaml``)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     seed: int = Field(0, ge=0, description="seed of the model's and the probe's initial weights")
     steps: int = Field(8000, ge=1, description="schedule length in optimiser steps (LR and curriculum span it)")
-    batch_size: int = Field(16, ge=1, description="crops per step")
     lr: float = Field(3e-3, gt=0.0, description="peak AdamW learning rate")
-    betas: tuple[float, float] = Field((0.9, 0.98), description="AdamW betas")
-    weight_decay: float = Field(0.01, ge=0.0, description="AdamW weight decay on matrices (not biases or norms)")
-    warmup_steps: int = Field(100, ge=0, description="linear LR warm-up steps, then cosine decay")
-    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="final LR as a fraction of the peak")
-    grad_clip: float = Field(1.0, gt=0.0, description="max global gradient norm")
     loss_weights: LossWeights = Field(default_factory=LossWeights, description="probe loss weights")
     crops: DenseCropConfig = Field(default_factory=DenseCropConfig, description="dense crop drawing and curriculum")
     checkpoint_every: int = Field(500, ge=1, description="steps between checkpoints")
@@ -120,14 +106,6 @@ def load_train_config(path: str | Path) -> tuple[ZoomWorldTinySizes, WarmupConfi
         raise ValueError(f"invalid training config {path}: {' '.join(str(err).split())}") from err
 
 
-def lr_factor(step: int, cfg: WarmupConfig) -> float:
-    """LR multiplier for optimiser step ``step`` (0-based): linear warm-up, then cosine down to ``min_lr_ratio``."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    frac = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
-    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * frac))
-
-
 def config_key(sizes: ZoomWorldTinySizes, cfg: WarmupConfig) -> str:
     """Hash of everything that shapes the trajectory; a checkpoint resumes only under the same key."""
     blob = {"model": sizes.model_dump(), "warmup": cfg.model_dump(exclude=_FREE_FIELDS)}
@@ -142,59 +120,23 @@ def train_batch(cfg: WarmupConfig, processor, step: int) -> ProbeBatch:
     return encode_crops(crops, processor)
 
 
-@dataclass
-class WarmupRun:
+@dataclass(kw_only=True)
+class WarmupRun(RunState):
     """Everything a phase-1 run holds; `save`/`restore` move it through ``checkpoint.pt``.
 
     The curriculum position (``step / cfg.steps``) and the crop stream (seeds ``step * batch_size + i``) are pure
-    functions of ``step``, so ``step`` is all the data and curriculum state there is to save.
+    functions of ``step``, so ``step`` is all the data and curriculum state there is to save. Only the vision
+    tower trains; the rest of the model stays at its seeded init and is not checkpointed.
     """
+
+    weights_key: ClassVar[str] = "visual"
 
     model: torch.nn.Module
     tokenizer: Any
     processor: Any
-    probe: DenseProbe
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    step: int = 0
-    train_seconds: float = 0.0
-    running: dict[str, float] = field(default_factory=dict)
 
-    @property
-    def params(self) -> list[torch.nn.Parameter]:
-        """The trained parameters: vision tower and probe."""
-        return [p for group in self.optimizer.param_groups for p in group["params"]]
-
-    def state(self, key: str) -> dict[str, Any]:
-        """Checkpoint contents (vision weights only: the rest of the model is frozen at its seeded init)."""
-        return {
-            "format": 1, "config_key": key, "step": self.step, "train_seconds": self.train_seconds,
-            "running": dict(self.running), "visual": self.model.model.visual.state_dict(),
-            "probe": self.probe.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
-        }
-
-    def save(self, path: Path, key: str) -> None:
-        """Write the checkpoint atomically: a crash leaves the previous one intact."""
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            torch.save(self.state(key), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-
-    def restore(self, path: Path, key: str) -> None:
-        """Load a checkpoint written under the same config ``key``."""
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if state.get("config_key") != key:
-            raise CheckpointMismatchError(f"{path} was written under a different config; resume with the same "
-                                          f"config or use a new --out")
-        self.model.model.visual.load_state_dict(state["visual"])
-        self.probe.load_state_dict(state["probe"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        self.step, self.train_seconds, self.running = state["step"], state["train_seconds"], state["running"]
+    def weights(self) -> torch.nn.Module:
+        return self.model.model.visual
 
 
 def build_run(cfg: WarmupConfig, sizes: ZoomWorldTinySizes) -> WarmupRun:
@@ -204,13 +146,12 @@ def build_run(cfg: WarmupConfig, sizes: ZoomWorldTinySizes) -> WarmupRun:
     visual = model.model.visual
     visual.requires_grad_(True)
     probe = DenseProbe(model.config.vision_config.out_hidden_size)
-    trainable = [*visual.parameters(), *probe.parameters()]
-    groups = [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]
+    groups = decay_groups([*visual.parameters(), *probe.parameters()], cfg.weight_decay)
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cfg.lr_factor)
     model.train()
-    return WarmupRun(model, tok, processor, probe, optimizer, scheduler)
+    return WarmupRun(model=model, tokenizer=tok, processor=processor, probe=probe, optimizer=optimizer,
+                     scheduler=scheduler)
 
 
 def train_step(run: WarmupRun, batch: ProbeBatch, cfg: WarmupConfig) -> dict[str, float]:
@@ -231,22 +172,6 @@ def train_step(run: WarmupRun, batch: ProbeBatch, cfg: WarmupConfig) -> dict[str
             prev = run.running.get(k, out[k])
             run.running[k] = _EMA * prev + (1 - _EMA) * out[k]
     return out
-
-
-def _read_metrics(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _keep_metrics_until(path: Path, step: int) -> None:
-    """Drop rows logged after the checkpoint being resumed (they will be logged again), atomically."""
-    rows = _read_metrics(path)
-    kept = [r for r in rows if r["step"] <= step]
-    if len(kept) != len(rows):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, path)
 
 
 def _evaluate(run: WarmupRun, cfg: WarmupConfig, sets: dict, metrics_path: Path, images: int) -> dict:
@@ -286,11 +211,11 @@ def run_warmup(cfg: WarmupConfig, out_dir: str | Path, *, sizes: ZoomWorldTinySi
     run = build_run(cfg, sizes)
     if ckpt.exists():
         run.restore(ckpt, key)
-        _keep_metrics_until(metrics_path, run.step)
+        keep_metrics_until(metrics_path, run.step)
         logger.info("resuming phase 1 from step %d of %d", run.step, cfg.steps)
     stop = min(cfg.steps, max_steps if max_steps is not None else cfg.steps)
     sets = eval_sets(cfg.crops, cfg.eval_images)
-    last = (_read_metrics(metrics_path) or [None])[-1]
+    last = (read_metrics(metrics_path) or [None])[-1]
     images = run.step * cfg.batch_size
     with ThreadPoolExecutor(max_workers=1) as pool, tqdm(total=stop, initial=run.step, desc="phase 1 warm-up",
                                                           dynamic_ncols=True, mininterval=2.0) as bar:
@@ -316,33 +241,3 @@ def run_warmup(cfg: WarmupConfig, out_dir: str | Path, *, sizes: ZoomWorldTinySi
     run.tokenizer.save_pretrained(export)
     run.processor.save_pretrained(export)
     return last
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m qzoom_agent.train.warmup``: exit 0 when done, 2 with a one-line error on bad input."""
-    parser = argparse.ArgumentParser(prog="python -m qzoom_agent.train.warmup", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="training YAML with model: and warmup:")
-    parser.add_argument("--out", required=True, help="run folder; phase 1 writes and resumes OUT/phase1/")
-    parser.add_argument("--steps", type=int, default=None,
-                        help="stop once the global step reaches N (resume later); default: the config's steps")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.steps is not None and args.steps < 1:
-        logger.error("--steps must be a positive integer, got %d", args.steps)
-        return 2
-    try:
-        sizes, cfg = load_train_config(args.config)
-    except ValueError as err:
-        logger.error("%s", err)
-        return 2
-    try:
-        metrics = run_warmup(cfg, args.out, sizes=sizes, max_steps=args.steps)
-    except CheckpointMismatchError as err:
-        logger.error("%s", err)
-        return 2
-    logger.info("phase 1 metrics: %s", json.dumps(metrics))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

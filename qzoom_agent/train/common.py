@@ -1,0 +1,127 @@
+"""What the training phases share: optimiser settings and schedule, parameter groups, and resumable run state."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from .dense_probe import DenseProbe
+
+
+class CheckpointMismatchError(ValueError):
+    """A run folder holds a checkpoint written under a different config."""
+
+
+class OptimConfig(BaseModel):
+    """AdamW and learning-rate schedule settings of one training phase."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int = Field(3000, ge=1, description="schedule length in optimiser steps")
+    batch_size: int = Field(16, ge=1, description="examples per step")
+    lr: float = Field(1e-3, gt=0.0, description="peak AdamW learning rate")
+    betas: tuple[float, float] = Field((0.9, 0.98), description="AdamW betas")
+    weight_decay: float = Field(0.01, ge=0.0, description="AdamW weight decay on matrices (not biases or norms)")
+    warmup_steps: int = Field(100, ge=0, description="linear LR warm-up steps, then cosine decay")
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="final LR as a fraction of the peak")
+    grad_clip: float = Field(1.0, gt=0.0, description="max global gradient norm")
+
+    def lr_factor(self, step: int) -> float:
+        """LR multiplier for optimiser step ``step`` (0-based): linear warm-up, then cosine to ``min_lr_ratio``."""
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        frac = min(1.0, (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps))
+        return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
+def decay_groups(params: Iterable[nn.Parameter], weight_decay: float, lr: float | None = None) -> list[dict]:
+    """AdamW parameter groups: weight decay on matrices only, none on biases and norms."""
+    params = list(params)
+    extra = {} if lr is None else {"lr": lr}
+    return [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay, **extra},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, **extra},
+    ]
+
+
+@dataclass(kw_only=True)
+class RunState:
+    """Optimiser, schedule, probe and counters of a run; subclasses say which weights are trained and saved.
+
+    The data stream of every phase is a pure function of ``step``, so ``step`` is all the stream state to save.
+    """
+
+    weights_key: ClassVar[str] = "model"  # checkpoint key of the trained weights
+
+    probe: DenseProbe
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    step: int = 0
+    train_seconds: float = 0.0
+    running: dict[str, float] = field(default_factory=dict)
+
+    def weights(self) -> nn.Module:
+        """The module whose parameters this phase trains (and checkpoints)."""
+        raise NotImplementedError
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        """The trained parameters."""
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def state(self, key: str) -> dict[str, Any]:
+        """Checkpoint contents: trained weights, probe, optimiser, schedule, counters and the torch RNG."""
+        return {
+            "format": 1, "config_key": key, "step": self.step, "train_seconds": self.train_seconds,
+            "running": dict(self.running), self.weights_key: self.weights().state_dict(),
+            "probe": self.probe.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
+        }
+
+    def save(self, path: Path, key: str) -> None:
+        """Write the checkpoint atomically: a crash leaves the previous one intact."""
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            torch.save(self.state(key), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def restore(self, path: Path, key: str) -> None:
+        """Load a checkpoint written under the same config ``key``."""
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if state.get("config_key") != key:
+            raise CheckpointMismatchError(f"{path} was written under a different config; resume with the same "
+                                          "config or use a new --out")
+        self.weights().load_state_dict(state[self.weights_key])
+        self.probe.load_state_dict(state["probe"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        self.step, self.train_seconds, self.running = state["step"], state["train_seconds"], state["running"]
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of a metrics JSONL file; [] when it does not exist yet."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def keep_metrics_until(path: Path, step: int) -> None:
+    """Drop rows logged after the checkpoint being resumed (they will be logged again), atomically."""
+    rows = read_metrics(path)
+    kept = [r for r in rows if r["step"] <= step]
+    if len(kept) != len(rows):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, path)
