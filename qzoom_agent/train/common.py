@@ -78,6 +78,15 @@ class RunState:
         """The trained parameters."""
         return [p for group in self.optimizer.param_groups for p in group["params"]]
 
+    def apply(self, loss: torch.Tensor, grad_clip: float) -> None:
+        """One optimiser step on ``loss``: backward, clip, AdamW, schedule, and count the step."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+
     def state(self, key: str) -> dict[str, Any]:
         """Checkpoint contents: trained weights, probe, optimiser, schedule, counters and the torch RNG."""
         return {

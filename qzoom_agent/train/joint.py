@@ -137,12 +137,7 @@ def batch_loss(run: JointRun, batch: AnswerBatch, aux_weight: float) -> dict[str
 def train_step(run: JointRun, batch: AnswerBatch, cfg: AnswerConfig) -> dict[str, float]:
     """One optimiser step; returns the step's answer, aux and total losses."""
     losses = batch_loss(run, batch, cfg.aux_at(run.step))
-    run.optimizer.zero_grad(set_to_none=True)
-    losses["total"].backward()
-    torch.nn.utils.clip_grad_norm_(run.params, cfg.grad_clip)
-    run.optimizer.step()
-    run.scheduler.step()
-    run.step += 1
+    run.apply(losses["total"], cfg.grad_clip)
     out = {k: float(v.detach()) for k, v in losses.items()}
     for k, v in out.items():
         run.running[k] = _EMA * run.running.get(k, v) + (1 - _EMA) * v

@@ -158,12 +158,7 @@ def train_step(run: WarmupRun, batch: ProbeBatch, cfg: WarmupConfig) -> dict[str
     """One optimiser step on ``batch``; returns the step's losses and char accuracy on glyph-centre tokens."""
     logits = run.probe(vision_tokens(run.model, batch))
     losses = dense_losses(logits, batch.targets, cfg.loss_weights.model_dump())
-    run.optimizer.zero_grad(set_to_none=True)
-    losses["total"].backward()
-    torch.nn.utils.clip_grad_norm_(run.params, cfg.grad_clip)
-    run.optimizer.step()
-    run.scheduler.step()
-    run.step += 1
+    run.apply(losses["total"], cfg.grad_clip)
     correct, n = probe_counts(tuple(t.detach() for t in logits), batch.targets)["char"]
     out = {k: float(v.detach()) for k, v in losses.items()}
     out["char_acc"] = correct / n if n else float("nan")
