@@ -15,6 +15,8 @@ from collections.abc import Callable, Sequence
 
 from .images import ImageLoadError
 
+DEFAULT_BASE_CONFIG = "configs/train/zoomworld_tiny.yaml"
+
 
 class UsageError(ValueError):
     """A user-facing problem with the command's input."""
@@ -63,11 +65,12 @@ def _cmd_ask(args: argparse.Namespace) -> int:
     if args.min_tokens is not None:
         overrides["min_tokens"] = args.min_tokens
     model = QZoomModel.from_pretrained(args.model, qzoom, **overrides)
-    if args.mode != "never" and model.heads is None:
+    mode = args.mode or ("auto" if model.heads is not None else "never")  # a plain model answers without zoom
+    if mode != "never" and model.heads is None:
         raise UsageError(
-            f"--mode {args.mode} needs Q-Zoom heads and {args.model} has none; pass --qzoom DIR or --mode never"
+            f"--mode {mode} needs Q-Zoom heads and {args.model} has none; pass --qzoom DIR or --mode never"
         )
-    ans = model.answer(image, args.question, mode=args.mode, max_new_tokens=args.max_new_tokens)
+    ans = model.answer(image, args.question, mode=mode, max_new_tokens=args.max_new_tokens)
     if args.json:
         print(json.dumps(ans.to_json()))
         return 0
@@ -107,11 +110,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import draw_panels, load_demo_model, run_demo
 
     hf_logging.disable_progress_bar()
-    model, trained = load_demo_model(args.model)
+    model, trained, alphabet = load_demo_model(args.model)
     if not trained:
-        print("note: zoomworld-tiny is not bundled yet; this runs a tiny RANDOM model, so the answers are noise "
-              "(the gating, boxes and heat maps are computed for real)")
-    rows, panels = run_demo(model, args.n, variant=args.variant)
+        print("note: zoomworld-tiny is not bundled in this installation; this runs a tiny RANDOM model, so the "
+              "answers are noise (the gating, boxes and heat maps are computed for real)")
+    elif model.heads is None:
+        print(f"note: {args.model} has no Q-Zoom heads yet, so only the low-resolution answer is shown")
+    rows, panels = run_demo(model, args.n, variant=args.variant, alphabet=alphabet)
     for row in rows:
         gate = "off" if row.gate_score is None else f"{row.gate_score:.2f}"
         print(f"[{row.kind}] {row.question.splitlines()[0]}")
@@ -126,10 +131,31 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .train.joint import load_answer_config, run_joint
     from .train.warmup import load_train_config, run_warmup
 
+    if args.stage == "stage1":
+        from .train.stage1 import load_stage1_config, run_stage1
+
+        if args.config == DEFAULT_BASE_CONFIG:
+            raise UsageError("train stage1 needs --config (e.g. configs/train/stage1_zoomworld_tiny.yaml)")
+        m = run_stage1(load_stage1_config(args.config), args.out, max_steps=args.steps)
+        print(f"stage 1 (SD-RPN twig) at step {m['step']}: RoI hit rate {m['roi_hit']:.3f} (box covers >= 70% of "
+              f"the target, <= 16x its area), coverage {m['roi_coverage']:.3f}, IoU {m['roi_iou']:.3f}; "
+              f"{m['usable']}/{m['labelled']} pseudo-labels usable; "
+              f"adapter in {os.path.join(args.out, 'stage1', 'qzoom')}")
+        return 0
     if args.stage != "base":
-        raise UsageError(f"training stage {args.stage!r} is not available yet; this version trains 'base'")
-    if args.steps is not None and args.phase == "all":
-        raise UsageError("--steps needs a single --phase (1 or 2): each phase has its own schedule")
+        raise UsageError(f"training stage {args.stage!r} is not available yet; this version trains base and stage1")
+    if args.steps is not None and args.phase in ("all", "export"):
+        raise UsageError("--steps needs a single --phase (1, 2 or 3): each phase has its own schedule")
+    if args.phase == "export":
+        from .loading import BUNDLED_MODELS
+        from .train.export import export_model, latest_model
+
+        src = latest_model(args.out)
+        _, _, alphabet = load_answer_config(args.config)
+        dst = export_model(src, args.to or BUNDLED_MODELS["zoomworld-tiny"], alphabet=alphabet)
+        size = sum(f.stat().st_size for f in dst.iterdir()) / 2**20
+        print(f"exported {src} to {dst} ({size:.1f} MiB, alphabet {alphabet})")
+        return 0
     try:
         if args.phase in ("1", "all"):
             sizes, cfg = load_train_config(args.config)
@@ -137,15 +163,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
             aligned, free = m.get("char_acc_aligned", float("nan")), m.get("char_acc_free", float("nan"))
             print(f"phase 1 (vision warm-up) at step {m.get('step')}: held-out char accuracy aligned {aligned:.3f}, "
                   f"free-placed {free:.3f}")
-        if args.phase in ("2", "all"):
-            sizes, cfg, alphabet = load_answer_config(args.config)
-            m = run_joint(cfg, args.out, alphabet=alphabet, sizes=sizes, max_steps=args.steps)
-            print(f"phase 2 (answer training) at step {m.get('step')}: held-out oracle-crop reading "
-                  f"{m.get('oracle_read_acc', float('nan')):.3f}, coarse {m.get('coarse_acc', float('nan')):.3f}")
+        for phase, what in ((2, "answer training"), (3, "native-scale tiles")):
+            if args.phase not in (str(phase), "all"):
+                continue
+            sizes, cfg, alphabet = load_answer_config(args.config, phase)
+            m = run_joint(cfg, args.out, alphabet=alphabet, sizes=sizes, max_steps=args.steps, phase=phase)
+            print(f"phase {phase} ({what}) at step {m.get('step')}: held-out oracle-crop reading "
+                  f"{m.get('oracle_read_acc', float('nan')):.3f}, native-tile reading "
+                  f"{m.get('tile_read_acc', float('nan')):.3f}, coarse {m.get('coarse_acc', float('nan')):.3f}")
     except CheckpointMismatchError as err:
         raise UsageError(str(err)) from None
-    # Phases 3 (native-scale reading on scene tiles) and 4 (grounding) do not exist yet; say so.
-    print("phases 3-4 of the base recipe are not implemented yet; the model is not the shipped zoomworld-tiny")
     return 0
 
 
@@ -160,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--model", default="zoomworld-tiny", help="model directory or bundled model name")
     ask.add_argument("--qzoom", default=None, help="Q-Zoom adapter or official checkpoint (default: MODEL/qzoom)")
     ask.add_argument("--no-qzoom", action="store_true", help="load no Q-Zoom heads (implies --mode never)")
-    ask.add_argument("--mode", choices=["auto", "never", "always"], default="auto", help="when to zoom")
+    ask.add_argument("--mode", choices=["auto", "never", "always"], default=None,
+                     help="when to zoom (default: auto with Q-Zoom heads, never without)")
     ask.add_argument("--max-tokens", type=_positive, default=None, help="max visual tokens per image view")
     ask.add_argument("--min-tokens", type=_positive, default=None, help="min visual tokens per image view")
     ask.add_argument("--max-new-tokens", type=_positive, default=32, help="max generated tokens")
@@ -194,9 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train zoomworld-tiny (stage 'base'); resumable from OUT")
     train.add_argument("stage", choices=["base", "stage1", "stage2", "stage3"], help="what to train")
-    train.add_argument("--config", default="configs/train/zoomworld_tiny.yaml", help="training YAML")
+    train.add_argument("--config", default=DEFAULT_BASE_CONFIG, help="training YAML")
     train.add_argument("--out", required=True, help="run folder; an interrupted run there resumes")
-    train.add_argument("--phase", choices=["1", "2", "all"], default="all", help="which phase(s) of the recipe")
+    train.add_argument("--phase", choices=["1", "2", "3", "all", "export"], default="all",
+                       help="which phase(s) of the recipe; 'export' ships the latest phase's model as fp16")
+    train.add_argument("--to", default=None, help="export destination (default: the bundled zoomworld-tiny)")
     train.add_argument("--steps", type=_positive, default=None, help="stop this phase at this step (resume later)")
     train.set_defaults(func=_cmd_train)
 

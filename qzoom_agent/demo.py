@@ -15,7 +15,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from .bench.zoomworld import DEFAULT_ALPHABET
 from .bench.zoomworld import sample as zoomworld_sample
+from .loading import resolve_model_path, trained_alphabet
 from .model import QZoomModel
 
 logger = logging.getLogger(__name__)
@@ -37,14 +39,16 @@ class DemoRow:
     target_box: list[int] | None
 
 
-def load_demo_model(name: str) -> tuple[QZoomModel, bool]:
+def load_demo_model(name: str) -> tuple[QZoomModel, bool, str]:
     """The requested model, or a tiny random stand-in when the bundled default is not installed.
 
     Returns:
-        ``(model, trained)``; ``trained`` is False for the random stand-in, whose answers are noise.
+        ``(model, trained, alphabet)``; ``trained`` is False for the random stand-in, whose answers are noise;
+        ``alphabet`` is the tag alphabet the model was trained on (A-Z0-9 when not recorded).
     """
     try:
-        return QZoomModel.from_pretrained(name), True
+        path = resolve_model_path(name)
+        return QZoomModel.from_pretrained(path), True, trained_alphabet(path) or DEFAULT_ALPHABET
     except FileNotFoundError:
         if name != "zoomworld-tiny":
             raise
@@ -52,11 +56,12 @@ def load_demo_model(name: str) -> tuple[QZoomModel, bool]:
 
     logger.info("zoomworld-tiny is not bundled in this installation; using a tiny random model instead")
     path = make_tiny(Path(tempfile.mkdtemp(prefix="qzoom-demo-")) / "tiny", "qwen2_5_vl")
-    return QZoomModel.from_pretrained(path), False
+    return QZoomModel.from_pretrained(path), False, DEFAULT_ALPHABET
 
 
-def run_demo(model: QZoomModel, n: int = 4, *, variant: str = "hr", start: int = 0) -> tuple[list[DemoRow], list]:
-    """Answer ``n`` ZoomWorld test questions with ``model``.
+def run_demo(model: QZoomModel, n: int = 4, *, variant: str = "hr", start: int = 0,
+             alphabet: str = DEFAULT_ALPHABET) -> tuple[list[DemoRow], list]:
+    """Answer ``n`` ZoomWorld test questions (tags drawn from ``alphabet``) with ``model``.
 
     Returns:
         ``(rows, panels)``: one `DemoRow` per question, and ``(image, row, roi_probs)`` for plotting, where
@@ -64,7 +69,7 @@ def run_demo(model: QZoomModel, n: int = 4, *, variant: str = "hr", start: int =
     """
     rows, panels = [], []
     for i in range(start, start + n):
-        s = zoomworld_sample(variant, "test", i)
+        s = zoomworld_sample(variant, "test", i, alphabet=alphabet)
         low = model.answer(s.image, s.question, mode="never", max_new_tokens=8)
         gate = box = zoom_text = probs = None
         zoomed = False

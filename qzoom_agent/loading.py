@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -13,6 +14,22 @@ from .backbones import BackboneAdapter, adapter_class_for
 logger = logging.getLogger(__name__)
 
 BUNDLED_MODELS = {"zoomworld-tiny": Path(__file__).parent / "assets" / "zoomworld-tiny"}
+# Written next to a model trained on ZoomWorld: {"alphabet": "..."}, the tag characters it was trained to read.
+ZOOMWORLD_META = "zoomworld.json"
+
+
+def trained_alphabet(path: Path) -> str | None:
+    """The ZoomWorld alphabet a model directory was trained on (``zoomworld.json``), or None if not recorded."""
+    meta = path / ZOOMWORLD_META
+    if not meta.is_file():
+        return None
+    try:
+        alphabet = json.loads(meta.read_text(encoding="utf-8"))["alphabet"]
+    except (ValueError, KeyError, TypeError):
+        raise ValueError(f"{meta} is unreadable; expected {{\"alphabet\": \"...\"}}") from None
+    if not isinstance(alphabet, str) or not alphabet:
+        raise ValueError(f"{meta}: 'alphabet' must be a non-empty string")
+    return alphabet
 
 
 def resolve_model_path(name: str | Path) -> Path:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 zoomworld = pytest.importorskip("qzoom_agent.bench.zoomworld")
@@ -207,7 +209,7 @@ def test_seeds_pick_held_out_questions(tiny_model, tmp_path, capsys):
 @pytest.mark.parametrize("extra, message", [
     (["--bench", "zoomworld:xyz"], "unknown bench 'zoomworld:xyz'; choose one of zoomworld:hr, zoomworld:doc"),
     (["--bench", "foo"], "unknown bench 'foo'"),
-    (["--agents", "lowres,bogus"], "unknown agent 'bogus'; choose from lowres, highres, plain@N"),
+    (["--agents", "lowres,bogus"], "unknown agent 'bogus'; choose from lowres, highres, oracle, plain@N"),
     (["--agents", "plain@x"], "plain@TOKENS must be a positive integer"),
     (["--agents", "lowres,lowres"], "agents repeat: lowres"),
     (["--n", "0"], "--n must be a positive integer, got 0"),
@@ -216,6 +218,7 @@ def test_seeds_pick_held_out_questions(tiny_model, tmp_path, capsys):
     (["--budgets", "0"], "each --budgets value must be a positive integer, got 0"),
     (["--budgets", "64,64"], "--budgets has repeated values"),
     (["--highres-tokens", "0"], "--highres-tokens must be a positive integer"),
+    (["--alphabet", "ab"], "alphabet"),
 ])
 def test_bad_input(tmp_path, extra, message, capsys):
     argv = _argv(tmp_path / "model", tmp_path / "out", 3, 0, *extra)
@@ -223,6 +226,43 @@ def test_bad_input(tmp_path, extra, message, capsys):
         _run(argv, capsys)
     assert message in str(err.value) and "\n" not in str(err.value)
     assert not (tmp_path / "out").exists()  # rejected before anything is written
+
+
+def test_oracle_agent_sees_the_target_and_the_model_alphabet_is_used(tiny_model, tmp_path, capsys):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    (model / "zoomworld.json").write_text(json.dumps({"alphabet": "0123456789"}))
+    out = tmp_path / "run"
+    argv = ["--bench", "zoomworld:doc", "--agents", "oracle,lowres", "--n", "8", "--seed", "2", "--out", str(out),
+            "--model", str(model), "--lowres-tokens", "16", "--max-new-tokens", "2", "--json"]
+    summary = json.loads(_run(argv, capsys))
+    assert summary["agents"]["oracle"]["n"] == 8
+    records = _lines(out)
+    assert json.loads((out / "run.json").read_text())["args"]["alphabet"] == "0123456789"
+    reads = [r for r in records if r["family"] == "read"]
+    assert reads and all(set(r["truth"]) <= set("0123456789") for r in reads)
+    for rec in records:
+        if rec["agent"] == "oracle":
+            assert 0 < rec["visual_tokens"] <= 256 and rec["bbox"] is None
+
+
+@pytest.mark.parametrize("box", [(500, 400, 540, 440), (0, 0, 60, 32), (950, 970, 1000, 1000)])
+def test_oracle_view_is_the_target_with_context_enlarged_three_times(box):
+    from PIL import Image
+
+    from qzoom_agent.bench.oracle import oracle_view
+
+    image = Image.new("RGB", (1000, 1000), "white")
+    image.paste((255, 0, 0), box)
+    view = oracle_view(image, box)
+    w, h = box[2] - box[0], box[3] - box[1]
+    left, top = max(0, box[0] - w), max(0, box[1] - h)
+    right, bottom = min(1000, box[2] + w), min(1000, box[3] + h)
+    assert view.size == (3 * (right - left), 3 * (bottom - top))
+    red = np.argwhere(np.all(np.asarray(view) == (255, 0, 0), axis=-1))
+    # the target, scaled 3x, sits where its offset in the crop says (up to resampling at its edges)
+    assert abs(red[:, 1].min() - 3 * (box[0] - left)) <= 2 and abs(red[:, 0].min() - 3 * (box[1] - top)) <= 2
+    assert abs(red[:, 1].max() + 1 - 3 * (box[2] - left)) <= 2
 
 
 def test_missing_model(tmp_path, capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import shutil
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from qzoom_agent.train.answer_data import (
     encode_example,
     make_batch,
     make_example,
+    tile_window,
 )
 from qzoom_agent.train.dense_crops import DenseCropConfig
 from qzoom_agent.train.joint import (
@@ -44,7 +46,8 @@ torch.set_num_threads(2)
 SMALL = ZoomWorldTinySizes(vision_hidden=32, vision_depth=2, hidden=32, layers=2, intermediate=64)
 ALPHABET = "0123456789"
 # small budgets keep the tests fast; the code paths are the same as at 256 tokens
-DATA = AnswerDataConfig(oracle_max_tokens=64, coarse_tokens=(16, 64))
+DATA = AnswerDataConfig(mix={"oracle": 0.4, "dense": 0.2, "coarse": 0.2, "tile": 0.2}, oracle_tokens=(16, 64),
+                        coarse_tokens=(16, 64), tile_side_tokens=(2, 6))
 
 
 def small_config(**overrides) -> AnswerConfig:
@@ -169,3 +172,24 @@ def test_default_config_has_answer_section():
     assert cfg.aux_at(0) == 1.0 and cfg.aux_at(int(0.9 * cfg.steps)) == 0.0
     with pytest.raises(ValueError):
         AnswerConfig(steps=10, warmup_steps=10)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_tile_window_holds_the_target_inside_the_image(seed):
+    rng = random.Random(seed)
+    size = (rng.randint(50, 3000), rng.randint(50, 3000))
+    w, h = rng.randint(1, min(96, size[0])), rng.randint(1, min(96, size[1]))
+    x, y = rng.randint(0, size[0] - w), rng.randint(0, size[1] - h)
+    side = (rng.randint(100, 1200), rng.randint(100, 1200))
+    x1, y1, x2, y2 = tile_window(rng, size, (x, y, x + w, y + h), side)
+    assert 0 <= x1 < x2 <= size[0] and 0 <= y1 < y2 <= size[1]
+    assert (x2 - x1, y2 - y1) == (min(side[0], size[0]), min(side[1], size[1]))
+    assert x1 <= x and x + w <= x2 and y1 <= y and y + h <= y2
+
+
+def test_tiles_are_native_scale_windows_no_larger_than_their_cap():
+    cfg = AnswerDataConfig(mix={"tile": 1.0}, tile_scale=(1.0, 1.0), tile_side_tokens=(4, 6))
+    for i in range(4):
+        ex = make_example(cfg, ALPHABET, i)
+        assert ex.source == "tile" and 112 <= min(ex.image.size) and max(ex.image.size) <= 168
+        assert ex.budget[1] >= (ex.image.width // 28) * (ex.image.height // 28)

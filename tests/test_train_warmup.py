@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import torch
 from PIL import Image
 
 from qzoom_agent.bench.zoomworld_render import PALETTE
+from qzoom_agent.model import QZoomModel
 from qzoom_agent.train.common import CheckpointMismatchError
 from qzoom_agent.train.dense_crops import (
     CHAR_CLASSES,
@@ -253,6 +255,26 @@ def test_train_base_cli_runs_phase1_and_refuses_missing_stages(tmp_path, capsys)
     assert main(["train", "base", "--phase", "2", "--config", str(path), "--out", str(tmp_path / "run")]) == 0
     assert "phase 2 (answer training) at step 2" in capsys.readouterr().out
     assert (tmp_path / "run" / "phase2" / "model" / "config.json").is_file()
+    cfg["tiles"].update(steps=2, batch_size=2, checkpoint_every=2, eval_every=2, eval_items=2, warmup_steps=1)
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["train", "base", "--phase", "3", "--config", str(path), "--out", str(tmp_path / "run")]) == 0
+    assert "phase 3 (native-scale tiles) at step 2" in capsys.readouterr().out
+    assert (tmp_path / "run" / "phase3" / "model" / "config.json").is_file()
+    ship = tmp_path / "ship"
+    assert main(["train", "base", "--phase", "export", "--config", str(path), "--out", str(tmp_path / "run"),
+                 "--to", str(ship)]) == 0
+    assert f"exported {tmp_path / 'run' / 'phase3' / 'model'} to {ship}" in capsys.readouterr().out
+    assert json.loads((ship / "zoomworld.json").read_text())["alphabet"] == cfg["warmup"]["crops"]["alphabet"]
+    from safetensors import safe_open
+
+    with safe_open(str(ship / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+    qz = QZoomModel.from_pretrained(ship, qzoom=False)  # loads as fp32 and answers
+    assert next(qz.adapter.model.parameters()).dtype == torch.float32
+    assert isinstance(qz.answer(Image.new("RGB", (64, 64)), "What?", mode="never", max_new_tokens=2).text, str)
+    assert main(["train", "base", "--phase", "export", "--config", str(path), "--out", str(tmp_path / "none"),
+                 "--to", str(ship)]) == 2
+    assert "holds no trained model" in capsys.readouterr().err
     assert main(["train", "stage2", "--config", str(path), "--out", str(tmp_path / "run")]) == 2
     assert "not available yet" in capsys.readouterr().err
     assert main(["train", "base", "--steps", "3", "--config", str(path), "--out", str(tmp_path / "run")]) == 2

@@ -54,7 +54,11 @@ class Agent(Protocol):
     name: str
 
     def run(self, image: Any, question: str) -> AgentResult:
-        """Answer ``question`` about ``image`` (a PIL image, path or bytes)."""
+        """Answer ``question`` about ``image`` (a PIL image, path or bytes).
+
+        Reference agents that need the benchmark's target box set ``uses_target_box = True`` and take it as the
+        keyword ``target_box``.
+        """
         ...
 
 
@@ -101,6 +105,40 @@ class PlainAgent:
         )
 
 
+class OracleAgent:
+    """A reference, not a real agent: the plain model on the oracle view of the benchmark's target box.
+
+    It reads the ground-truth box (``uses_target_box``; the runner passes it), crops it with one box size of
+    context, enlarges it 3x and answers at <= 256 tokens (`bench.oracle`). Its accuracy is what a perfect zoom
+    would reach, the ceiling for Q-Zoom and tool agents; its cost counts only the oracle view.
+    """
+
+    uses_target_box = True
+
+    def __init__(self, model: QZoomModel, name: str, max_new_tokens: int = 8) -> None:
+        self.model = model
+        self.name = name
+        self.max_new_tokens = max_new_tokens
+
+    def run(self, image: Any, question: str, target_box: tuple[int, int, int, int] | None = None) -> AgentResult:
+        """Answer from the oracle view of ``target_box`` (source pixels).
+
+        Raises:
+            ValueError: no target box was given.
+        """
+        from ..bench.oracle import ORACLE_TOKENS, oracle_view
+        from ..images import load_image
+
+        if target_box is None:
+            raise ValueError("the oracle agent needs the benchmark's target box")
+        t0 = time.perf_counter()
+        view = oracle_view(load_image(image), target_box)
+        ans = self.model.answer(view, question, mode="never", max_new_tokens=self.max_new_tokens,
+                                budget=(4, ORACLE_TOKENS))
+        return AgentResult(answer=ans.text, latency_s=time.perf_counter() - t0, visual_tokens=ans.visual_tokens,
+                           forward_passes=ans.forward_passes, generated_tokens=ans.generated_tokens)
+
+
 @dataclass
 class AgentContext:
     """What factories build agents from: one model shared by every agent of a run, and the run's settings."""
@@ -118,6 +156,7 @@ ParamFactory = Callable[[AgentContext, str, str], Agent]
 FACTORIES: dict[str, Factory] = {
     "lowres": lambda ctx, name: PlainAgent(ctx.model, ctx.lowres_tokens, name, ctx.max_new_tokens),
     "highres": lambda ctx, name: PlainAgent(ctx.model, ctx.highres_tokens, name, ctx.max_new_tokens),
+    "oracle": lambda ctx, name: OracleAgent(ctx.model, name, ctx.max_new_tokens),
 }
 
 

@@ -24,7 +24,7 @@ import json
 import logging
 import random
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,8 @@ TEST_SPLIT = "test"
 WARMUP_SPLIT, WARMUP_INDEX = "val", 0
 RESULTS, RUN, SUMMARY_JSON, SUMMARY_MD, PLOT = (
     "results.jsonl", "run.json", "summary.json", "summary.md", "accuracy_by_budget.png")
-IDENTITY_KEYS = ("bench", "agents", "seed", "n", "model", "lowres_tokens", "highres_tokens", "max_new_tokens")
+IDENTITY_KEYS = ("bench", "agents", "seed", "n", "model", "lowres_tokens", "highres_tokens", "max_new_tokens",
+                 "alphabet")
 
 
 @dataclass
@@ -55,6 +56,8 @@ class CompareConfig:
         highres_tokens: visual tokens of ``highres``.
         max_new_tokens: decoding budget per answer.
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ...
+        alphabet: tag characters of the questions; "" means the model's training alphabet (``zoomworld.json``
+            next to its weights), else A-Z0-9.
     """
 
     bench: str
@@ -67,6 +70,7 @@ class CompareConfig:
     highres_tokens: int = agents_lib.DEFAULT_HIGHRES_TOKENS
     max_new_tokens: int = 8
     device: str = "auto"
+    alphabet: str = ""
 
     @property
     def variant(self) -> str:
@@ -119,8 +123,11 @@ def config_from_args(args: argparse.Namespace) -> CompareConfig:
         raise ValueError(f"--n {args.n} exceeds the {split_size()} questions of the test split")
     for opt in ("lowres_tokens", "highres_tokens", "max_new_tokens"):
         _check_positive("--" + opt.replace("_", "-"), getattr(args, opt))
+    alphabet = args.alphabet or ""
+    if alphabet:
+        zoomworld.check_alphabet(alphabet)
     return CompareConfig(bench, names, args.n, args.seed, str(args.out), str(args.model), args.lowres_tokens,
-                         args.highres_tokens, args.max_new_tokens, args.device)
+                         args.highres_tokens, args.max_new_tokens, args.device, alphabet)
 
 
 # ---- run directory -------------------------------------------------------------------------------------------
@@ -228,6 +235,11 @@ def _load_model(cfg: CompareConfig):
     return QZoomModel.from_pretrained(cfg.model, device=device, dtype=dtype)
 
 
+def _extra(agent: agents_lib.Agent, s: zoomworld.ZoomWorldSample) -> dict[str, Any]:
+    """Keyword arguments beyond (image, question): the target box, for reference agents that declare they use it."""
+    return {"target_box": tuple(s.target_box)} if getattr(agent, "uses_target_box", False) else {}
+
+
 def _run_pending(cfg: CompareConfig, pending: list[tuple[int, list[str]]], path: Path) -> None:
     """Warm every agent up, then run the pending (question, agents) pairs interleaved, appending to ``path``."""
     from tqdm import tqdm
@@ -235,16 +247,16 @@ def _run_pending(cfg: CompareConfig, pending: list[tuple[int, list[str]]], path:
     ctx = agents_lib.AgentContext(_load_model(cfg), cfg.lowres_tokens, cfg.highres_tokens, cfg.max_new_tokens)
     names = [a for a in cfg.agents if any(a in todo for _, todo in pending)]
     runners = {name: agents_lib.make_agent(name, ctx) for name in names}
-    warm = zoomworld.sample(cfg.variant, WARMUP_SPLIT, WARMUP_INDEX)
+    warm = zoomworld.sample(cfg.variant, WARMUP_SPLIT, WARMUP_INDEX, alphabet=cfg.alphabet)
     for agent in runners.values():
-        agent.run(warm.image, warm.question)  # warm-up: not recorded
+        agent.run(warm.image, warm.question, **_extra(agent, warm))  # warm-up: not recorded
     done = cfg.n - len(pending)
     with path.open("a", encoding="utf-8") as fh, tqdm(total=cfg.n, initial=done, unit="q", file=sys.stderr,
                                                       desc=f"compare {cfg.bench}", disable=None) as bar:
         for index, todo in pending:
-            s = zoomworld.sample(cfg.variant, TEST_SPLIT, index)
+            s = zoomworld.sample(cfg.variant, TEST_SPLIT, index, alphabet=cfg.alphabet)
             for name in todo:
-                res = runners[name].run(s.image, s.question)
+                res = runners[name].run(s.image, s.question, **_extra(runners[name], s))
                 fh.write(json.dumps(_record(cfg, s, name, res)) + "\n")
                 fh.flush()
             bar.update(1)
@@ -257,9 +269,11 @@ def run_compare(cfg: CompareConfig) -> dict[str, Any]:
         ValueError: the output directory holds a run with other arguments.
         FileNotFoundError: the model directory does not exist.
     """
-    from ..loading import resolve_model_path
+    from ..loading import resolve_model_path, trained_alphabet
 
     model_path = resolve_model_path(cfg.model)
+    if not cfg.alphabet:
+        cfg = replace(cfg, alphabet=trained_alphabet(model_path) or zoomworld.DEFAULT_ALPHABET)
     prepare_run_dir(cfg, model_path)
     out = Path(cfg.out)
     path = out / RESULTS
@@ -281,7 +295,7 @@ def write_summary(cfg: CompareConfig, records: list[dict[str, Any]]) -> dict[str
     summary = metrics.summarize(records, cfg.agents)
     out = Path(cfg.out)
     (out / SUMMARY_JSON).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    title = f"{cfg.bench}, n={cfg.n}, seed={cfg.seed}"
+    title = f"{cfg.bench}, n={cfg.n}, seed={cfg.seed}, alphabet {cfg.alphabet or zoomworld.DEFAULT_ALPHABET}"
     (out / SUMMARY_MD).write_text(f"# {title}\n\n{report.markdown_table(summary)}\n", encoding="utf-8")
     report.plot_accuracy_by_budget(summary, out / PLOT, title=f"Accuracy by visual-token budget ({title})")
     return summary
@@ -306,6 +320,8 @@ def add_compare_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--highres-tokens", type=int, default=agents_lib.DEFAULT_HIGHRES_TOKENS,
                    help="visual tokens of the highres agent (default 4096)")
     p.add_argument("--max-new-tokens", type=int, default=8, help="max generated tokens per answer (default 8)")
+    p.add_argument("--alphabet", default=None,
+                   help="tag characters of the questions (default: the model's training alphabet, else A-Z0-9)")
     p.add_argument("--device", default="auto", help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     p.set_defaults(func=cmd_compare)

@@ -1,14 +1,17 @@
 """Answer-training data of phase 2 (``joint``): what the model sees after a zoom, plus dense and coarse examples.
 
-Three sources, drawn per example from a seeded stream (the same ``(cfg, alphabet, split, index)`` always give the
+Four sources, drawn per example from a seeded stream (the same ``(cfg, alphabet, split, index)`` always give the
 same example):
 
-* ``oracle``: a ZoomWorld scene (hr or doc), a fine ``read``/``mcq`` question, and a crop around its target tag
-  with random context (``margin`` panel sizes per side), enlarged so the tag is ``zoom`` times its native size and
-  encoded at <= ``oracle_max_tokens`` tokens: the view an ideal zoom would splice in.
+* ``oracle``: a ZoomWorld scene (hr or doc), a fine question (``fine_mix``), and a crop around its target box
+  with random context (``margin`` target sizes per side), enlarged so the target is ``zoom`` times its native size
+  and encoded under a token cap drawn from ``oracle_tokens``: the view an ideal zoom would splice in.
 * ``dense``: a phase-1 dense crop (1-3 tags, free placement) asked "What is written on the <colour> tag?" about a
   tag whose colour is unique in the crop; its per-token targets feed the auxiliary probe loss.
-* ``coarse``: colour/shape of the large object on the whole scene at 64-256 tokens.
+* ``coarse``: colour/shape of the large object on the whole scene under a cap drawn from ``coarse_tokens``.
+* ``tile``: a fine question on a window of the scene around its target, at ``tile_scale`` of native size (what a
+  high token budget sees): small glyphs among other tags and clutter, so the model learns to find the asked tag
+  by colour and read it without enlargement.
 
 Encoding builds the prompt exactly as inference does (``adapter.build_prompt``), then appends the answer and
 ``<|im_end|>``; only those appended tokens are supervised.
@@ -24,16 +27,17 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..backbones import BackboneAdapter, ImageInputs
+from ..bench.oracle import zoom_crop
 from ..bench.zoomworld import VARIANTS, generate, seed_for
+from ..bench.zoomworld_questions import FINE_FAMILIES
 from ..images import resize_to
 from .dense_crops import DenseCrop, DenseCropConfig, crop_seed, render_dense_crop
 from .dense_probe import DenseTargets
 
-SOURCES = ("oracle", "dense", "coarse")
+SOURCES = ("oracle", "dense", "coarse", "tile")
 END_TOKEN = "<|im_end|>"
 IGNORE = -100
 _DENSE_TRIES = 16  # dense crops tried per example until one has a tag of a unique colour
-_FINE_MIX = {"read": 0.7, "mcq": 0.3}
 _COARSE_MIX = {"color": 1.0, "shape": 1.0}
 
 
@@ -43,20 +47,44 @@ class AnswerDataConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     mix: dict[str, float] = Field(default_factory=lambda: {"oracle": 0.5, "dense": 0.2, "coarse": 0.3},
-                                  description="weight per source: oracle, dense, coarse")
+                                  description="weight per source: oracle, dense, coarse, tile")
+    fine_mix: dict[str, float] = Field(default_factory=lambda: {"read": 0.7, "mcq": 0.3},
+                                       description="ZoomWorld fine families of oracle and tile examples")
     alphabet: str | None = Field(None, description="tag characters; None: the phase-1 alphabet (warmup.crops)")
     size_range: tuple[int, int] = Field((1024, 1792), description="ZoomWorld canvas side range (px); small = cheap")
     margin: tuple[float, float] = Field((0.5, 2.0), description="oracle context per side, in panel sizes")
     zoom: tuple[float, float] = Field((2.0, 4.0), description="oracle enlargement of the tag over its native size")
-    oracle_max_tokens: int = Field(256, ge=4, description="token cap of oracle crops")
+    oracle_tokens: tuple[int, int] = Field((64, 256), description="range of the token cap of oracle crops")
     coarse_tokens: tuple[int, int] = Field((64, 256), description="range of the token cap of whole coarse scenes")
     dense_max_tags: int = Field(3, ge=1, description="most tags in a 224 px dense crop (fewer in smaller ones)")
+    dense_sizes: tuple[int, int] = Field((16, 40), description="glyph height range (px) of dense crops")
+    tile_scale: tuple[float, float] = Field((0.45, 1.0), description="tile resize factor range (1 = native)")
+    tile_side_tokens: tuple[int, int] = Field((4, 16), description="tile side range in 28 px tokens after resizing")
+    tile_size_range: tuple[int, int] = Field((1024, 2048), description="ZoomWorld canvas side range of tiles (px)")
+    tile_fine_mix: dict[str, float] = Field(default_factory=lambda: {"read": 0.6, "mcq": 0.2, "count": 0.2},
+                                            description="fine families of tiles (relpos targets span too far)")
 
     @field_validator("mix")
     @classmethod
     def _check_mix(cls, value: dict[str, float]) -> dict[str, float]:
         if set(value) - set(SOURCES) or any(w < 0 for w in value.values()) or sum(value.values()) <= 0:
             raise ValueError(f"mix needs non-negative weights over {SOURCES} with a positive sum, got {value}")
+        return value
+
+    @field_validator("fine_mix", "tile_fine_mix")
+    @classmethod
+    def _check_fine_mix(cls, value: dict[str, float]) -> dict[str, float]:
+        if set(value) - set(FINE_FAMILIES) or any(w < 0 for w in value.values()) or sum(value.values()) <= 0:
+            raise ValueError(f"fine_mix needs non-negative weights over {FINE_FAMILIES} with a positive sum, "
+                             f"got {value}")
+        return value
+
+    @field_validator("oracle_tokens", "coarse_tokens", "tile_side_tokens", "tile_scale", "tile_size_range",
+                     "dense_sizes", "margin", "zoom", "size_range")
+    @classmethod
+    def _check_range(cls, value: tuple) -> tuple:
+        if not 0 < value[0] <= value[1]:
+            raise ValueError(f"a range needs 0 < low <= high, got {value}")
         return value
 
 
@@ -81,22 +109,39 @@ class AnswerExample:
     dense: DenseCrop | None = None
 
 
-def zoom_crop(image: Image.Image, box: tuple[int, int, int, int], margins: tuple[float, float, float, float],
-              zoom: float) -> Image.Image:
-    """Crop ``box`` with ``margins`` (left, top, right, bottom, in box sizes) of context and enlarge by ``zoom``."""
-    x1, y1, x2, y2 = box
-    w, h = x2 - x1, y2 - y1
-    left, top = max(0, round(x1 - margins[0] * w)), max(0, round(y1 - margins[1] * h))
-    right, bottom = min(image.width, round(x2 + margins[2] * w)), min(image.height, round(y2 + margins[3] * h))
-    crop = image.crop((left, top, right, bottom))
-    return resize_to(crop, (max(1, round(crop.width * zoom)), max(1, round(crop.height * zoom))))
-
-
 def _oracle(rng: random.Random, cfg: AnswerDataConfig, alphabet: str, seed: int) -> AnswerExample:
-    s = generate(rng.choice(VARIANTS), seed, alphabet=alphabet, mix=_FINE_MIX, size_range=cfg.size_range)
+    s = generate(rng.choice(VARIANTS), seed, alphabet=alphabet, mix=cfg.fine_mix, size_range=cfg.size_range)
     margins = tuple(rng.uniform(*cfg.margin) for _ in range(4))
     image = zoom_crop(s.image, tuple(s.target_box), margins, rng.uniform(*cfg.zoom))
-    return AnswerExample(image, s.question, s.answer, (4, cfg.oracle_max_tokens), "oracle")
+    return AnswerExample(image, s.question, s.answer, (4, rng.randint(*cfg.oracle_tokens)), "oracle")
+
+
+def tile_window(rng: random.Random, size: tuple[int, int], box: tuple[int, int, int, int],
+                side: tuple[int, int]) -> tuple[int, int, int, int]:
+    """A ``side``-sized window (clipped to the image ``size``) placed at random so that it holds ``box`` whole
+    whenever it is large enough to."""
+    out = []
+    for axis in (0, 1):
+        extent, lo, hi = size[axis], box[axis], box[axis + 2]
+        length = min(side[axis], extent)
+        first = max(0, min(hi - length, extent - length))  # leftmost start that still holds the box's far edge
+        last = min(lo, extent - length)  # rightmost start that still holds its near edge
+        out.append(rng.randint(first, last) if first <= last else max(0, min(lo, extent - length)))
+        out.append(length)
+    x, w, y, h = out
+    return x, y, x + w, y + h
+
+
+def _tile(rng: random.Random, cfg: AnswerDataConfig, alphabet: str, seed: int) -> AnswerExample:
+    s = generate(rng.choice(VARIANTS), seed, alphabet=alphabet, mix=cfg.tile_fine_mix,
+                 size_range=cfg.tile_size_range)
+    scale = rng.uniform(*cfg.tile_scale)
+    side = tuple(round(rng.randint(*cfg.tile_side_tokens) * 28 / scale) for _ in range(2))
+    window = tile_window(rng, s.image.size, tuple(s.target_box), side)
+    crop = s.image.crop(window)
+    image = resize_to(crop, (max(1, round(crop.width * scale)), max(1, round(crop.height * scale))))
+    cap = max(4, -(-image.width // 28) * -(-image.height // 28))
+    return AnswerExample(image, s.question, s.answer, (4, cap), "tile")
 
 
 def _coarse(rng: random.Random, cfg: AnswerDataConfig, alphabet: str, seed: int) -> AnswerExample:
@@ -106,7 +151,7 @@ def _coarse(rng: random.Random, cfg: AnswerDataConfig, alphabet: str, seed: int)
 
 
 def _dense(rng: random.Random, cfg: AnswerDataConfig, alphabet: str, index: int) -> AnswerExample:
-    crop_cfg = DenseCropConfig(alphabet=alphabet, max_tags=cfg.dense_max_tags)
+    crop_cfg = DenseCropConfig(alphabet=alphabet, max_tags=cfg.dense_max_tags, size_end=cfg.dense_sizes)
     for attempt in range(_DENSE_TRIES):
         # the dense-crop train range is separate from ZoomWorld's seeds; 16 slots per example keep indices apart
         crop = render_dense_crop(crop_seed("train", index * _DENSE_TRIES + attempt), 1.0, crop_cfg)
@@ -135,7 +180,7 @@ def make_example(cfg: AnswerDataConfig, alphabet: str, index: int, split: str = 
         if split != "train":
             raise ValueError("dense examples are drawn from the training crop range only")
         return _dense(rng, cfg, alphabet, index)
-    make = _oracle if source == "oracle" else _coarse
+    make = {"oracle": _oracle, "coarse": _coarse, "tile": _tile}[source]
     return make(rng, cfg, alphabet, seed_for(split, index))
 
 

@@ -1,6 +1,8 @@
-"""Phase 2 of ``qzoom-agent train base`` for ``zoomworld-tiny``: joint answer training from the warmed-up tower.
+"""Phases 2 and 3 of ``qzoom-agent train base`` for ``zoomworld-tiny``: joint answer training.
 
-Starts from ``OUT/phase1/model`` and phase 1's probe; every parameter trains on the answer loss (per-example mean
+Phase 2 (the ``answer:`` section) starts from ``OUT/phase1/model`` and phase 1's probe. Phase 3 (``tiles:``,
+fine reading at native scale on scene tiles) continues from ``OUT/phase2`` with its own data mix and schedule.
+In both, every parameter trains on the answer loss (per-example mean
 cross-entropy over the answer and ``<|im_end|>``, averaged over the batch) plus the probe's dense loss on dense
 crops, weighted ``aux_weight`` until ``aux_until`` of the run and 0 after (``docs/ZOOMWORLD-TRAINING.md``, item 4).
 
@@ -8,8 +10,9 @@ Usage::
 
     qzoom-agent train base --phase 2 --config configs/train/zoomworld_tiny.yaml --out runs/zw [--steps N]
 
-Writes ``OUT/phase2/``: ``checkpoint.pt`` (atomic; resumed from when present), ``metrics.jsonl`` (held-out
-oracle-crop reading and coarse accuracy through the inference path) and ``model/`` (an HF folder loadable with
+Writes ``OUT/phase2/`` (``OUT/phase3/``): ``checkpoint.pt`` (atomic; resumed from when present),
+``metrics.jsonl`` (held-out oracle-crop reading, native-tile reading and coarse accuracy through the inference
+path) and ``model/`` (an HF folder loadable with
 ``QZoomModel.from_pretrained(dir, qzoom=False)``).
 """
 
@@ -40,6 +43,8 @@ from .zoomworld_tiny import ZoomWorldTinySizes
 logger = logging.getLogger(__name__)
 
 PHASE_DIR, PREV_PHASE_DIR = "phase2", "phase1"
+# phase number -> (its folder, the folder it starts from, its YAML section)
+PHASES: dict[int, tuple[str, str, str]] = {2: ("phase2", "phase1", "answer"), 3: ("phase3", "phase2", "tiles")}
 CHECKPOINT_FILE, METRICS_FILE = "checkpoint.pt", "metrics.jsonl"
 _FREE_FIELDS = {"checkpoint_every", "eval_every", "eval_items", "threads"}
 _EMA = 0.95
@@ -71,8 +76,9 @@ class AnswerConfig(OptimConfig):
 
 
 
-def load_answer_config(path: str | Path) -> tuple[ZoomWorldTinySizes, AnswerConfig, str]:
-    """Read ``model:``, ``answer:`` and the phase-1 alphabet (``warmup.crops.alphabet``) from a training YAML.
+def load_answer_config(path: str | Path, phase: int = 2) -> tuple[ZoomWorldTinySizes, AnswerConfig, str]:
+    """Read ``model:``, the phase's section (``answer:`` or ``tiles:``) and the phase-1 alphabet
+    (``warmup.crops.alphabet``) from a training YAML.
 
     Returns:
         ``(sizes, answer config, alphabet)``; the alphabet is ``answer.data.alphabet`` when set.
@@ -80,14 +86,15 @@ def load_answer_config(path: str | Path) -> tuple[ZoomWorldTinySizes, AnswerConf
     Raises:
         ValueError: one line saying which file and field is wrong.
     """
+    section = PHASES[phase][2]
     sizes, warm = load_train_config(path)
     data = yaml.safe_load(Path(path).read_text())
-    if not isinstance(data.get("answer"), dict):
-        raise ValueError(f"{path} needs an 'answer:' mapping (see configs/train/zoomworld_tiny.yaml)")
+    if not isinstance(data.get(section), dict):
+        raise ValueError(f"{path} needs a '{section}:' mapping (see configs/train/zoomworld_tiny.yaml)")
     try:
-        cfg = AnswerConfig(**data["answer"])
+        cfg = AnswerConfig(**data[section])
     except ValueError as err:
-        raise ValueError(f"invalid answer config {path}: {' '.join(str(err).split())}") from err
+        raise ValueError(f"invalid {section} config {path}: {' '.join(str(err).split())}") from err
     return sizes, cfg, cfg.data.alphabet or warm.crops.alphabet
 
 
@@ -153,8 +160,8 @@ def _evaluate(run: JointRun, cfg: AnswerConfig, sets: dict, metrics_path: Path) 
     row.update(evaluate_answers(inference_model(run.adapter), sets))
     with open(metrics_path, "a") as f:
         f.write(json.dumps(row) + "\n")
-    logger.info("step %d: oracle read %.3f, coarse %.3f, answer loss %.3f", run.step, row["oracle_read_acc"],
-                row["coarse_acc"], row["answer_loss"] or float("nan"))
+    logger.info("step %d: oracle read %.3f, tile read %.3f, coarse %.3f, answer loss %.3f", run.step,
+                row["oracle_read_acc"], row["tile_read_acc"], row["coarse_acc"], row["answer_loss"] or float("nan"))
     return row
 
 
@@ -166,30 +173,36 @@ def export(adapter: BackboneAdapter, folder: Path) -> None:
 
 
 def run_joint(cfg: AnswerConfig, out_dir: str | Path, *, alphabet: str, sizes: ZoomWorldTinySizes | None = None,
-              max_steps: int | None = None) -> dict:
-    """Train (or resume) phase 2 in ``out_dir/phase2`` from ``out_dir/phase1`` until ``cfg.steps`` or ``max_steps``.
+              max_steps: int | None = None, phase: int = 2) -> dict:
+    """Train (or resume) ``phase`` (2 or 3) until ``cfg.steps`` or ``max_steps``: phase 2 in ``out_dir/phase2``
+    from ``out_dir/phase1``, phase 3 in ``out_dir/phase3`` from ``out_dir/phase2``.
 
     Args:
-        cfg: phase-2 settings.
-        out_dir: run folder holding ``phase1/model`` and ``phase1/checkpoint.pt`` (for the probe).
+        cfg: the phase's settings.
+        out_dir: run folder holding the previous phase's ``model/`` and ``checkpoint.pt`` (for the probe).
         alphabet: tag characters of the examples.
         sizes: model sizes, only for the checkpoint key (the weights come from phase 1).
         max_steps: stop once the global step reaches this (the schedule still spans ``cfg.steps``).
+        phase: 2 or 3.
 
     Returns:
-        The last metrics row (step, losses, examples/s, ``oracle_read_acc``, ``coarse_acc``).
+        The last metrics row (step, losses, examples/s, ``oracle_read_acc``, ``tile_read_acc``, ``coarse_acc``).
     """
     sizes = sizes or ZoomWorldTinySizes()
     torch.set_num_threads(cfg.threads)
     out_dir = Path(out_dir)
-    phase = out_dir / PHASE_DIR
-    phase.mkdir(parents=True, exist_ok=True)
-    ckpt, metrics_path, key = phase / CHECKPOINT_FILE, phase / METRICS_FILE, config_key(sizes, cfg, alphabet)
-    run = build_joint_run(cfg, out_dir / PREV_PHASE_DIR)
+    if phase not in PHASES:
+        raise ValueError(f"joint phases are {sorted(PHASES)}, got {phase}")
+    folder, previous, _ = PHASES[phase]
+    number = phase
+    phase_dir = out_dir / folder
+    phase_dir.mkdir(parents=True, exist_ok=True)
+    ckpt, metrics_path, key = phase_dir / CHECKPOINT_FILE, phase_dir / METRICS_FILE, config_key(sizes, cfg, alphabet)
+    run = build_joint_run(cfg, out_dir / previous)
     if ckpt.exists():
         run.restore(ckpt, key)
         keep_metrics_until(metrics_path, run.step)
-        logger.info("resuming phase 2 from step %d of %d", run.step, cfg.steps)
+        logger.info("resuming phase %d from step %d of %d", number, run.step, cfg.steps)
     stop = min(cfg.steps, max_steps if max_steps is not None else cfg.steps)
     sets = eval_sets(cfg.data, alphabet, cfg.eval_items)
     last = (read_metrics(metrics_path) or [None])[-1]
@@ -197,7 +210,7 @@ def run_joint(cfg: AnswerConfig, out_dir: str | Path, *, alphabet: str, sizes: Z
     def batch_at(step: int) -> AnswerBatch:
         return make_batch(run.adapter, cfg.data, alphabet, step * cfg.batch_size, cfg.batch_size)
 
-    with ThreadPoolExecutor(max_workers=1) as pool, tqdm(total=stop, initial=run.step, desc="phase 2 answers",
+    with ThreadPoolExecutor(max_workers=1) as pool, tqdm(total=stop, initial=run.step, desc=f"phase {number} answers",
                                                           dynamic_ncols=True, mininterval=2.0) as bar:
         # the next batch renders in a worker thread while this one trains
         pending = pool.submit(batch_at, run.step) if run.step < stop else None
@@ -215,5 +228,5 @@ def run_joint(cfg: AnswerConfig, out_dir: str | Path, *, alphabet: str, sizes: Z
                 run.save(ckpt, key)
     if last is None or last["step"] != run.step:
         last = _evaluate(run, cfg, sets, metrics_path)
-    export(run.adapter, phase / "model")
+    export(run.adapter, phase_dir / "model")
     return last

@@ -1,26 +1,32 @@
 """Held-out evaluation of phase 2 through the inference path (`QZoomModel.answer`, ``mode="never"``, greedy).
 
-Two sets from ZoomWorld's VAL split (never a training seed):
+Three sets from ZoomWorld's VAL split (never a training seed):
 
 * ``oracle_read``: fine read questions; the target tag with one panel size of context per side, enlarged 3x and
   encoded at <= 256 tokens (an ideal zoom's view).
 * ``coarse``: colour/shape of the large object on the whole scene at <= 256 tokens.
+* ``tile_read``: fine read questions on a 448 px native-scale window holding the target (<= 256 tokens): reading
+  small glyphs among other tags without enlargement, what a high token budget asks of the model.
 """
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 from ..backbones import BackboneAdapter
 from ..bench.metrics import is_correct
+from ..bench.oracle import ORACLE_TOKENS, oracle_view
 from ..bench.zoomworld import VARIANTS, generate, seed_for
 from ..config import QZoomConfig
 from ..model import QZoomModel
-from .answer_data import AnswerDataConfig, zoom_crop
+from .answer_data import AnswerDataConfig, tile_window
 
 EVAL_SPLIT = "val"
 COARSE_OFFSET = 10**6  # coarse scenes use val indices from here on, read scenes from 0
-ORACLE_MARGIN, ORACLE_ZOOM, ORACLE_BUDGET, COARSE_BUDGET = 1.0, 3.0, (4, 256), (64, 256)
+TILE_OFFSET = 2 * 10**6  # and native tiles from here
+ORACLE_BUDGET, COARSE_BUDGET = (4, ORACLE_TOKENS), (64, 256)
+TILE_SIDE = 448  # px at native scale: 16x16 tokens
 
 
 @dataclass
@@ -36,21 +42,26 @@ class EvalItem:
 def eval_seeds(n: int) -> dict[str, list[int]]:
     """ZoomWorld seeds of the two held-out sets (all inside ``SPLITS["val"]``)."""
     return {"oracle_read": [seed_for(EVAL_SPLIT, k) for k in range(n)],
-            "coarse": [seed_for(EVAL_SPLIT, COARSE_OFFSET + k) for k in range(n)]}
+            "coarse": [seed_for(EVAL_SPLIT, COARSE_OFFSET + k) for k in range(n)],
+            "tile_read": [seed_for(EVAL_SPLIT, TILE_OFFSET + k) for k in range(n)]}
 
 
 def eval_sets(cfg: AnswerDataConfig, alphabet: str, n: int) -> dict[str, list[EvalItem]]:
     """The held-out sets, ``n`` items each, variants alternating hr/doc."""
     seeds = eval_seeds(n)
-    sets: dict[str, list[EvalItem]] = {"oracle_read": [], "coarse": []}
+    sets: dict[str, list[EvalItem]] = {"oracle_read": [], "coarse": [], "tile_read": []}
     for k, seed in enumerate(seeds["oracle_read"]):
         s = generate(VARIANTS[k % 2], seed, alphabet=alphabet, mix={"read": 1.0}, size_range=cfg.size_range)
-        crop = zoom_crop(s.image, tuple(s.target_box), (ORACLE_MARGIN,) * 4, ORACLE_ZOOM)
+        crop = oracle_view(s.image, tuple(s.target_box))
         sets["oracle_read"].append(EvalItem(crop, s.question, s.answer, ORACLE_BUDGET))
     for k, seed in enumerate(seeds["coarse"]):
         s = generate(VARIANTS[k % 2], seed, alphabet=alphabet, mix={"color": 1.0, "shape": 1.0},
                      size_range=cfg.size_range)
         sets["coarse"].append(EvalItem(s.image, s.question, s.answer, COARSE_BUDGET))
+    for k, seed in enumerate(seeds["tile_read"]):
+        s = generate(VARIANTS[k % 2], seed, alphabet=alphabet, mix={"read": 1.0}, size_range=cfg.tile_size_range)
+        window = tile_window(random.Random(seed), s.image.size, tuple(s.target_box), (TILE_SIDE, TILE_SIDE))
+        sets["tile_read"].append(EvalItem(s.image.crop(window), s.question, s.answer, (4, 256)))
     return sets
 
 

@@ -1,4 +1,5 @@
-"""State of a phase-2 run: the phase-1 model (all parameters trainable), the probe, AdamW, schedule, checkpoints."""
+"""State of a joint (phase 2 or 3) run: the previous phase's model (all parameters trainable), the probe, AdamW,
+schedule and checkpoints."""
 
 from __future__ import annotations
 
@@ -31,15 +32,15 @@ class JointRun(RunState):
         return self.adapter.model
 
 
-def build_joint_run(cfg: AnswerConfig, phase1: Path) -> JointRun:
-    """Load ``phase1/model`` and the probe from ``phase1/checkpoint.pt``; AdamW (decay on matrices) + schedule.
+def build_joint_run(cfg: AnswerConfig, previous: Path) -> JointRun:
+    """Load ``previous/model`` and the probe from ``previous/checkpoint.pt``; AdamW (decay on matrices) + schedule.
 
     Raises:
-        FileNotFoundError: phase 1 has not written its model or checkpoint.
+        FileNotFoundError: the previous phase has not written its model or checkpoint.
     """
-    model_dir, ckpt = phase1 / "model", phase1 / "checkpoint.pt"
+    model_dir, ckpt = previous / "model", previous / "checkpoint.pt"
     if not (model_dir / "config.json").is_file() or not ckpt.is_file():
-        raise FileNotFoundError(f"{phase1} lacks model/ or checkpoint.pt; run phase 1 (train.warmup) first")
+        raise FileNotFoundError(f"{previous} lacks model/ or checkpoint.pt; run the previous phase first")
     adapter = load_backbone(model_dir)
     model = adapter.model
     model.requires_grad_(True)
