@@ -35,10 +35,10 @@ class QZoomConfig(BaseModel):
     min_tokens: int = Field(default=256, ge=1, description="Minimum visual tokens of the global (first-pass) view.")
     max_tokens: int = Field(default=576, ge=1, description="Maximum visual tokens of the global view.")
     roi_min_tokens: int | None = Field(
-        default=None, ge=1, description="Minimum visual tokens of the RoI crop; None uses min_tokens."
+        default=None, ge=1, description="Minimum visual tokens of the RoI crop; both None: the call's global budget."
     )
     roi_max_tokens: int | None = Field(
-        default=None, ge=1, description="Maximum visual tokens of the RoI crop; None uses max_tokens."
+        default=None, ge=1, description="Maximum visual tokens of the RoI crop; both None: the call's global budget."
     )
     reuse_src_pos: bool = Field(
         default=True,

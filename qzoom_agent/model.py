@@ -47,6 +47,7 @@ class _FirstPass:
     mask: torch.Tensor | None
     cache: DynamicCache
     hidden_k: torch.Tensor  # (1, L, D) input of layer K
+    budget: tuple[int, int]  # (min, max) visual tokens of the global view
 
 
 class QZoomModel:
@@ -127,7 +128,7 @@ class QZoomModel:
         mask = self.runner.causal_mask(hidden, cache)
         visual_mask = a.image_mask(prompt.input_ids)
         hidden_k = self.runner.run(0, self.config.twig_K, hidden, rotary, mask, cache, visual_mask, visual)
-        return _FirstPass(image, prompt, visual, positions, rotary, mask, cache, hidden_k)
+        return _FirstPass(image, prompt, visual, positions, rotary, mask, cache, hidden_k, budget)
 
     def _gate(self, fp: _FirstPass) -> float:
         return float(torch.sigmoid(self.heads.gate_logit(fp.hidden_k, fp.rotary, fp.mask))[0])
@@ -273,7 +274,9 @@ class QZoomModel:
         a, cfg, k = self.adapter, self.config, self.config.twig_K
         src = fp.prompt.image
         crop = roi_lib.crop(fp.image, box)
-        lo, hi = cfg.roi_budget
+        # The caps apply per image: without its own RoI budget the crop obeys the call's global-view budget.
+        explicit = cfg.roi_min_tokens is not None or cfg.roi_max_tokens is not None
+        lo, hi = cfg.roi_budget if explicit else fp.budget
         roi_in = a.prepare_image(crop, min_tokens=lo, max_tokens=hi)
         roi_visual = a.encode_image([roi_in])
         cells = roi_lib.box_to_cells(box, src.grid, src.resized_size, src.source_size)

@@ -19,7 +19,7 @@ from qzoom_agent.bench.runner import add_compare_parser, question_indices  # noq
 from qzoom_agent.tiny import make_tiny  # noqa: E402
 
 SUMMARY_KEYS = {"accuracy", "accuracy_fine", "accuracy_coarse", "latency_s_mean", "visual_tokens_mean",
-                "forward_passes_mean", "tool_calls_mean", "n"}
+                "forward_passes_mean", "tool_calls_mean", "n", "zooms_mean", "roi_coverage_mean", "roi_hit_fine"}
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +116,9 @@ def _recompute(records: list[dict], agents: list[str]) -> dict:
             "forward_passes_mean": mean(r["forward_passes"] for r in rows),
             "tool_calls_mean": mean(r["tool_calls"] for r in rows),
             "n": len(rows),
+            "zooms_mean": mean(r["zooms"] for r in rows),
+            "roi_coverage_mean": None,  # plain agents propose no boxes
+            "roi_hit_fine": None,
         }
     return out
 
@@ -209,7 +212,8 @@ def test_seeds_pick_held_out_questions(tiny_model, tmp_path, capsys):
 @pytest.mark.parametrize("extra, message", [
     (["--bench", "zoomworld:xyz"], "unknown bench 'zoomworld:xyz'; choose one of zoomworld:hr, zoomworld:doc"),
     (["--bench", "foo"], "unknown bench 'foo'"),
-    (["--agents", "lowres,bogus"], "unknown agent 'bogus'; choose from lowres, highres, oracle, plain@N"),
+    (["--agents", "lowres,bogus"],
+     "unknown agent 'bogus'; choose from lowres, highres, oracle, qzoom, qzoom-always, qzoom-never, plain@N"),
     (["--agents", "plain@x"], "plain@TOKENS must be a positive integer"),
     (["--agents", "lowres,lowres"], "agents repeat: lowres"),
     (["--n", "0"], "--n must be a positive integer, got 0"),
@@ -263,6 +267,33 @@ def test_oracle_view_is_the_target_with_context_enlarged_three_times(box):
     # the target, scaled 3x, sits where its offset in the crop says (up to resampling at its edges)
     assert abs(red[:, 1].min() - 3 * (box[0] - left)) <= 2 and abs(red[:, 0].min() - 3 * (box[1] - top)) <= 2
     assert abs(red[:, 1].max() + 1 - 3 * (box[2] - left)) <= 2
+
+
+def test_qzoom_agents_report_zooms_and_roi_quality(tiny_model, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["--bench", "zoomworld:hr", "--agents", "qzoom,qzoom-always,qzoom-never", "--n", "3", "--seed", "4",
+            "--out", str(out), "--model", str(tiny_model), "--qzoom-tokens", "64", "--max-new-tokens", "2", "--json"]
+    summary = json.loads(_run(argv, capsys))["agents"]
+    for name in ("qzoom", "qzoom-always", "qzoom-never"):
+        assert set(summary[name]) == SUMMARY_KEYS
+    never = summary["qzoom-never"]
+    assert never["zooms_mean"] == 0 and never["roi_hit_fine"] is None
+    records = _lines(out)
+    always = [r for r in records if r["agent"] == "qzoom-always"]
+    assert all((r["gate_score"] is None) == (r["agent"] == "qzoom-never") for r in records)
+    assert all(r["visual_tokens"] <= 2 * 64 for r in records)  # each view obeys the cap
+    for r in always:  # a forced zoom has a box whenever the map fires; its coverage is scored
+        assert (r["bbox"] is None) == (r["zooms"] == 0)
+        assert r["bbox"] is None or r["coverage"] == metrics.box_coverage(r["bbox"], r["target_box"])
+
+
+def test_qzoom_agents_need_heads(tiny_model, tmp_path, capsys):
+    model = tmp_path / "plain"
+    shutil.copytree(tiny_model, model, ignore=shutil.ignore_patterns("qzoom"))
+    argv = ["--bench", "zoomworld:hr", "--agents", "qzoom", "--n", "1", "--out", str(tmp_path / "o"),
+            "--model", str(model)]
+    with pytest.raises(ValueError, match="needs Q-Zoom heads"):
+        _run(argv, capsys)
 
 
 def test_missing_model(tmp_path, capsys):

@@ -105,6 +105,42 @@ class PlainAgent:
         )
 
 
+DEFAULT_QZOOM_TOKENS = 576  # global view of the Q-Zoom agents
+
+
+class QZoomAgent:
+    """The model with its Q-Zoom heads: gated (``mode="auto"``), or the zoom forced on or off.
+
+    Args:
+        model: a model with heads.
+        mode: "auto" (the gate decides), "always" or "never".
+        tokens: max visual tokens of the global view (and of the RoI crop); min is ``min(256, tokens)``.
+        name: the agent's name in results.
+        max_new_tokens: decoding budget.
+
+    Raises:
+        ValueError: the model has no Q-Zoom heads.
+    """
+
+    def __init__(self, model: QZoomModel, mode: str, tokens: int, name: str, max_new_tokens: int = 8) -> None:
+        if model.heads is None:
+            raise ValueError(f"agent {name!r} needs Q-Zoom heads and the model has none; pass a model with a "
+                             "qzoom/ adapter (qzoom-agent train stage1 writes one)")
+        self.model, self.mode, self.name, self.max_new_tokens = model, mode, name, max_new_tokens
+        self.budget = budget_for(tokens)
+
+    def run(self, image: Any, question: str) -> AgentResult:
+        """Answer once; the zoom, when taken, is part of the same answer (no tool call)."""
+        t0 = time.perf_counter()
+        ans = self.model.answer(image, question, mode=self.mode, max_new_tokens=self.max_new_tokens,
+                                budget=self.budget)
+        return AgentResult(
+            answer=ans.text, latency_s=time.perf_counter() - t0, visual_tokens=ans.visual_tokens,
+            forward_passes=ans.forward_passes, generated_tokens=ans.generated_tokens, zooms=int(ans.zoomed),
+            gate_score=ans.gate_score, bbox=ans.bbox.to_json() if ans.bbox else None,
+        )
+
+
 class OracleAgent:
     """A reference, not a real agent: the plain model on the oracle view of the benchmark's target box.
 
@@ -147,6 +183,7 @@ class AgentContext:
     lowres_tokens: int = DEFAULT_LOWRES_TOKENS
     highres_tokens: int = DEFAULT_HIGHRES_TOKENS
     max_new_tokens: int = 8
+    qzoom_tokens: int = DEFAULT_QZOOM_TOKENS
 
 
 Factory = Callable[[AgentContext, str], Agent]
@@ -157,6 +194,9 @@ FACTORIES: dict[str, Factory] = {
     "lowres": lambda ctx, name: PlainAgent(ctx.model, ctx.lowres_tokens, name, ctx.max_new_tokens),
     "highres": lambda ctx, name: PlainAgent(ctx.model, ctx.highres_tokens, name, ctx.max_new_tokens),
     "oracle": lambda ctx, name: OracleAgent(ctx.model, name, ctx.max_new_tokens),
+    "qzoom": lambda ctx, name: QZoomAgent(ctx.model, "auto", ctx.qzoom_tokens, name, ctx.max_new_tokens),
+    "qzoom-always": lambda ctx, name: QZoomAgent(ctx.model, "always", ctx.qzoom_tokens, name, ctx.max_new_tokens),
+    "qzoom-never": lambda ctx, name: QZoomAgent(ctx.model, "never", ctx.qzoom_tokens, name, ctx.max_new_tokens),
 }
 
 

