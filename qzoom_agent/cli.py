@@ -142,8 +142,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
               f"{m['usable']}/{m['labelled']} pseudo-labels usable; "
               f"adapter in {os.path.join(args.out, 'stage1', 'qzoom')}")
         return 0
+    if args.stage == "stage3":
+        from .train.stage3 import load_stage3_config, run_stage3
+
+        if args.config == DEFAULT_BASE_CONFIG:
+            raise UsageError("train stage3 needs --config (e.g. configs/train/stage3_zoomworld_tiny.yaml)")
+        m = run_stage3(load_stage3_config(args.config), args.out, max_steps=args.steps)
+        auc = "n/a" if m["gate_auc"] is None else f"{m['gate_auc']:.3f}"
+        print(f"stage 3 (gate) at step {m['step']}: AUC {auc} for 'zoom helps' ({m['zoom_helps']} of "
+              f"{m['gate_scored']}), coarse skipped {m['coarse_skipped']:.3f}, fine zoomed {m['fine_zoomed']:.3f}; "
+              f"{m['transition']} transitions, {m['kept']} kept; "
+              f"adapter in {os.path.join(args.out, 'stage3', 'qzoom')}")
+        return 0
     if args.stage != "base":
-        raise UsageError(f"training stage {args.stage!r} is not available yet; this version trains base and stage1")
+        raise UsageError(f"training stage {args.stage!r} is not available yet; this version trains base, stage1 "
+                         "and stage3")
     if args.steps is not None and args.phase in ("all", "export"):
         raise UsageError("--steps needs a single --phase (1, 2 or 3): each phase has its own schedule")
     if args.phase == "export":

@@ -1,0 +1,275 @@
+"""Q-Zoom stage 3: train the consistency-aware gate, everything else frozen.
+
+Usage::
+
+    qzoom-agent train stage3 --config configs/train/stage3_zoomworld_tiny.yaml --out runs/s3
+
+Steps, each resumable:
+
+1. **Answers.** The plain model answers ``samples`` ZoomWorld train questions at every budget of ``budgets``
+   (ascending), cached in ``OUT/stage3/answers.jsonl`` (one line per question, appended as it goes).
+2. **Labels** by the consistency rule (`stage3_labels`): unstable, hallucinated and non-monotonic questions are
+   dropped; transitions and as many easy questions are kept. Counts go to ``OUT/stage3/label_stats.json``.
+3. **Training.** BCE-with-logits on ``heads.gate_logit`` of the question's view at the picked budget (label 1:
+   more resolution would help). Only ``high_res_layers`` and ``high_res_head`` have gradients.
+4. **Evaluation** on ZoomWorld's val split at ``eval_tokens``: the gate's AUC for "zoom helps" (the direct answer
+   is wrong and the zoomed one right, against questions the direct answer gets right), accuracy at the threshold,
+   and the share of coarse questions skipped and of fine questions zoomed.
+
+The adapter (the previous stage's twig plus the trained gate) is written to ``OUT/stage3/qzoom``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+from pydantic import ConfigDict, Field, model_validator
+from tqdm import tqdm
+
+from ..bench.agents import budget_for
+from ..bench.metrics import is_correct
+from ..bench.zoomworld import DEFAULT_MIX, VARIANTS, ZoomWorldSample, generate, seed_for
+from ..checkpoint import save_adapter
+from ..model import QZoomModel
+from .common import OptimConfig, decay_groups
+from .stage3_labels import GateSample, agree, balance, classify, pick
+
+logger = logging.getLogger(__name__)
+
+STAGE_DIR = "stage3"
+ANSWERS_FILE, STATS_FILE, CHECKPOINT_FILE, METRICS_FILE = "answers.jsonl", "label_stats.json", "checkpoint.pt", \
+    "metrics.jsonl"
+
+
+class Stage3Config(OptimConfig):
+    """Stage-3 settings (``configs/train/stage3_*.yaml``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field("zoomworld-tiny", description="base model directory or bundled name")
+    qzoom: str = Field(..., description="adapter with the stage-1 twig (e.g. RUN/stage1/qzoom)")
+    budgets: list[int] = Field(default_factory=lambda: [64, 144, 256, 576, 1024],
+                               description="ascending visual-token budgets the questions are answered at")
+    samples: int = Field(1000, ge=1, description="train questions answered at every budget")
+    families: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_MIX["hr"]),
+                                       description="ZoomWorld question families (fine and coarse)")
+    size_range: tuple[int, int] = Field((1024, 2048), description="ZoomWorld canvas side range (px)")
+    alphabet: str | None = Field(None, description="tag characters; None: the model's training alphabet")
+    positive_rate: float = Field(0.9, ge=0.0, le=1.0, description="transitions labelled 1 with this probability")
+    max_new_tokens: int = Field(8, ge=1)
+    epochs: int = Field(4, ge=1, description="passes over the balanced questions")
+    eval_tokens: int = Field(576, ge=1, description="global view of the evaluation")
+    eval_items: int = Field(100, ge=1, description="val questions of the evaluation")
+    seed: int = Field(0, ge=0)
+    checkpoint_every: int = Field(100, ge=1)
+    threads: int = Field(2, ge=1)
+    steps: int = Field(0, ge=0, description="optimiser steps; 0: epochs * kept questions / batch_size")
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(10, ge=0)
+    batch_size: int = Field(8, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> Stage3Config:
+        if len(self.budgets) < 3 or self.budgets != sorted(set(self.budgets)) or self.budgets[0] < 1:
+            raise ValueError(f"budgets must be >= 3 distinct ascending positive values, got {self.budgets}")
+        return self
+
+
+def load_stage3_config(path: str | Path) -> Stage3Config:
+    """Read the ``stage3:`` section of a YAML file; raises ValueError naming the file on bad content."""
+    data = yaml.safe_load(Path(path).read_text())
+    if not isinstance(data, dict) or not isinstance(data.get("stage3"), dict):
+        raise ValueError(f"{path} needs a 'stage3:' mapping (see configs/train/stage3_zoomworld_tiny.yaml)")
+    try:
+        return Stage3Config(**data["stage3"])
+    except ValueError as err:
+        raise ValueError(f"invalid stage3 config {path}: {' '.join(str(err).split())}") from err
+
+
+def question(cfg: Stage3Config, alphabet: str, split: str, index: int) -> ZoomWorldSample:
+    """ZoomWorld question ``index`` of ``split`` (variants alternate hr/doc)."""
+    return generate(VARIANTS[index % 2], seed_for(split, index), alphabet=alphabet, mix=cfg.families,
+                    size_range=cfg.size_range)
+
+
+def answer_at_budgets(qz: QZoomModel, cfg: Stage3Config, alphabet: str, path: Path) -> list[dict]:
+    """Answers of ``cfg.samples`` train questions at every budget, appended to ``path`` (resumes after the last
+    complete line)."""
+    rows = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                break  # a torn last line: answer that question again
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with open(path, "a") as fh, tqdm(total=cfg.samples, initial=len(rows), desc="stage 3: answers",
+                                     dynamic_ncols=True, mininterval=2.0) as bar:
+        for i in range(len(rows), cfg.samples):
+            s = question(cfg, alphabet, "train", i)
+            answers = [qz.answer(s.image, s.question, mode="never", budget=budget_for(b),
+                                 max_new_tokens=cfg.max_new_tokens).text for b in cfg.budgets]
+            row = {"index": i, "kind": s.kind, "answers": answers,
+                   "correct": [is_correct(a, s.answer, s.options) for a in answers]}
+            fh.write(json.dumps(row) + "\n")
+            fh.flush()
+            rows.append(row)
+            bar.update(1)
+    return rows
+
+
+def categorise(rows: list[dict]) -> list[GateSample]:
+    """A `GateSample` per answered question (its category by the consistency rule)."""
+    return [GateSample(r["index"], classify(r["correct"], agree(r["answers"][-1], r["answers"][-2])),
+                       tuple(r["correct"])) for r in rows]
+
+
+def gate_loss(qz: QZoomModel, s: ZoomWorldSample, budget: tuple[int, int], label: int) -> torch.Tensor:
+    """BCE-with-logits of the gate on the view at ``budget``; the prefill to layer K runs without gradients."""
+    with torch.no_grad():
+        fp = qz._first_pass(s.image, s.question, budget)
+    logit = qz.heads.gate_logit(fp.hidden_k, fp.rotary, fp.mask)
+    return F.binary_cross_entropy_with_logits(logit.float(), torch.full_like(logit.float(), float(label)))
+
+
+def auc(scores: list[float], labels: list[int]) -> float | None:
+    """Area under the ROC curve (ties count half); None without both classes.
+
+    Examples:
+        >>> auc([0.9, 0.8, 0.3, 0.1], [1, 1, 0, 0]), auc([0.5, 0.5], [1, 0])
+        (1.0, 0.5)
+    """
+    pos = [s for s, y in zip(scores, labels, strict=True) if y == 1]
+    neg = [s for s, y in zip(scores, labels, strict=True) if y == 0]
+    if not pos or not neg:
+        return None
+    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
+    return wins / (len(pos) * len(neg))
+
+
+@torch.inference_mode()
+def evaluate_gate(qz: QZoomModel, cfg: Stage3Config, alphabet: str, n: int) -> dict:
+    """The gate on ``n`` val questions at ``cfg.eval_tokens``: AUC for "zoom helps", accuracy at the threshold,
+    coarse questions skipped and fine questions zoomed."""
+    budget = budget_for(cfg.eval_tokens)
+    scores, labels, coarse_skip, fine_zoom = [], [], [], []
+    for k in range(n):
+        s = question(cfg, alphabet, "val", k)
+        direct = qz.answer(s.image, s.question, mode="never", budget=budget, max_new_tokens=cfg.max_new_tokens)
+        p = qz.perceive(s.image, s.question, roi="never", budget=budget)
+        zoomed = qz.answer(s.image, s.question, mode="always", budget=budget, max_new_tokens=cfg.max_new_tokens)
+        right_direct = is_correct(direct.text, s.answer, s.options)
+        right_zoom = is_correct(zoomed.text, s.answer, s.options)
+        fires = p.gate_score >= qz.config.gate_threshold
+        (coarse_skip if s.kind == "coarse" else fine_zoom).append(not fires if s.kind == "coarse" else fires)
+        if right_direct or right_zoom:  # both wrong: neither label is meaningful
+            scores.append(p.gate_score)
+            labels.append(int(right_zoom and not right_direct))
+    area = auc(scores, labels)
+    threshold_acc = sum((sc >= qz.config.gate_threshold) == bool(y) for sc, y in zip(scores, labels, strict=True))
+    return {"gate_auc": area, "gate_acc": threshold_acc / max(1, len(scores)), "gate_scored": len(scores),
+            "zoom_helps": sum(labels), "coarse_skipped": sum(coarse_skip) / max(1, len(coarse_skip)),
+            "fine_zoomed": sum(fine_zoom) / max(1, len(fine_zoom)), "n": n}
+
+
+def run_stage3(cfg: Stage3Config, out_dir: str | Path, *, max_steps: int | None = None) -> dict:
+    """Run (or resume) stage 3 in ``out_dir/stage3``; returns the final metrics row."""
+    from ..loading import resolve_model_path, trained_alphabet
+
+    torch.set_num_threads(cfg.threads)
+    stage = Path(out_dir) / STAGE_DIR
+    stage.mkdir(parents=True, exist_ok=True)
+    alphabet = cfg.alphabet or trained_alphabet(resolve_model_path(cfg.model)) or "0123456789"
+    qz = QZoomModel.from_pretrained(cfg.model, qzoom=cfg.qzoom)
+    qz.adapter.model.requires_grad_(False)
+    metrics_path = stage / METRICS_FILE
+    if not metrics_path.exists():
+        before = {"when": "before", "step": 0, **evaluate_gate(qz, cfg, alphabet, cfg.eval_items)}
+        metrics_path.write_text(json.dumps(before) + "\n")
+    rows = answer_at_budgets(qz, cfg, alphabet, stage / ANSWERS_FILE)
+    samples = categorise(rows)
+    kept = balance(samples, cfg.seed)
+    stats = {c: sum(s.category == c for s in samples) for c in
+             ("easy", "transition", "non_monotonic", "unstable", "hallucinated")}
+    stats["kept"] = len(kept)
+    (stage / STATS_FILE).write_text(json.dumps(stats, indent=1) + "\n")
+    logger.info("stage 3 labels: %s", stats)
+    if not any(s.category == "transition" for s in kept):
+        raise RuntimeError(f"no question improves with resolution ({stats}); stage 3 has nothing to learn")
+
+    gate = [qz.heads.high_res_layers, qz.heads.high_res_head]
+    qz.heads.requires_grad_(False)
+    params = [p for module in gate for p in module.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    qz.heads.train()
+    total = cfg.steps or max(1, cfg.epochs * len(kept) // cfg.batch_size)
+    schedule = cfg.model_copy(update={"steps": total})
+    optimizer = torch.optim.AdamW(decay_groups(params, cfg.weight_decay, cfg.lr), lr=cfg.lr, betas=cfg.betas)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule.lr_factor)
+    ckpt, step, seconds = stage / CHECKPOINT_FILE, 0, 0.0
+    if ckpt.exists():
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        for module, key in zip(gate, ("layers", "head"), strict=True):
+            module.load_state_dict(state[key])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step, seconds = state["step"], state["seconds"]
+    stop = min(total, max_steps if max_steps is not None else total)
+
+    def items(k: int) -> list[tuple[int, int, int]]:
+        """(question index, budget index, label) of step ``k``: a seeded pass order and pick per epoch."""
+        out = []
+        for j in range(cfg.batch_size):
+            flat = k * cfg.batch_size + j
+            epoch, pos = divmod(flat, len(kept))
+            order = list(range(len(kept)))
+            random.Random(f"{cfg.seed}/{epoch}").shuffle(order)
+            sample = kept[order[pos]]
+            choice = pick(sample, random.Random(f"{cfg.seed}/{epoch}/{sample.index}"), cfg.positive_rate)
+            if choice is not None:
+                out.append((sample.index, *choice))
+        return out
+
+    running = None
+    with tqdm(total=stop, initial=step, desc="stage 3: gate", dynamic_ncols=True, mininterval=2.0) as bar:
+        while step < stop:
+            tick = time.perf_counter()
+            batch = items(step)
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum = 0.0
+            for index, b, label in batch:
+                s = question(cfg, alphabet, "train", index)
+                loss = gate_loss(qz, s, budget_for(cfg.budgets[b]), label) / max(1, len(batch))
+                loss.backward()
+                loss_sum += float(loss.detach())
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            seconds += time.perf_counter() - tick
+            running = loss_sum if running is None else 0.95 * running + 0.05 * loss_sum
+            bar.update(1)
+            bar.set_postfix(bce=f"{running:.3f}")
+            if step % cfg.checkpoint_every == 0 or step == stop:
+                tmp = ckpt.with_name(ckpt.name + ".tmp")
+                torch.save({"layers": gate[0].state_dict(), "head": gate[1].state_dict(),
+                            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                            "step": step, "seconds": seconds}, tmp)
+                os.replace(tmp, ckpt)
+    qz.heads.eval()
+    after = {"when": "after", "step": step, "train_seconds": round(seconds, 1), "bce": running, **stats,
+             **evaluate_gate(qz, cfg, alphabet, cfg.eval_items)}
+    with open(metrics_path, "a") as f:
+        f.write(json.dumps(after) + "\n")
+    save_adapter(qz.heads, qz.config, stage / "qzoom", base_model=str(cfg.model))
+    return after

@@ -1,0 +1,102 @@
+"""Stage 3 (gate): the consistency rule, balancing, budget picks, AUC and a tiny end-to-end run."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from qzoom_agent.model import QZoomModel
+from qzoom_agent.tiny import make_tiny
+from qzoom_agent.train.stage3 import STAGE_DIR, Stage3Config, auc, load_stage3_config, run_stage3
+from qzoom_agent.train.stage3_labels import EASY, TRANSITION, GateSample, agree, balance, classify, pick
+
+torch.set_num_threads(2)
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "train" / "stage3_zoomworld_tiny.yaml"
+
+
+@pytest.mark.parametrize("correct, top_agree, expected", [
+    ([False, False, True, True, True], True, "transition"),
+    ([False, True, True], True, "transition"),
+    ([True, True, True, True], True, "easy"),
+    ([True, False, True, True], True, "non_monotonic"),
+    ([False, False, False, True], True, "hallucinated"),  # only the top budget is right
+    ([True, True, True, True], False, "unstable"),  # the two highest budgets disagree
+])
+def test_consistency_rule(correct, top_agree, expected):
+    assert classify(correct, top_agree) == expected
+
+
+def test_agreement_is_normalised_containment():
+    assert agree("Red.", "red") and agree("the left", "left") and not agree("3", "5") and not agree("", "")
+
+
+def test_balance_keeps_every_transition_and_as_many_easy():
+    samples = [GateSample(i, TRANSITION if i < 3 else EASY, (False, True, True)) for i in range(10)]
+    kept = balance(samples, seed=0)
+    assert sum(s.category == TRANSITION for s in kept) == 3 and sum(s.category == EASY for s in kept) == 3
+    assert balance(samples, seed=0) == kept
+
+
+def test_picks_follow_the_label_rule():
+    rng = random.Random(0)
+    transition = GateSample(0, TRANSITION, (False, False, False, True, True))
+    picks = [pick(transition, rng) for _ in range(400)]
+    positives = [p for p in picks if p is not None and p[1] == 1]
+    assert {b for b, _ in positives} == {1, 2}  # the two highest wrong budgets
+    assert 0.85 < len(positives) / len(picks) < 0.95
+    assert all(p is None or p[1] == 1 for p in picks)  # no right budget below the top two: no label 0
+    easy = GateSample(1, EASY, (True, True, True, True))
+    assert all(pick(easy, rng) in ((0, 0), (1, 0)) for _ in range(50))
+    assert pick(GateSample(2, "non_monotonic", (True, False, True)), rng) is None
+
+
+def test_auc():
+    assert auc([0.9, 0.1], [1, 0]) == 1.0 and auc([0.1, 0.9], [1, 0]) == 0.0
+    assert auc([0.4, 0.4, 0.6], [1, 0, 0]) == 0.25 and auc([0.3], [1]) is None
+
+
+def test_stage3_trains_only_the_gate(tmp_path):
+    base = make_tiny(tmp_path / "model", "qwen2_5_vl")  # with untrained heads in model/qzoom
+    (base / "zoomworld.json").write_text(json.dumps({"alphabet": "0123456789"}))
+    cfg = Stage3Config(model=str(base), qzoom=str(base / "qzoom"), budgets=[16, 32, 48, 64], samples=6,
+                       size_range=(1024, 1024), eval_tokens=32, eval_items=3, steps=3, batch_size=2,
+                       warmup_steps=1, max_new_tokens=2, checkpoint_every=1)
+    stage = tmp_path / "run" / STAGE_DIR
+    stage.mkdir(parents=True)
+    patterns = [[False, False, True, True], [False, True, True, True], [True] * 4, [True] * 4,
+                [True, False, True, True], [False] * 4]  # 2 transitions, 2 easy, 1 non-monotonic, 1 dropped
+    rows = [{"index": i, "kind": "fine", "answers": ["7" if c else "x" for c in p], "correct": p}
+            for i, p in enumerate(patterns)]
+    (stage / "answers.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))  # the answer cache
+    before = QZoomModel.from_pretrained(base)
+    m = run_stage3(cfg, tmp_path / "run")
+    assert m["step"] == 3 and m["transition"] == 2 and m["easy"] == 2 and m["kept"] == 4
+    assert json.loads((stage / "label_stats.json").read_text())["non_monotonic"] == 1
+    after = QZoomModel.from_pretrained(base, qzoom=stage / "qzoom")
+    old, new = before.heads.state_dict(), after.heads.state_dict()
+    changed = {k for k in new if not torch.equal(new[k], old[k])}
+    assert changed and all(k.startswith(("high_res_layers.", "high_res_head.")) for k in changed)
+    for k, v in after.adapter.model.state_dict().items():
+        assert torch.equal(v, before.adapter.model.state_dict()[k]), k
+    rows_out = [json.loads(r) for r in (stage / "metrics.jsonl").read_text().splitlines()]
+    assert [r["when"] for r in rows_out] == ["before", "after"]
+    assert 0.0 <= rows_out[-1]["coarse_skipped"] <= 1.0 and 0.0 <= rows_out[-1]["fine_zoomed"] <= 1.0
+
+
+def test_shipped_stage3_config_is_valid():
+    cfg = load_stage3_config(CONFIG)
+    assert cfg.budgets == sorted(cfg.budgets) and cfg.qzoom.endswith("stage1/qzoom")
+
+
+def test_doctests():
+    import doctest
+
+    from qzoom_agent.train import stage3, stage3_labels
+
+    for module in (stage3, stage3_labels):
+        result = doctest.testmod(module)
+        assert result.attempted > 0 and result.failed == 0, module.__name__
