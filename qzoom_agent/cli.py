@@ -142,6 +142,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
               f"{m['usable']}/{m['labelled']} pseudo-labels usable; "
               f"adapter in {os.path.join(args.out, 'stage1', 'qzoom')}")
         return 0
+    if args.stage == "stage2":
+        from .train.stage2 import load_stage2_config, run_stage2
+
+        if args.config == DEFAULT_BASE_CONFIG:
+            raise UsageError("train stage2 needs --config (e.g. configs/train/stage2_zoomworld_tiny.yaml)")
+        m = run_stage2(load_stage2_config(args.config), args.out, max_steps=args.steps)
+        print(f"stage 2 (post-SFT) at step {m['step']}: {m['hard']} hard cases of {m['mined']}; val accuracy "
+              f"direct {m['acc_never']:.3f}, zoomed {m['acc_always']:.3f}, gated {m['acc_auto']:.3f}; "
+              f"model in {os.path.join(args.out, 'stage2', 'model')}")
+        return 0
     if args.stage == "stage3":
         from .train.stage3 import load_stage3_config, run_stage3
 
@@ -155,8 +165,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
               f"adapter in {os.path.join(args.out, 'stage3', 'qzoom')}")
         return 0
     if args.stage != "base":
-        raise UsageError(f"training stage {args.stage!r} is not available yet; this version trains base, stage1 "
-                         "and stage3")
+        raise UsageError(f"unknown training stage {args.stage!r}")
     if args.steps is not None and args.phase in ("all", "export"):
         raise UsageError("--steps needs a single --phase (1, 2 or 3): each phase has its own schedule")
     if args.phase == "export":

@@ -275,6 +275,8 @@ def test_train_base_cli_runs_phase1_and_refuses_missing_stages(tmp_path, capsys)
     assert main(["train", "base", "--phase", "export", "--config", str(path), "--out", str(tmp_path / "none"),
                  "--to", str(ship)]) == 2
     assert "holds no trained model" in capsys.readouterr().err
-    assert main(["train", "stage2", "--config", str(path), "--out", str(tmp_path / "run")]) == 2
-    assert "not available yet" in capsys.readouterr().err
+    assert main(["train", "stage2", "--out", str(tmp_path / "run")]) == 2
+    assert "train stage2 needs --config" in capsys.readouterr().err
+    assert main(["train", "stage1", "--config", str(path), "--out", str(tmp_path / "run")]) == 2
+    assert "needs a 'stage1:' mapping" in capsys.readouterr().err
     assert main(["train", "base", "--steps", "3", "--config", str(path), "--out", str(tmp_path / "run")]) == 2
