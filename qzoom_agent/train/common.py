@@ -43,6 +43,24 @@ class OptimConfig(BaseModel):
         return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * frac))
 
 
+class DeviceConfig(BaseModel):
+    """Where a Q-Zoom training stage runs: ``auto`` is CUDA in bf16 when available, else the CPU in fp32."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'")
+    dtype: str = Field("auto", pattern="^(auto|float32|bfloat16|float16)$", description="weight dtype")
+
+    def resolve(self) -> tuple[str, torch.dtype]:
+        """The concrete (device, dtype)."""
+        device = self.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.dtype == "auto":
+            return device, torch.float32 if device == "cpu" else torch.bfloat16
+        return device, getattr(torch, self.dtype)
+
+
 def decay_groups(params: Iterable[nn.Parameter], weight_decay: float, lr: float | None = None) -> list[dict]:
     """AdamW parameter groups: weight decay on matrices only, none on biases and norms."""
     params = list(params)

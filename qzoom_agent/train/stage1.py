@@ -40,7 +40,7 @@ from ..bench.zoomworld_questions import FINE_FAMILIES
 from ..checkpoint import save_adapter
 from ..config import QZoomConfig
 from ..model import QZoomModel
-from .common import OptimConfig, decay_groups
+from .common import DeviceConfig, OptimConfig, decay_groups
 from .stage1_labels import (
     IGNORE,
     LabelRule,
@@ -66,6 +66,7 @@ class Stage1Config(OptimConfig):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     model: str = Field("zoomworld-tiny", description="base model directory or bundled name")
+    runtime: DeviceConfig = Field(default_factory=DeviceConfig, description="device and dtype")
     seed: int = Field(0, ge=0, description="torch seed of the head initialisation (the gate's output layer)")
     twig_K: int | None = Field(None, ge=1, description="branch layer; None: mid-depth (QZoomConfig.for_backbone)")
     twig_T: int | None = Field(None, ge=1, description="head layers; None: up to 3")
@@ -269,7 +270,8 @@ def evaluate_roi(qz: QZoomModel, cfg: Stage1Config, alphabet: str, n: int) -> di
 
 def build_model(cfg: Stage1Config) -> QZoomModel:
     """The base model with fresh heads (copies of base layers K..K+T-1)."""
-    qz = QZoomModel.from_pretrained(cfg.model, qzoom=False)
+    device, dtype = cfg.runtime.resolve()
+    qz = QZoomModel.from_pretrained(cfg.model, qzoom=False, device=device, dtype=dtype)
     a = qz.adapter
     fields = {k: v for k, v in {"twig_K": cfg.twig_K, "twig_T": cfg.twig_T}.items() if v is not None}
     base = QZoomConfig.for_backbone(a.num_layers, a.min_branch_layer)

@@ -38,7 +38,7 @@ from ..bench.zoomworld import DEFAULT_MIX, VARIANTS, ZoomWorldSample, generate, 
 from ..checkpoint import save_adapter
 from ..model import QZoomModel
 from ..roi import Box, box_to_cells, crop
-from .common import OptimConfig, decay_groups
+from .common import DeviceConfig, OptimConfig, decay_groups
 from .judges import Judge, make_judge
 
 logger = logging.getLogger(__name__)
@@ -66,6 +66,7 @@ class Stage2Config(OptimConfig):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     model: str = Field("zoomworld-tiny", description="base model directory or bundled name")
+    runtime: DeviceConfig = Field(default_factory=DeviceConfig, description="device and dtype")
     qzoom: str = Field(..., description="adapter with the stage-1 twig (e.g. RUN/stage1/qzoom)")
     budget: tuple[int, int] = Field((256, 576), description="(min, max) tokens of the global view and the RoI")
     samples: int = Field(1000, ge=1, description="train questions mined")
@@ -203,11 +204,12 @@ def run_stage2(cfg: Stage2Config, out_dir: str | Path, *, max_steps: int | None 
     from ..loading import resolve_model_path, trained_alphabet
 
     torch.set_num_threads(cfg.threads)
+    device, dtype = cfg.runtime.resolve()
     stage = Path(out_dir) / STAGE_DIR
     stage.mkdir(parents=True, exist_ok=True)
     alphabet = cfg.alphabet or trained_alphabet(resolve_model_path(cfg.model)) or "0123456789"
     judge = make_judge(cfg.judge)
-    qz = QZoomModel.from_pretrained(cfg.model, qzoom=cfg.qzoom)
+    qz = QZoomModel.from_pretrained(cfg.model, qzoom=cfg.qzoom, device=device, dtype=dtype)
     metrics_path = stage / METRICS_FILE
     if not metrics_path.exists():
         before = {"when": "before", "step": 0, **evaluate_answers(qz, cfg, alphabet, judge, cfg.eval_items)}

@@ -39,7 +39,7 @@ from ..bench.metrics import is_correct
 from ..bench.zoomworld import DEFAULT_MIX, VARIANTS, ZoomWorldSample, generate, seed_for
 from ..checkpoint import save_adapter
 from ..model import QZoomModel
-from .common import OptimConfig, decay_groups
+from .common import DeviceConfig, OptimConfig, decay_groups
 from .stage3_labels import GateSample, agree, balance, classify, pick
 
 logger = logging.getLogger(__name__)
@@ -55,6 +55,7 @@ class Stage3Config(OptimConfig):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     model: str = Field("zoomworld-tiny", description="base model directory or bundled name")
+    runtime: DeviceConfig = Field(default_factory=DeviceConfig, description="device and dtype")
     qzoom: str = Field(..., description="adapter with the stage-1 twig (e.g. RUN/stage1/qzoom)")
     budgets: list[int] = Field(default_factory=lambda: [64, 144, 256, 576, 1024],
                                description="ascending visual-token budgets the questions are answered at")
@@ -186,10 +187,11 @@ def run_stage3(cfg: Stage3Config, out_dir: str | Path, *, max_steps: int | None 
     from ..loading import resolve_model_path, trained_alphabet
 
     torch.set_num_threads(cfg.threads)
+    device, dtype = cfg.runtime.resolve()
     stage = Path(out_dir) / STAGE_DIR
     stage.mkdir(parents=True, exist_ok=True)
     alphabet = cfg.alphabet or trained_alphabet(resolve_model_path(cfg.model)) or "0123456789"
-    qz = QZoomModel.from_pretrained(cfg.model, qzoom=cfg.qzoom)
+    qz = QZoomModel.from_pretrained(cfg.model, qzoom=cfg.qzoom, device=device, dtype=dtype)
     qz.adapter.model.requires_grad_(False)
     metrics_path = stage / METRICS_FILE
     if not metrics_path.exists():
