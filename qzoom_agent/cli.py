@@ -115,13 +115,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         print("note: zoomworld-tiny is not bundled in this installation; this runs a tiny RANDOM model, so the "
               "answers are noise (the gating, boxes and heat maps are computed for real)")
     elif model.heads is None:
-        print(f"note: {args.model} has no Q-Zoom heads yet, so only the low-resolution answer is shown")
+        print(f"note: {args.model} has no Q-Zoom heads yet: shown are the low-resolution answer and the answer "
+              "from the oracle view (the true target cropped and enlarged 3x, what a perfect zoom would show)")
     rows, panels = run_demo(model, args.n, variant=args.variant, alphabet=alphabet)
     for row in rows:
         gate = "off" if row.gate_score is None else f"{row.gate_score:.2f}"
         print(f"[{row.kind}] {row.question.splitlines()[0]}")
-        print(f"    truth {row.truth!r} | low-res {row.lowres_answer!r} | gate {gate} | box {row.box} "
-              f"| Q-Zoom {row.qzoom_answer!r} (zoomed={row.zoomed})")
+        line = f"    truth {row.truth!r} | low-res {row.lowres_answer!r} | oracle view {row.oracle_answer!r}"
+        if model.heads is not None:
+            line += f" | gate {gate} | box {row.box} | Q-Zoom {row.qzoom_answer!r} (zoomed={row.zoomed})"
+        print(line)
     print(f"wrote {draw_panels(panels, args.out)}")
     return 0
 

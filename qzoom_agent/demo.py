@@ -1,8 +1,9 @@
 """`qzoom-agent demo`: a handful of ZoomWorld test questions, answered at low resolution and with Q-Zoom.
 
-For each question it records the low-resolution answer, the gate score, the proposed box and the gated answer,
-and it draws one PNG panel per question: the image, the ground-truth target box, the proposed box and the RoI
-heat map.
+For each question it records the low-resolution answer, the answer from the oracle view (the ground-truth target
+cropped and enlarged: what a perfect zoom would show), and, with heads, the gate score, the proposed box and the
+gated answer. It draws one PNG panel per question: the image, the ground-truth target box, the proposed box and
+the RoI heat map.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from .bench.oracle import ORACLE_TOKENS, oracle_view
 from .bench.zoomworld import DEFAULT_ALPHABET
 from .bench.zoomworld import sample as zoomworld_sample
 from .loading import resolve_model_path, trained_alphabet
@@ -32,6 +34,7 @@ class DemoRow:
     question: str
     truth: str
     lowres_answer: str
+    oracle_answer: str
     gate_score: float | None
     box: list[int] | None
     qzoom_answer: str | None
@@ -71,6 +74,9 @@ def run_demo(model: QZoomModel, n: int = 4, *, variant: str = "hr", start: int =
     for i in range(start, start + n):
         s = zoomworld_sample(variant, "test", i, alphabet=alphabet)
         low = model.answer(s.image, s.question, mode="never", max_new_tokens=8)
+        # the reference a perfect zoom would reach: the ground-truth target cropped with context, enlarged 3x
+        oracle = model.answer(oracle_view(s.image, tuple(s.target_box)), s.question, mode="never",
+                              budget=(4, ORACLE_TOKENS), max_new_tokens=8)
         gate = box = zoom_text = probs = None
         zoomed = False
         if model.heads is not None:
@@ -80,7 +86,7 @@ def run_demo(model: QZoomModel, n: int = 4, *, variant: str = "hr", start: int =
             ans = model.answer(s.image, s.question, mode="auto", max_new_tokens=8, perception=p)
             zoom_text, zoomed = ans.text, ans.zoomed
         target = list(s.target_box) if s.target_box is not None else None
-        row = DemoRow(i, s.kind, s.question, s.answer, low.text, gate, box, zoom_text, zoomed, target)
+        row = DemoRow(i, s.kind, s.question, s.answer, low.text, oracle.text, gate, box, zoom_text, zoomed, target)
         rows.append(row)
         panels.append((s.image, row, probs))
     return rows, panels
@@ -110,7 +116,8 @@ def draw_panels(panels: list, out: str | Path) -> Path:
                 ax.add_patch(mpatches.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, ec=colour, lw=2))
         gate = "off" if row.gate_score is None else f"{row.gate_score:.2f}"
         ax.set_title(
-            f"{row.question.splitlines()[0][:48]}\ntruth {row.truth!r} | low-res {row.lowres_answer!r}\n"
+            f"{row.question.splitlines()[0][:48]}\ntruth {row.truth!r} | low-res {row.lowres_answer!r} | "
+            f"oracle view {row.oracle_answer!r}\n"
             f"gate {gate} | Q-Zoom {row.qzoom_answer!r}",
             fontsize=8,
         )
