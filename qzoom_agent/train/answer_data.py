@@ -48,6 +48,8 @@ class AnswerDataConfig(BaseModel):
 
     mix: dict[str, float] = Field(default_factory=lambda: {"oracle": 0.5, "dense": 0.2, "coarse": 0.3},
                                   description="weight per source: oracle, dense, coarse, tile")
+    early_mix: dict[str, float] | None = Field(None, description="source weights of the first early_examples")
+    early_examples: int = Field(0, ge=0, description="examples drawn from early_mix before mix takes over")
     fine_mix: dict[str, float] = Field(default_factory=lambda: {"read": 0.7, "mcq": 0.3},
                                        description="ZoomWorld fine families of oracle and tile examples")
     alphabet: str | None = Field(None, description="tag characters; None: the phase-1 alphabet (warmup.crops)")
@@ -64,9 +66,11 @@ class AnswerDataConfig(BaseModel):
     tile_fine_mix: dict[str, float] = Field(default_factory=lambda: {"read": 0.6, "mcq": 0.2, "count": 0.2},
                                             description="fine families of tiles (relpos targets span too far)")
 
-    @field_validator("mix")
+    @field_validator("mix", "early_mix")
     @classmethod
-    def _check_mix(cls, value: dict[str, float]) -> dict[str, float]:
+    def _check_mix(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value is None:
+            return value
         if set(value) - set(SOURCES) or any(w < 0 for w in value.values()) or sum(value.values()) <= 0:
             raise ValueError(f"mix needs non-negative weights over {SOURCES} with a positive sum, got {value}")
         return value
@@ -150,11 +154,18 @@ def _coarse(rng: random.Random, cfg: AnswerDataConfig, alphabet: str, seed: int)
     return AnswerExample(s.image, s.question, s.answer, (min(cfg.coarse_tokens[0], cap), cap), "coarse")
 
 
-def _dense(rng: random.Random, cfg: AnswerDataConfig, alphabet: str, index: int) -> AnswerExample:
+DENSE_EVAL_OFFSET = 5 * 10**8  # held-out dense questions use the crop eval range from here (phase 1 uses below)
+
+
+def dense_example(rng: random.Random, cfg: AnswerDataConfig, alphabet: str, index: int,
+                  split: str = "train") -> AnswerExample:
+    """A dense crop (1-3 free-placed tags) asked about a tag of a colour unique in it; ``split`` "train" draws
+    from the training crop range, "eval" from a held-out part of the crop eval range."""
     crop_cfg = DenseCropConfig(alphabet=alphabet, max_tags=cfg.dense_max_tags, size_end=cfg.dense_sizes)
+    offset, crop_split = (0, "train") if split == "train" else (DENSE_EVAL_OFFSET, "eval")
     for attempt in range(_DENSE_TRIES):
-        # the dense-crop train range is separate from ZoomWorld's seeds; 16 slots per example keep indices apart
-        crop = render_dense_crop(crop_seed("train", index * _DENSE_TRIES + attempt), 1.0, crop_cfg)
+        # the dense-crop ranges are separate from ZoomWorld's seeds; 16 slots per example keep indices apart
+        crop = render_dense_crop(crop_seed(crop_split, offset + index * _DENSE_TRIES + attempt), 1.0, crop_cfg)
         colours = [t.colour for t in crop.tags]
         unique = [t for t in crop.tags if colours.count(t.colour) == 1]
         if unique:
@@ -175,11 +186,13 @@ def make_example(cfg: AnswerDataConfig, alphabet: str, index: int, split: str = 
         split: a ZoomWorld split ("train" for training).
     """
     rng = random.Random(f"answer/{split}/{index}")
-    source = rng.choices(SOURCES, weights=[cfg.mix.get(s, 0.0) for s in SOURCES])[0]
+    # A curriculum: small dense crops first teach the LM to read the visual tokens at all, then the full mix.
+    mix = cfg.early_mix if cfg.early_mix is not None and index < cfg.early_examples and split == "train" else cfg.mix
+    source = rng.choices(SOURCES, weights=[mix.get(s, 0.0) for s in SOURCES])[0]
     if source == "dense":
         if split != "train":
             raise ValueError("dense examples are drawn from the training crop range only")
-        return _dense(rng, cfg, alphabet, index)
+        return dense_example(rng, cfg, alphabet, index)
     make = {"oracle": _oracle, "coarse": _coarse, "tile": _tile}[source]
     return make(rng, cfg, alphabet, seed_for(split, index))
 

@@ -160,8 +160,9 @@ def _evaluate(run: JointRun, cfg: AnswerConfig, sets: dict, metrics_path: Path) 
     row.update(evaluate_answers(inference_model(run.adapter), sets))
     with open(metrics_path, "a") as f:
         f.write(json.dumps(row) + "\n")
-    logger.info("step %d: oracle read %.3f, tile read %.3f, coarse %.3f, answer loss %.3f", run.step,
-                row["oracle_read_acc"], row["tile_read_acc"], row["coarse_acc"], row["answer_loss"] or float("nan"))
+    logger.info("step %d: dense read %.3f, oracle read %.3f, tile read %.3f, coarse %.3f, answer loss %.3f",
+                run.step, row["dense_read_acc"], row["oracle_read_acc"], row["tile_read_acc"], row["coarse_acc"],
+                row["answer_loss"] or float("nan"))
     return row
 
 

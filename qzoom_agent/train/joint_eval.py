@@ -5,6 +5,7 @@ Three sets from ZoomWorld's VAL split (never a training seed):
 * ``oracle_read``: fine read questions; the target tag with one panel size of context per side, enlarged 3x and
   encoded at <= 256 tokens (an ideal zoom's view).
 * ``coarse``: colour/shape of the large object on the whole scene at <= 256 tokens.
+* ``dense_read``: small dense crops (1-3 tags) from a held-out crop range, the curriculum's first task.
 * ``tile_read``: fine read questions on a 448 px native-scale window holding the target (<= 256 tokens): reading
   small glyphs among other tags without enlargement, what a high token budget asks of the model.
 """
@@ -20,7 +21,7 @@ from ..bench.oracle import ORACLE_TOKENS, oracle_view
 from ..bench.zoomworld import VARIANTS, generate, seed_for
 from ..config import QZoomConfig
 from ..model import QZoomModel
-from .answer_data import AnswerDataConfig, tile_window
+from .answer_data import AnswerDataConfig, dense_example, tile_window
 
 EVAL_SPLIT = "val"
 COARSE_OFFSET = 10**6  # coarse scenes use val indices from here on, read scenes from 0
@@ -49,7 +50,7 @@ def eval_seeds(n: int) -> dict[str, list[int]]:
 def eval_sets(cfg: AnswerDataConfig, alphabet: str, n: int) -> dict[str, list[EvalItem]]:
     """The held-out sets, ``n`` items each, variants alternating hr/doc."""
     seeds = eval_seeds(n)
-    sets: dict[str, list[EvalItem]] = {"oracle_read": [], "coarse": [], "tile_read": []}
+    sets: dict[str, list[EvalItem]] = {"oracle_read": [], "coarse": [], "tile_read": [], "dense_read": []}
     for k, seed in enumerate(seeds["oracle_read"]):
         s = generate(VARIANTS[k % 2], seed, alphabet=alphabet, mix={"read": 1.0}, size_range=cfg.size_range)
         crop = oracle_view(s.image, tuple(s.target_box))
@@ -62,6 +63,9 @@ def eval_sets(cfg: AnswerDataConfig, alphabet: str, n: int) -> dict[str, list[Ev
         s = generate(VARIANTS[k % 2], seed, alphabet=alphabet, mix={"read": 1.0}, size_range=cfg.tile_size_range)
         window = tile_window(random.Random(seed), s.image.size, tuple(s.target_box), (TILE_SIDE, TILE_SIDE))
         sets["tile_read"].append(EvalItem(s.image.crop(window), s.question, s.answer, (4, 256)))
+    for k in range(n):
+        ex = dense_example(random.Random(f"dense-eval/{k}"), cfg, alphabet, k, split="eval")
+        sets["dense_read"].append(EvalItem(ex.image, ex.question, ex.answer, ex.budget))
     return sets
 
 
