@@ -180,7 +180,10 @@ def _trainable(qz: QZoomModel, cfg: Stage2Config) -> list[torch.nn.Parameter]:
     if cfg.lora is None:
         qz.adapter.layers.requires_grad_(True)
         return list(qz.adapter.layers.parameters())
-    from peft import LoraConfig, inject_adapter_in_model
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError:
+        raise RuntimeError("stage 2 with lora needs peft: pip install 'qzoom-agent[lora]'") from None
 
     lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                       target_modules=cfg.lora.target_modules)
