@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+import yaml
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from ..bench.zoomworld import VARIANTS, ZoomWorldSample, generate, seed_for
 from .dense_probe import DenseProbe
 
 
@@ -116,12 +118,7 @@ class RunState:
 
     def save(self, path: Path, key: str) -> None:
         """Write the checkpoint atomically: a crash leaves the previous one intact."""
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            torch.save(self.state(key), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_torch_save(self.state(key), path)
 
     def restore(self, path: Path, key: str) -> None:
         """Load a checkpoint written under the same config ``key``."""
@@ -135,6 +132,53 @@ class RunState:
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         self.step, self.train_seconds, self.running = state["step"], state["train_seconds"], state["running"]
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temp file, synced, then renamed over ``path``: a crash leaves the previous file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_section(path: str | Path, section: str, cls: type[BaseModel]) -> Any:
+    """Validate the ``section:`` mapping of a training YAML as ``cls``.
+
+    Raises:
+        ValueError: one line naming the file and what is wrong.
+    """
+    data = yaml.safe_load(Path(path).read_text())
+    if not isinstance(data, dict) or not isinstance(data.get(section), dict):
+        raise ValueError(f"{path} needs a '{section}:' mapping (see configs/train/{section}_zoomworld_tiny.yaml)")
+    try:
+        return cls(**data[section])
+    except ValueError as err:
+        raise ValueError(f"invalid {section} config {path}: {' '.join(str(err).split())}") from err
+
+
+def stage_question(cfg: Any, alphabet: str, split: str, index: int) -> ZoomWorldSample:
+    """ZoomWorld question ``index`` of ``split`` for a Q-Zoom stage: ``cfg.families`` and ``cfg.size_range``,
+    variants alternating hr/doc."""
+    return generate(VARIANTS[index % 2], seed_for(split, index), alphabet=alphabet, mix=cfg.families,
+                    size_range=cfg.size_range)
+
+
+def resume_jsonl(path: Path) -> list[dict]:
+    """The complete rows of an append-only JSONL cache; a torn last line (a killed run) is dropped from the file,
+    so appending continues after the last complete row."""
+    rows: list[dict] = []
+    if not path.exists():
+        return rows
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            break
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -30,7 +29,6 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-import yaml
 from pydantic import ConfigDict, Field, model_validator
 from tqdm import tqdm
 
@@ -40,7 +38,8 @@ from ..bench.zoomworld_questions import FINE_FAMILIES
 from ..checkpoint import save_adapter
 from ..config import QZoomConfig
 from ..model import QZoomModel
-from .common import DeviceConfig, OptimConfig, decay_groups
+from .common import DeviceConfig, OptimConfig, atomic_torch_save, decay_groups, load_section
+from .common import stage_question as question
 from .stage1_labels import (
     IGNORE,
     LabelRule,
@@ -113,26 +112,7 @@ class Stage1Config(OptimConfig):
 
 def load_stage1_config(path: str | Path) -> Stage1Config:
     """Read the ``stage1:`` section of a YAML file; raises ValueError naming the file on bad content."""
-    data = yaml.safe_load(Path(path).read_text())
-    if not isinstance(data, dict) or not isinstance(data.get("stage1"), dict):
-        raise ValueError(f"{path} needs a 'stage1:' mapping (see configs/train/stage1_zoomworld_tiny.yaml)")
-    try:
-        return Stage1Config(**data["stage1"])
-    except ValueError as err:
-        raise ValueError(f"invalid stage1 config {path}: {' '.join(str(err).split())}") from err
-
-
-# ---- questions -------------------------------------------------------------------------------------------------
-def question(cfg: Stage1Config, alphabet: str, split: str, index: int) -> ZoomWorldSample:
-    """ZoomWorld question ``index`` of ``split`` for stage 1 (variants alternate hr/doc)."""
-    return generate(VARIANTS[index % 2], seed_for(split, index), alphabet=alphabet, mix=cfg.families,
-                    size_range=cfg.size_range)
-
-
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    return load_section(path, "stage1", Stage1Config)
 
 
 # ---- step 1: heads ---------------------------------------------------------------------------------------------
@@ -200,7 +180,7 @@ def make_labels(qz: QZoomModel, cfg: Stage1Config, alphabet: str, heads: dict[in
                             "skipped": bool((labels == IGNORE).all()), "target_hit": hit})
             bar.update(1)
             if len(records) % cfg.save_every == 0 or len(records) == cfg.samples:
-                _atomic_save({"heads": heads, "source": cfg.label_source, "records": records}, path)
+                atomic_torch_save({"heads": heads, "source": cfg.label_source, "records": records}, path)
     return records
 
 
@@ -353,7 +333,7 @@ def run_stage1(cfg: Stage1Config, out_dir: str | Path, *, max_steps: int | None 
             bar.update(1)
             bar.set_postfix(bce=f"{running:.3f}")
             if step % cfg.checkpoint_every == 0 or step == stop:
-                _atomic_save({"twig": twig.state_dict(), "optimizer": optimizer.state_dict(),
+                atomic_torch_save({"twig": twig.state_dict(), "optimizer": optimizer.state_dict(),
                               "scheduler": scheduler.state_dict(), "step": step, "seconds": seconds}, ckpt)
     qz.heads.eval()
     after = {"when": "after", "step": step, "train_seconds": round(seconds, 1), "bce": running, **label_stats,

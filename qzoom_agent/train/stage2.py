@@ -23,22 +23,21 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import yaml
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
-from ..bench.zoomworld import DEFAULT_MIX, VARIANTS, ZoomWorldSample, generate, seed_for
+from ..bench.zoomworld import DEFAULT_MIX, ZoomWorldSample
 from ..checkpoint import save_adapter
 from ..model import QZoomModel
 from ..roi import Box, box_to_cells, crop
-from .common import DeviceConfig, OptimConfig, decay_groups
+from .common import DeviceConfig, OptimConfig, atomic_torch_save, decay_groups, load_section, resume_jsonl
+from .common import stage_question as question
 from .judges import Judge, make_judge
 
 logger = logging.getLogger(__name__)
@@ -88,31 +87,12 @@ class Stage2Config(OptimConfig):
 
 def load_stage2_config(path: str | Path) -> Stage2Config:
     """Read the ``stage2:`` section of a YAML file; raises ValueError naming the file on bad content."""
-    data = yaml.safe_load(Path(path).read_text())
-    if not isinstance(data, dict) or not isinstance(data.get("stage2"), dict):
-        raise ValueError(f"{path} needs a 'stage2:' mapping (see configs/train/stage2_zoomworld_tiny.yaml)")
-    try:
-        return Stage2Config(**data["stage2"])
-    except ValueError as err:
-        raise ValueError(f"invalid stage2 config {path}: {' '.join(str(err).split())}") from err
-
-
-def question(cfg: Stage2Config, alphabet: str, split: str, index: int) -> ZoomWorldSample:
-    """ZoomWorld question ``index`` of ``split`` (variants alternate hr/doc)."""
-    return generate(VARIANTS[index % 2], seed_for(split, index), alphabet=alphabet, mix=cfg.families,
-                    size_range=cfg.size_range)
+    return load_section(path, "stage2", Stage2Config)
 
 
 def mine(qz: QZoomModel, cfg: Stage2Config, alphabet: str, judge: Judge, path: Path) -> list[dict]:
     """Direct and forced-zoom answers of ``cfg.samples`` train questions, judged; appended to ``path``."""
-    rows = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                break
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rows = resume_jsonl(path)
     with open(path, "a") as fh, tqdm(total=cfg.samples, initial=len(rows), desc="stage 2: mining",
                                      dynamic_ncols=True, mininterval=2.0) as bar:
         for i in range(len(rows), cfg.samples):
@@ -262,11 +242,9 @@ def run_stage2(cfg: Stage2Config, out_dir: str | Path, *, max_steps: int | None 
             bar.update(1)
             bar.set_postfix(ce=f"{running:.3f}")
             if step % cfg.checkpoint_every == 0 or step == stop:
-                tmp = ckpt.with_name(ckpt.name + ".tmp")
-                torch.save({"params": {n: p.detach() for n, p in trained.items()},
+                atomic_torch_save({"params": {n: p.detach() for n, p in trained.items()},
                             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                            "step": step, "seconds": seconds}, tmp)
-                os.replace(tmp, ckpt)
+                            "step": step, "seconds": seconds}, ckpt)
     qz.adapter.model.eval()
     if cfg.lora is not None:
         _merge_lora(qz.adapter.layers)

@@ -23,23 +23,22 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import yaml
 from pydantic import ConfigDict, Field, model_validator
 from tqdm import tqdm
 
 from ..bench.agents import budget_for
 from ..bench.metrics import is_correct
-from ..bench.zoomworld import DEFAULT_MIX, VARIANTS, ZoomWorldSample, generate, seed_for
+from ..bench.zoomworld import DEFAULT_MIX, ZoomWorldSample
 from ..checkpoint import save_adapter
 from ..model import QZoomModel
-from .common import DeviceConfig, OptimConfig, decay_groups
+from .common import DeviceConfig, OptimConfig, atomic_torch_save, decay_groups, load_section, resume_jsonl
+from .common import stage_question as question
 from .stage3_labels import GateSample, agree, balance, classify, pick
 
 logger = logging.getLogger(__name__)
@@ -87,32 +86,13 @@ class Stage3Config(OptimConfig):
 
 def load_stage3_config(path: str | Path) -> Stage3Config:
     """Read the ``stage3:`` section of a YAML file; raises ValueError naming the file on bad content."""
-    data = yaml.safe_load(Path(path).read_text())
-    if not isinstance(data, dict) or not isinstance(data.get("stage3"), dict):
-        raise ValueError(f"{path} needs a 'stage3:' mapping (see configs/train/stage3_zoomworld_tiny.yaml)")
-    try:
-        return Stage3Config(**data["stage3"])
-    except ValueError as err:
-        raise ValueError(f"invalid stage3 config {path}: {' '.join(str(err).split())}") from err
-
-
-def question(cfg: Stage3Config, alphabet: str, split: str, index: int) -> ZoomWorldSample:
-    """ZoomWorld question ``index`` of ``split`` (variants alternate hr/doc)."""
-    return generate(VARIANTS[index % 2], seed_for(split, index), alphabet=alphabet, mix=cfg.families,
-                    size_range=cfg.size_range)
+    return load_section(path, "stage3", Stage3Config)
 
 
 def answer_at_budgets(qz: QZoomModel, cfg: Stage3Config, alphabet: str, path: Path) -> list[dict]:
     """Answers of ``cfg.samples`` train questions at every budget, appended to ``path`` (resumes after the last
     complete line)."""
-    rows = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                break  # a torn last line: answer that question again
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rows = resume_jsonl(path)
     with open(path, "a") as fh, tqdm(total=cfg.samples, initial=len(rows), desc="stage 3: answers",
                                      dynamic_ncols=True, mininterval=2.0) as bar:
         for i in range(len(rows), cfg.samples):
@@ -166,14 +146,14 @@ def evaluate_gate(qz: QZoomModel, cfg: Stage3Config, alphabet: str, n: int) -> d
     for k in range(n):
         s = question(cfg, alphabet, "val", k)
         direct = qz.answer(s.image, s.question, mode="never", budget=budget, max_new_tokens=cfg.max_new_tokens)
-        p = qz.perceive(s.image, s.question, roi="never", budget=budget)
+        # the forced-zoom answer runs the gate on the same first pass; its score is the gate's decision
         zoomed = qz.answer(s.image, s.question, mode="always", budget=budget, max_new_tokens=cfg.max_new_tokens)
         right_direct = is_correct(direct.text, s.answer, s.options)
         right_zoom = is_correct(zoomed.text, s.answer, s.options)
-        fires = p.gate_score >= qz.config.gate_threshold
+        fires = zoomed.gate_score >= qz.config.gate_threshold
         (coarse_skip if s.kind == "coarse" else fine_zoom).append(not fires if s.kind == "coarse" else fires)
         if right_direct or right_zoom:  # both wrong: neither label is meaningful
-            scores.append(p.gate_score)
+            scores.append(zoomed.gate_score)
             labels.append(int(right_zoom and not right_direct))
     area = auc(scores, labels)
     threshold_acc = sum((sc >= qz.config.gate_threshold) == bool(y) for sc, y in zip(scores, labels, strict=True))
@@ -263,11 +243,9 @@ def run_stage3(cfg: Stage3Config, out_dir: str | Path, *, max_steps: int | None 
             bar.update(1)
             bar.set_postfix(bce=f"{running:.3f}")
             if step % cfg.checkpoint_every == 0 or step == stop:
-                tmp = ckpt.with_name(ckpt.name + ".tmp")
-                torch.save({"layers": gate[0].state_dict(), "head": gate[1].state_dict(),
+                atomic_torch_save({"layers": gate[0].state_dict(), "head": gate[1].state_dict(),
                             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                            "step": step, "seconds": seconds}, tmp)
-                os.replace(tmp, ckpt)
+                            "step": step, "seconds": seconds}, ckpt)
     qz.heads.eval()
     after = {"when": "after", "step": step, "train_seconds": round(seconds, 1), "bce": running, **stats,
              **evaluate_gate(qz, cfg, alphabet, cfg.eval_items)}
