@@ -213,7 +213,9 @@ def test_seeds_pick_held_out_questions(tiny_model, tmp_path, capsys):
     (["--bench", "zoomworld:xyz"], "unknown bench 'zoomworld:xyz'; choose one of zoomworld:hr, zoomworld:doc"),
     (["--bench", "foo"], "unknown bench 'foo'"),
     (["--agents", "lowres,bogus"],
-     "unknown agent 'bogus'; choose from lowres, highres, oracle, qzoom, qzoom-always, qzoom-never, plain@N"),
+     "unknown agent 'bogus'; choose from lowres, highres, oracle, qzoom, qzoom-always, qzoom-never, plain@N, "
+     "qzoom@N, qzoom-always@N, qzoom-never@N"),
+    (["--agents", "qzoom@0"], "qzoom@TOKENS must be a positive integer, got 0"),
     (["--agents", "plain@x"], "plain@TOKENS must be a positive integer"),
     (["--agents", "lowres,lowres"], "agents repeat: lowres"),
     (["--n", "0"], "--n must be a positive integer, got 0"),
@@ -279,12 +281,42 @@ def test_qzoom_agents_report_zooms_and_roi_quality(tiny_model, tmp_path, capsys)
     never = summary["qzoom-never"]
     assert never["zooms_mean"] == 0 and never["roi_hit_fine"] is None
     records = _lines(out)
+    gate = json.loads((out / "summary.json").read_text())["gate"]
+    by = {(r["agent"], r["index"]): r for r in records}
+    informative = [i for (a, i), r in by.items()
+                   if a == "qzoom-always" and (r["correct"] or by["qzoom-never", i]["correct"])]
+    assert set(gate) == {"qzoom-always"} and gate["qzoom-always"]["scored"] == len(informative)
     always = [r for r in records if r["agent"] == "qzoom-always"]
     assert all((r["gate_score"] is None) == (r["agent"] == "qzoom-never") for r in records)
     assert all(r["visual_tokens"] <= 2 * 64 for r in records)  # each view obeys the cap
     for r in always:  # a forced zoom has a box whenever the map fires; its coverage is scored
         assert (r["bbox"] is None) == (r["zooms"] == 0)
         assert r["bbox"] is None or r["coverage"] == metrics.box_coverage(r["bbox"], r["target_box"])
+
+
+def test_pareto_and_matched_accuracy(tiny_model, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["--bench", "zoomworld:hr", "--agents", "qzoom@16,qzoom-always@32", "--budgets", "16,64", "--n", "3",
+            "--out", str(out), "--model", str(tiny_model), "--max-new-tokens", "2"]
+    text = _run(argv, capsys)
+    summary = json.loads((out / "summary.json").read_text())
+    run = json.loads((out / "run.json").read_text())
+    assert run["budgets"]["qzoom@16"] == [16, 16] and run["budgets"]["qzoom-always@32"] == [32, 32]
+    records = [r for r in _lines(out) if r["agent"] in ("qzoom@16", "qzoom-always@32")]
+    assert all(r["gate_score"] is not None for r in records)  # both ran with their heads
+    assert all(r["visual_tokens"] <= 2 * 16 for r in records if r["agent"] == "qzoom@16")
+    for key in ("accuracy", "accuracy_fine"):
+        m = summary["matched"][key]
+        agents = summary["agents"]
+        peak = max(agents[a][key] for a in ("plain@16", "plain@64"))
+        assert m["plain_peak"][key] == peak and m["qzoom_best"]["agent"] == "qzoom@16"  # only gated agents count
+        assert (m["matched"] is None) == (agents["qzoom@16"][key] < peak - 0.01)
+        if m["matched"]:
+            peak_latency = agents[m["plain_peak"]["agent"]]["latency_s_mean"]
+            assert m["speedup"] == pytest.approx(peak_latency / agents["qzoom@16"]["latency_s_mean"])
+    assert "## Matched accuracy" in (out / "summary.md").read_text() and "plain peak" in text
+    for name in ("pareto.png", "pareto_fine.png"):
+        assert (out / name).stat().st_size > 1000
 
 
 def test_qzoom_agents_need_heads(tiny_model, tmp_path, capsys):

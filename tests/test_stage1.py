@@ -12,7 +12,15 @@ from qzoom_agent.backbones import ImageInputs
 from qzoom_agent.model import QZoomModel
 from qzoom_agent.roi import Box, box_to_cells
 from qzoom_agent.tiny import make_tiny
-from qzoom_agent.train.stage1 import STAGE_DIR, Stage1Config, load_stage1_config, question, run_stage1
+from qzoom_agent.train.stage1 import (
+    STAGE_DIR,
+    Stage1Config,
+    load_stage1_config,
+    question,
+    run_stage1,
+    twig_inputs,
+    twig_loss,
+)
 from qzoom_agent.train.stage1_labels import (
     IGNORE,
     LabelRule,
@@ -130,6 +138,31 @@ def test_stage1_trains_only_the_twig_and_resumes(tiny_dir, tmp_path):
     fresh.init_heads()
     changed = {k for k, v in trained.heads.state_dict().items() if not torch.equal(v, fresh.heads.state_dict()[k])}
     assert changed and all(k.startswith("twig_layers.") for k in changed)  # the gate is untouched
+
+
+def test_twig_loss_terms(tiny_dir):
+    qz = QZoomModel.from_pretrained(tiny_dir, qzoom=False)
+    qz.init_heads()
+    cfg = Stage1Config(model=str(tiny_dir), budget=(16, 64), size_range=(1024, 1024))
+    s = question(cfg, "0123456789", "train", 1)
+    x = twig_inputs(qz, s, cfg.budget)
+    labels = box_labels(tuple(s.target_box), qz.adapter.prepare_image(s.image, min_tokens=16, max_tokens=64))
+    labels[0, 0] = IGNORE
+    with torch.no_grad():  # only values are compared here
+        logits = qz.heads.roi_logits(qz.adapter, x.hidden_k, x.rotary, x.mask, x.image_start, x.image_end)
+        flat, keep = labels.flatten(), labels.flatten() != IGNORE
+        z, y = logits[keep], flat[keep].float()
+        plain = torch.nn.functional.binary_cross_entropy_with_logits(z, y, reduction="sum")
+        fg = -torch.nn.functional.logsigmoid(z)[y == 1].sum()
+        listwise = -(torch.log_softmax(z, 0)[y == 1]).mean() * keep.sum()
+        assert float(twig_loss(qz, x, labels)) == pytest.approx(float(plain), rel=1e-5)
+        assert float(twig_loss(qz, x, labels, pos_weight=3.0)) == pytest.approx(float(plain + 2 * fg), rel=1e-5)
+        assert float(twig_loss(qz, x, labels, rank_weight=0.5)) == pytest.approx(float(plain + 0.5 * listwise),
+                                                                                 rel=1e-5)
+        assert float(twig_loss(qz, x, labels)) == pytest.approx(float(twig_loss(qz, twig_inputs(qz, s, cfg.budget),
+                                                                                   labels)))  # cached == fresh
+        with pytest.raises(RuntimeError, match="labels of grid"):
+            twig_loss(qz, x, labels[:-1])
 
 
 def test_shipped_stage1_config_is_valid():

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from qzoom_agent.bench.metrics import auc
 from qzoom_agent.model import QZoomModel
 from qzoom_agent.tiny import make_tiny
-from qzoom_agent.train.stage3 import STAGE_DIR, Stage3Config, auc, load_stage3_config, run_stage3
+from qzoom_agent.train.stage3 import STAGE_DIR, Stage3Config, load_stage3_config, run_stage3
 from qzoom_agent.train.stage3_labels import EASY, TRANSITION, GateSample, agree, balance, classify, pick
 
 torch.set_num_threads(2)
@@ -85,6 +86,40 @@ def test_stage3_trains_only_the_gate(tmp_path):
     rows_out = [json.loads(r) for r in (stage / "metrics.jsonl").read_text().splitlines()]
     assert [r["when"] for r in rows_out] == ["before", "after"]
     assert 0.0 <= rows_out[-1]["coarse_skipped"] <= 1.0 and 0.0 <= rows_out[-1]["fine_zoomed"] <= 1.0
+
+
+def test_zoom_rungs_top_the_ladder_with_forced_zoom_answers(tmp_path):
+    from qzoom_agent.bench.agents import budget_for
+    from qzoom_agent.train.common import stage_question
+    from qzoom_agent.train.stage3 import answer_at_budgets
+
+    base = make_tiny(tmp_path / "model", "qwen2_5_vl")
+    cfg = Stage3Config(model=str(base), qzoom=str(base / "qzoom"), budgets=[16, 32], zoom_budgets=[16, 32],
+                       samples=2, size_range=(1024, 1024), max_new_tokens=3, alphabet="0123456789")
+    assert cfg.rungs == [(16, "never"), (32, "never"), (16, "always"), (32, "always")]
+    qz = QZoomModel.from_pretrained(base)
+    qz.config = qz.config.model_copy(update={"gate_threshold": 2.0})  # the gate never fires on its own
+    path = tmp_path / "answers.jsonl"
+    rows = answer_at_budgets(qz, cfg, "0123456789", path)
+    assert [len(r["answers"]) for r in rows] == [4, 4]
+    s = stage_question(cfg, "0123456789", "train", 1)
+    for (b, mode), got in zip(cfg.rungs, rows[1]["answers"], strict=True):
+        ans = qz.answer(s.image, s.question, mode=mode, budget=budget_for(b), max_new_tokens=3)
+        assert ans.text == got and ans.zoomed == (mode == "always" and ans.bbox is not None)
+    with pytest.raises(ValueError, match="holds answers at 4 rungs and the config has 3"):
+        answer_at_budgets(qz, cfg.model_copy(update={"zoom_budgets": [], "budgets": [8, 16, 32]}), "0123456789",
+                          path)
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"budgets": [64, 32, 128]}, "budgets must be distinct ascending"),
+    ({"budgets": [64, 128]}, "the ladder needs >= 3 rungs"),
+    ({"budgets": [], "zoom_budgets": [64, 128, 256]}, "one plain budget at least"),
+    ({"budgets": [64, 128], "zoom_budgets": [256]}, "zoom_budgets needs two values or none"),
+])
+def test_bad_ladders(fields, message):
+    with pytest.raises(ValueError, match=message):
+        Stage3Config(qzoom="q", **fields)
 
 
 def test_shipped_stage3_config_is_valid():

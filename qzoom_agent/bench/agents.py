@@ -186,6 +186,8 @@ class AgentContext:
     qzoom_tokens: int = DEFAULT_QZOOM_TOKENS
 
 
+QZOOM_MODES = {"qzoom": "auto", "qzoom-always": "always", "qzoom-never": "never"}  # agent name -> answer mode
+
 Factory = Callable[[AgentContext, str], Agent]
 ParamFactory = Callable[[AgentContext, str, str], Agent]
 
@@ -194,9 +196,8 @@ FACTORIES: dict[str, Factory] = {
     "lowres": lambda ctx, name: PlainAgent(ctx.model, ctx.lowres_tokens, name, ctx.max_new_tokens),
     "highres": lambda ctx, name: PlainAgent(ctx.model, ctx.highres_tokens, name, ctx.max_new_tokens),
     "oracle": lambda ctx, name: OracleAgent(ctx.model, name, ctx.max_new_tokens),
-    "qzoom": lambda ctx, name: QZoomAgent(ctx.model, "auto", ctx.qzoom_tokens, name, ctx.max_new_tokens),
-    "qzoom-always": lambda ctx, name: QZoomAgent(ctx.model, "always", ctx.qzoom_tokens, name, ctx.max_new_tokens),
-    "qzoom-never": lambda ctx, name: QZoomAgent(ctx.model, "never", ctx.qzoom_tokens, name, ctx.max_new_tokens),
+    **{fixed: (lambda ctx, name, mode=mode: QZoomAgent(ctx.model, mode, ctx.qzoom_tokens, name, ctx.max_new_tokens))
+       for fixed, mode in QZOOM_MODES.items()},
 }
 
 
@@ -210,14 +211,43 @@ def _positive_int(text: str, what: str) -> int:
     return value
 
 
-def _check_plain_arg(arg: str) -> None:
-    _positive_int(arg, "the token budget in plain@TOKENS")
+def _budget_check(prefix: str) -> Callable[[str], None]:
+    def check(arg: str) -> None:
+        _positive_int(arg, f"the token budget in {prefix}@TOKENS")
+
+    return check
+
+
+def _qzoom_factory(mode: str) -> ParamFactory:
+    return lambda ctx, name, arg: QZoomAgent(ctx.model, mode, int(arg), name, ctx.max_new_tokens)
 
 
 # prefix -> (argument check raising ValueError, factory(context, name, argument)) for ``prefix@argument`` names.
+# ``qzoom@576`` is the gated agent at a 576-token global view; the plain ``qzoom`` name uses --qzoom-tokens.
 PARAM_FACTORIES: dict[str, tuple[Callable[[str], None], ParamFactory]] = {
-    "plain": (_check_plain_arg, lambda ctx, name, arg: PlainAgent(ctx.model, int(arg), name, ctx.max_new_tokens)),
+    "plain": (_budget_check("plain"),
+              lambda ctx, name, arg: PlainAgent(ctx.model, int(arg), name, ctx.max_new_tokens)),
+    **{prefix: (_budget_check(prefix), _qzoom_factory(mode)) for prefix, mode in QZOOM_MODES.items()},
 }
+
+
+def agent_tokens(name: str, ctx_tokens: dict[str, int]) -> int | None:
+    """The max visual tokens of agent ``name``'s (global) view, or None for agents without a fixed budget.
+
+    Args:
+        name: an agent name, fixed or ``prefix@TOKENS``.
+        ctx_tokens: the run's tokens for fixed names, e.g. ``{"lowres": 256, "highres": 4096, "qzoom": 576}``.
+
+    Examples:
+        >>> agent_tokens("qzoom@256", {}), agent_tokens("qzoom-always", {"qzoom": 576}), agent_tokens("oracle", {})
+        (256, 576, None)
+    """
+    prefix, sep, arg = name.partition("@")
+    if sep and prefix in PARAM_FACTORIES:
+        return int(arg)
+    if name in QZOOM_MODES:
+        return ctx_tokens.get("qzoom")
+    return ctx_tokens.get(name)
 
 
 def known_agents() -> list[str]:

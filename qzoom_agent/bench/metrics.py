@@ -185,6 +185,62 @@ def roi_hit(box: BoxLike | None, target: BoxLike | None, coverage: float = 0.7, 
     return c is not None and c >= coverage and _area(box) <= max_area * _area(target)
 
 
+def auc(scores: Sequence[float], labels: Sequence[int]) -> float | None:
+    """Area under the ROC curve (ties count half); None without both classes.
+
+    Examples:
+        >>> auc([0.9, 0.8, 0.3, 0.1], [1, 1, 0, 0]), auc([0.5, 0.5], [1, 0])
+        (1.0, 0.5)
+    """
+    pos = [s for s, y in zip(scores, labels, strict=True) if y == 1]
+    neg = [s for s, y in zip(scores, labels, strict=True) if y == 0]
+    if not pos or not neg:
+        return None
+    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
+    return wins / (len(pos) * len(neg))
+
+
+def gate_pairs(records: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The gate judged against what zooming truly did, from runs with both ``qzoom-always[@N]`` and
+    ``qzoom-never[@N]`` agents at the same global view.
+
+    For each question answered by both, "zoom helps" is 1 when the forced zoom is right and the direct answer wrong,
+    and 0 when the direct answer is right; questions both get wrong carry no label. The score is the gate's, which
+    the forced-zoom agent records from the same first pass the gated agent would use.
+
+    Returns:
+        ``{always_agent_name: {"gate_auc", "scored", "zoom_helps"}}``, one entry per matched pair (``gate_auc`` is
+        None without both labels).
+
+    Examples:
+        >>> rows = [{"agent": "qzoom-always", "index": 0, "correct": True, "gate_score": 0.9},
+        ...         {"agent": "qzoom-never", "index": 0, "correct": False, "gate_score": None},
+        ...         {"agent": "qzoom-always", "index": 1, "correct": True, "gate_score": 0.2},
+        ...         {"agent": "qzoom-never", "index": 1, "correct": True, "gate_score": None}]
+        >>> gate_pairs(rows)
+        {'qzoom-always': {'gate_auc': 1.0, 'scored': 2, 'zoom_helps': 1}}
+    """
+    by_agent: dict[str, dict[int, Mapping[str, Any]]] = {}
+    for rec in records:
+        by_agent.setdefault(rec["agent"], {})[int(rec["index"])] = rec
+    out = {}
+    for name, always in by_agent.items():
+        prefix, sep, arg = name.partition("@")
+        if prefix != "qzoom-always":
+            continue
+        never = by_agent.get("qzoom-never" + sep + arg, {})
+        scores, labels = [], []
+        for index, rec in always.items():
+            direct = never.get(index)
+            if direct is None or rec.get("gate_score") is None or not (rec["correct"] or direct["correct"]):
+                continue
+            scores.append(float(rec["gate_score"]))
+            labels.append(int(bool(rec["correct"]) and not direct["correct"]))
+        if never:
+            out[name] = {"gate_auc": auc(scores, labels), "scored": len(scores), "zoom_helps": sum(labels)}
+    return out
+
+
 def summarize(records: Iterable[Mapping[str, Any]], agents: Sequence[str] | None = None) -> dict[str, Any]:
     """The run summary ``{"agents": {name: summarize_agent(...)}}``.
 
@@ -195,7 +251,12 @@ def summarize(records: Iterable[Mapping[str, Any]], agents: Sequence[str] | None
     Returns:
         The summary, JSON-ready.
     """
+    records = list(records)
     by_agent: dict[str, list[Mapping[str, Any]]] = {name: [] for name in agents or []}
     for rec in records:
         by_agent.setdefault(rec["agent"], []).append(rec)
-    return {"agents": {name: summarize_agent(rows) for name, rows in by_agent.items()}}
+    summary: dict[str, Any] = {"agents": {name: summarize_agent(rows) for name, rows in by_agent.items()}}
+    gate = gate_pairs(records)
+    if gate:
+        summary["gate"] = gate
+    return summary

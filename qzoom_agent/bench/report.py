@@ -111,3 +111,134 @@ def plot_accuracy_by_budget(summary: Mapping[str, Any], path: str | Path, title:
     fig.savefig(out, dpi=120)
     logger.info("wrote %s", out)
     return out
+
+
+def qzoom_agents(names: list[str]) -> dict[str, str]:
+    """``{name: label}`` of the gated Q-Zoom agents (``qzoom`` and ``qzoom@N``) among ``names``.
+
+    Examples:
+        >>> qzoom_agents(["plain@256", "qzoom@576", "qzoom", "qzoom-always@576"])
+        {'qzoom@576': 'qzoom@576', 'qzoom': 'qzoom'}
+    """
+    return {n: n for n in names if n.partition("@")[0] == "qzoom"}
+
+
+def _point(name: str, stats: Mapping[str, Any], key: str) -> dict[str, Any]:
+    latency = stats.get("latency_s_mean") or 0.0
+    return {"agent": name, key: stats.get(key), "throughput_qps": 1.0 / latency if latency > 0 else None,
+            "visual_tokens_mean": stats.get("visual_tokens_mean")}
+
+
+def matched_accuracy(summary: Mapping[str, Any], key: str = "accuracy", tolerance: float = 0.01) -> dict | None:
+    """Q-Zoom against the plain model's peak: the fastest gated agent within ``tolerance`` of the peak ``key``.
+
+    The plain peak is the best ``plain@N`` agent (the faster one on ties). Throughput is questions per second at
+    batch size 1 (1 / mean latency), so the speed-up compares agents timed side by side in one run.
+
+    Returns:
+        None without ``plain@N`` or gated Q-Zoom agents; else ``{"key", "tolerance", "plain_peak", "qzoom_best",
+        "matched", "speedup"}``, where ``matched`` (and ``speedup``, its throughput over the peak's) is None when no
+        Q-Zoom agent comes within the tolerance.
+
+    Examples:
+        >>> agents = {"plain@256": {"accuracy": 0.5, "latency_s_mean": 0.1},
+        ...           "plain@4096": {"accuracy": 0.8, "latency_s_mean": 1.0},
+        ...           "qzoom@576": {"accuracy": 0.795, "latency_s_mean": 0.25}}
+        >>> m = matched_accuracy({"agents": agents})
+        >>> m["matched"]["agent"], round(m["speedup"], 2)
+        ('qzoom@576', 4.0)
+    """
+    agents = summary["agents"]
+    plain = [n for n in budget_agents(list(agents)) if agents[n].get(key) is not None]
+    gated = [n for n in qzoom_agents(list(agents)) if agents[n].get(key) is not None]
+    if not plain or not gated:
+        return None
+
+    def speed(name: str) -> float:
+        latency = agents[name].get("latency_s_mean") or 0.0
+        return 1.0 / latency if latency > 0 else 0.0
+
+    peak = max(plain, key=lambda n: (agents[n][key], speed(n)))
+    best = max(gated, key=lambda n: (agents[n][key], speed(n)))
+    close = [n for n in gated if agents[n][key] >= agents[peak][key] - tolerance - 1e-12]
+    matched = max(close, key=speed) if close else None
+    return {
+        "key": key, "tolerance": tolerance, "plain_peak": _point(peak, agents[peak], key),
+        "qzoom_best": _point(best, agents[best], key),
+        "matched": _point(matched, agents[matched], key) if matched else None,
+        "speedup": speed(matched) / speed(peak) if matched and speed(peak) > 0 else None,
+    }
+
+
+def findings(summary: Mapping[str, Any]) -> list[str]:
+    """Markdown sections beyond the table: matched accuracy (overall and fine) when the run has ``plain@N`` and
+    gated Q-Zoom agents, and the gate's AUC when it has forced-zoom and no-zoom pairs; empty otherwise."""
+    lines = []
+    for key in ("accuracy", "accuracy_fine"):
+        m = matched_accuracy(summary, key)
+        if m is None:
+            continue
+        peak, best = m["plain_peak"], m["qzoom_best"]
+        line = (f"- {key}: plain peak {peak[key]:.3f} ({peak['agent']}, {peak['throughput_qps']:.2f} q/s); "
+                f"best Q-Zoom {best[key]:.3f} ({best['agent']}, {best['throughput_qps']:.2f} q/s); ")
+        if m["matched"]:
+            line += (f"within {m['tolerance']:.2f} of the peak: {m['matched']['agent']} at "
+                     f"{m['speedup']:.2f}x the peak's throughput")
+        else:
+            line += f"no Q-Zoom agent within {m['tolerance']:.2f} of the peak"
+        lines.append(line)
+    if lines:
+        lines = ["## Matched accuracy", "", *lines]
+    gate = summary.get("gate") or {}
+    if gate:
+        lines += ["", "## Gate"] if lines else ["## Gate"]
+        lines.append("")
+        for name, g in gate.items():
+            value = "n/a (one class only)" if g["gate_auc"] is None else f"{g['gate_auc']:.3f}"
+            lines.append(f"- {name}: AUC {value} for \"zoom helps\" over {g['scored']} questions that one of the "
+                         f"two answers gets right ({g['zoom_helps']} where only the zoom does)")
+    return lines
+
+
+def plot_pareto(summary: Mapping[str, Any], path: str | Path, title: str = "", key: str = "accuracy") -> Path | None:
+    """Plot ``key`` against throughput (questions/s, log axis) for the ``plain@N`` and gated ``qzoom@N`` agents.
+
+    Each point is labelled with its global-view budget; the better corner is top right.
+
+    Returns:
+        The path, or None when the run has fewer than two such agents (nothing is written).
+    """
+    agents = summary["agents"]
+    series = {"plain": list(budget_agents(list(agents))), "Q-Zoom (gated)": list(qzoom_agents(list(agents)))}
+    points = {label: [(n, agents[n]) for n in names if agents[n].get(key) is not None
+                      and (agents[n].get("latency_s_mean") or 0) > 0] for label, names in series.items()}
+    if sum(len(v) for v in points.values()) < 2:
+        return None
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.5, 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for (label, pts), marker in zip(points.items(), ("o", "*"), strict=True):
+        if not pts:
+            continue
+        pts = sorted(pts, key=lambda p: 1.0 / p[1]["latency_s_mean"])
+        xs = [1.0 / st["latency_s_mean"] for _, st in pts]
+        ys = [st[key] for _, st in pts]
+        ax.plot(xs, ys, marker=marker, markersize=9 if marker == "*" else 6, label=label)
+        for (name, _), x, y in zip(pts, xs, ys, strict=True):
+            ax.annotate(name.partition("@")[2] or name, (x, y), textcoords="offset points", xytext=(4, 4),
+                        fontsize=8)
+    ax.set_xscale("log")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("throughput (questions/s, batch 1, log scale)")
+    ax.set_ylabel(key.replace("_", " "))
+    ax.set_title(title or f"{key.replace('_', ' ')} against throughput")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out, dpi=120)
+    logger.info("wrote %s", out)
+    return out

@@ -37,6 +37,7 @@ TEST_SPLIT = "test"
 WARMUP_SPLIT, WARMUP_INDEX = "val", 0
 RESULTS, RUN, SUMMARY_JSON, SUMMARY_MD, PLOT = (
     "results.jsonl", "run.json", "summary.json", "summary.md", "accuracy_by_budget.png")
+PARETO, PARETO_FINE = "pareto.png", "pareto_fine.png"  # accuracy against throughput, plain@N and qzoom@N
 IDENTITY_KEYS = ("bench", "agents", "seed", "n", "model", "lowres_tokens", "highres_tokens", "max_new_tokens",
                  "alphabet", "qzoom_tokens")
 
@@ -172,10 +173,8 @@ def prepare_run_dir(cfg: CompareConfig, model_path: Path) -> dict[str, Any]:
 
 
 def _budget_of(cfg: CompareConfig, name: str) -> list[int] | None:
-    tokens = {"lowres": cfg.lowres_tokens, "highres": cfg.highres_tokens, "qzoom": cfg.qzoom_tokens,
-              "qzoom-always": cfg.qzoom_tokens, "qzoom-never": cfg.qzoom_tokens}.get(name)
-    if tokens is None and name.startswith("plain@"):
-        tokens = int(name.partition("@")[2])
+    tokens = agents_lib.agent_tokens(name, {"lowres": cfg.lowres_tokens, "highres": cfg.highres_tokens,
+                                            "qzoom": cfg.qzoom_tokens})
     return list(agents_lib.budget_for(tokens)) if tokens else None
 
 
@@ -297,11 +296,20 @@ def write_summary(cfg: CompareConfig, records: list[dict[str, Any]]) -> dict[str
     wanted = set(question_indices(cfg.seed, cfg.n))
     records = [r for r in records if int(r["index"]) in wanted and r["agent"] in cfg.agents]
     summary = metrics.summarize(records, cfg.agents)
+    matched = {key: report.matched_accuracy(summary, key) for key in ("accuracy", "accuracy_fine")}
+    if any(matched.values()):
+        summary["matched"] = matched
     out = Path(cfg.out)
     (out / SUMMARY_JSON).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     title = f"{cfg.bench}, n={cfg.n}, seed={cfg.seed}, alphabet {cfg.alphabet or zoomworld.DEFAULT_ALPHABET}"
-    (out / SUMMARY_MD).write_text(f"# {title}\n\n{report.markdown_table(summary)}\n", encoding="utf-8")
+    text = f"# {title}\n\n{report.markdown_table(summary)}\n"
+    if report.findings(summary):
+        text += "\n" + "\n".join(report.findings(summary)) + "\n"
+    (out / SUMMARY_MD).write_text(text, encoding="utf-8")
     report.plot_accuracy_by_budget(summary, out / PLOT, title=f"Accuracy by visual-token budget ({title})")
+    for key, name in (("accuracy", PARETO), ("accuracy_fine", PARETO_FINE)):
+        report.plot_pareto(summary, out / name, title=f"{key.replace('_', ' ')} against throughput ({title})",
+                           key=key)
     return summary
 
 
@@ -342,4 +350,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
         print(json.dumps(summary))  # noqa: T201 - CLI output
     else:
         print(report.markdown_table(summary))  # noqa: T201 - CLI output
+        for line in report.findings(summary):
+            print(line)  # noqa: T201 - CLI output
     return 0

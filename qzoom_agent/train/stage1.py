@@ -24,6 +24,7 @@ import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -88,6 +89,13 @@ class Stage1Config(OptimConfig):
     save_every: int = Field(100, ge=1, description="labels cached every this many samples")
     checkpoint_every: int = Field(200, ge=1, description="steps between checkpoints")
     threads: int = Field(2, ge=1, description="torch CPU threads")
+    pos_weight: float = Field(1.0, gt=0, description="BCE weight of foreground tokens (1: the paper's plain BCE); "
+                              "raise it when a target covers a few tokens of hundreds")
+    rank_weight: float = Field(0.0, ge=0, description="weight of an added listwise loss (softmax cross-entropy over "
+                               "the view's tokens, foreground as the target); 0: BCE only, as in the paper")
+    cache_features: bool = Field(True, description="keep each question's frozen layer-K inputs in memory after "
+                                 "its first epoch (about 2-4 MB each at 576 tokens): later epochs skip the scene "
+                                 "rendering and the frozen prefill")
     steps: int = Field(0, ge=0, description="optimiser steps; 0: epochs * samples / batch_size")
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -207,20 +215,45 @@ def draw_label_overlays(cfg: Stage1Config, alphabet: str, records: list[dict], o
 
 
 # ---- steps 3-4: training and evaluation ------------------------------------------------------------------------
-def twig_loss(qz: QZoomModel, s: ZoomWorldSample, labels: torch.Tensor, budget: tuple[int, int]) -> torch.Tensor:
-    """BCE-with-logits of the twig's scores against ``labels`` ((gh, gw), -100 ignored), summed over valid tokens.
+@dataclass
+class TwigInputs:
+    """What the twig reads from the frozen first pass: the layer-K input and its positions and mask."""
 
-    The prefill to layer K runs without gradients (frozen); only the twig layers build a graph.
-    """
-    with torch.no_grad():
-        fp = qz._first_pass(s.image, s.question, budget)
-    logits = qz.heads.roi_logits(qz.adapter, fp.hidden_k, fp.rotary, fp.mask, fp.prompt.image_start,
-                                 fp.prompt.image_end)
-    if tuple(fp.prompt.image.grid) != tuple(labels.shape):
-        raise RuntimeError(f"labels of grid {tuple(labels.shape)} for a view of grid {fp.prompt.image.grid}")
+    hidden_k: torch.Tensor  # (1, L, D)
+    rotary: tuple[torch.Tensor, torch.Tensor]
+    mask: torch.Tensor | None
+    image_start: int
+    image_end: int
+    grid: tuple[int, int]
+
+
+@torch.no_grad()
+def twig_inputs(qz: QZoomModel, s: ZoomWorldSample, budget: tuple[int, int]) -> TwigInputs:
+    """The frozen prefill to layer K of ``s`` at ``budget`` (no gradients: only the twig trains)."""
+    fp = qz._first_pass(s.image, s.question, budget)
+    return TwigInputs(fp.hidden_k, fp.rotary, fp.mask, fp.prompt.image_start, fp.prompt.image_end,
+                      tuple(fp.prompt.image.grid))
+
+
+def twig_loss(qz: QZoomModel, x: TwigInputs, labels: torch.Tensor, pos_weight: float = 1.0,
+              rank_weight: float = 0.0) -> torch.Tensor:
+    """BCE-with-logits of the twig's scores against ``labels`` ((gh, gw), -100 ignored), summed over valid tokens;
+    foreground tokens weigh ``pos_weight``. With ``rank_weight`` > 0, add that many times a listwise term, the
+    cross-entropy of the softmax over the valid tokens against the foreground spread evenly, scaled by the valid
+    token count so it weighs like the summed BCE: it asks the asked tag to outscore the other tags, where a
+    token-wise loss is content to score every tag high."""
+    logits = qz.heads.roi_logits(qz.adapter, x.hidden_k, x.rotary, x.mask, x.image_start, x.image_end)
+    if x.grid != tuple(labels.shape):
+        raise RuntimeError(f"labels of grid {tuple(labels.shape)} for a view of grid {x.grid}")
     flat = labels.flatten().to(logits.device)
     valid = flat != IGNORE
-    return F.binary_cross_entropy_with_logits(logits[valid].float(), flat[valid].float(), reduction="sum")
+    scores, target = logits[valid].float(), flat[valid].float()
+    loss = F.binary_cross_entropy_with_logits(scores, target, reduction="sum",
+                                              pos_weight=torch.tensor(pos_weight, device=logits.device))
+    if rank_weight > 0 and target.sum() > 0:
+        listwise = -(torch.log_softmax(scores, 0) * target).sum() / target.sum()
+        loss = loss + rank_weight * listwise * int(valid.sum())
+    return loss
 
 
 @torch.inference_mode()
@@ -305,9 +338,12 @@ def run_stage1(cfg: Stage1Config, out_dir: str | Path, *, max_steps: int | None 
     total = cfg.total_steps
     stop = min(total, max_steps if max_steps is not None else total)
 
-    def batch_at(k: int) -> list[tuple[ZoomWorldSample, torch.Tensor]]:
+    features: dict[int, TwigInputs] = {}  # question index -> frozen first pass (cache_features)
+
+    def batch_at(k: int) -> list[tuple[int, ZoomWorldSample | None, torch.Tensor]]:
         recs = [usable[(k * cfg.batch_size + j) % len(usable)] for j in range(cfg.batch_size)]
-        return [(question(cfg, alphabet, "train", r["index"]), r["labels"].long()) for r in recs]
+        return [(r["index"], None if r["index"] in features else question(cfg, alphabet, "train", r["index"]),
+                 r["labels"].long()) for r in recs]
 
     running = None
     with ThreadPoolExecutor(max_workers=1) as pool, tqdm(total=stop, initial=step, desc="stage 1: twig",
@@ -318,10 +354,14 @@ def run_stage1(cfg: Stage1Config, out_dir: str | Path, *, max_steps: int | None 
             batch = pending.result()
             pending = pool.submit(batch_at, step + 1) if step + 1 < stop else None
             optimizer.zero_grad(set_to_none=True)
-            valid = sum(int((lab != IGNORE).sum()) for _, lab in batch)
+            valid = sum(int((lab != IGNORE).sum()) for _, _, lab in batch)
             loss_sum = 0.0
-            for s, lab in batch:
-                loss = twig_loss(qz, s, lab, cfg.budget) / max(1, valid)  # mean over the batch's valid tokens
+            for index, s, lab in batch:
+                x = features.get(index) or twig_inputs(qz, s, cfg.budget)
+                if cfg.cache_features:
+                    features[index] = x
+                # mean over the batch's valid tokens
+                loss = twig_loss(qz, x, lab, cfg.pos_weight, cfg.rank_weight) / max(1, valid)
                 loss.backward()
                 loss_sum += float(loss.detach())
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)

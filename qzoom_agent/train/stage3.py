@@ -7,7 +7,9 @@ Usage::
 Steps, each resumable:
 
 1. **Answers.** The plain model answers ``samples`` ZoomWorld train questions at every budget of ``budgets``
-   (ascending), cached in ``OUT/stage3/answers.jsonl`` (one line per question, appended as it goes).
+   (ascending), cached in ``OUT/stage3/answers.jsonl`` (one line per question, appended as it goes). With
+   ``zoom_budgets``, the ladder goes on with Q-Zoom's forced-zoom answers at those global budgets: for a base model
+   whose accuracy does not rise with the budget, the RoI zoom is the higher-resolution look the gate must judge.
 2. **Labels** by the consistency rule (`stage3_labels`): unstable, hallucinated and non-monotonic questions are
    dropped; transitions and as many easy questions are kept. Counts go to ``OUT/stage3/label_stats.json``.
 3. **Training.** BCE-with-logits on ``heads.gate_logit`` of the question's view at the picked budget (label 1:
@@ -33,7 +35,7 @@ from pydantic import ConfigDict, Field, model_validator
 from tqdm import tqdm
 
 from ..bench.agents import budget_for
-from ..bench.metrics import is_correct
+from ..bench.metrics import auc, is_correct
 from ..bench.zoomworld import DEFAULT_MIX, ZoomWorldSample
 from ..checkpoint import save_adapter
 from ..model import QZoomModel
@@ -58,6 +60,9 @@ class Stage3Config(OptimConfig):
     qzoom: str = Field(..., description="adapter with the stage-1 twig (e.g. RUN/stage1/qzoom)")
     budgets: list[int] = Field(default_factory=lambda: [64, 144, 256, 576, 1024],
                                description="ascending visual-token budgets the questions are answered at")
+    zoom_budgets: list[int] = Field(default_factory=list,
+                                    description="ascending global-view budgets of forced-zoom answers that top the "
+                                    "ladder after the plain ones; empty: the paper's plain ladder")
     samples: int = Field(1000, ge=1, description="train questions answered at every budget")
     families: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_MIX["hr"]),
                                        description="ZoomWorld question families (fine and coarse)")
@@ -79,9 +84,25 @@ class Stage3Config(OptimConfig):
 
     @model_validator(mode="after")
     def _check(self) -> Stage3Config:
-        if len(self.budgets) < 3 or self.budgets != sorted(set(self.budgets)) or self.budgets[0] < 1:
-            raise ValueError(f"budgets must be >= 3 distinct ascending positive values, got {self.budgets}")
+        for name, values in (("budgets", self.budgets), ("zoom_budgets", self.zoom_budgets)):
+            if values != sorted(set(values)) or (values and values[0] < 1):
+                raise ValueError(f"{name} must be distinct ascending positive values, got {values}")
+        if len(self.budgets) + len(self.zoom_budgets) < 3 or not self.budgets:
+            raise ValueError("the ladder needs >= 3 rungs (budgets plus zoom_budgets), with one plain budget at "
+                             f"least; got budgets {self.budgets} and zoom_budgets {self.zoom_budgets}")
+        if len(self.zoom_budgets) == 1:
+            raise ValueError("zoom_budgets needs two values or none: the consistency rule compares the top two rungs")
         return self
+
+    @property
+    def rungs(self) -> list[tuple[int, str]]:
+        """The ladder as ``(budget, mode)`` pairs: plain answers first, then forced-zoom ones.
+
+        Examples:
+            >>> Stage3Config(qzoom="q", budgets=[256, 576], zoom_budgets=[256, 576]).rungs
+            [(256, 'never'), (576, 'never'), (256, 'always'), (576, 'always')]
+        """
+        return [(b, "never") for b in self.budgets] + [(b, "always") for b in self.zoom_budgets]
 
 
 def load_stage3_config(path: str | Path) -> Stage3Config:
@@ -90,15 +111,18 @@ def load_stage3_config(path: str | Path) -> Stage3Config:
 
 
 def answer_at_budgets(qz: QZoomModel, cfg: Stage3Config, alphabet: str, path: Path) -> list[dict]:
-    """Answers of ``cfg.samples`` train questions at every budget, appended to ``path`` (resumes after the last
-    complete line)."""
+    """Answers of ``cfg.samples`` train questions at every rung of the ladder, appended to ``path`` (resumes after
+    the last complete line)."""
     rows = resume_jsonl(path)
+    if rows and len(rows[0]["answers"]) != len(cfg.rungs):
+        raise ValueError(f"{path} holds answers at {len(rows[0]['answers'])} rungs and the config has "
+                         f"{len(cfg.rungs)}; use another --out or restore the config's budgets")
     with open(path, "a") as fh, tqdm(total=cfg.samples, initial=len(rows), desc="stage 3: answers",
                                      dynamic_ncols=True, mininterval=2.0) as bar:
         for i in range(len(rows), cfg.samples):
             s = question(cfg, alphabet, "train", i)
-            answers = [qz.answer(s.image, s.question, mode="never", budget=budget_for(b),
-                                 max_new_tokens=cfg.max_new_tokens).text for b in cfg.budgets]
+            answers = [qz.answer(s.image, s.question, mode=mode, budget=budget_for(b),
+                                 max_new_tokens=cfg.max_new_tokens).text for b, mode in cfg.rungs]
             row = {"index": i, "kind": s.kind, "answers": answers,
                    "correct": [is_correct(a, s.answer, s.options) for a in answers]}
             fh.write(json.dumps(row) + "\n")
@@ -120,21 +144,6 @@ def gate_loss(qz: QZoomModel, s: ZoomWorldSample, budget: tuple[int, int], label
         fp = qz._first_pass(s.image, s.question, budget)
     logit = qz.heads.gate_logit(fp.hidden_k, fp.rotary, fp.mask)
     return F.binary_cross_entropy_with_logits(logit.float(), torch.full_like(logit.float(), float(label)))
-
-
-def auc(scores: list[float], labels: list[int]) -> float | None:
-    """Area under the ROC curve (ties count half); None without both classes.
-
-    Examples:
-        >>> auc([0.9, 0.8, 0.3, 0.1], [1, 1, 0, 0]), auc([0.5, 0.5], [1, 0])
-        (1.0, 0.5)
-    """
-    pos = [s for s, y in zip(scores, labels, strict=True) if y == 1]
-    neg = [s for s, y in zip(scores, labels, strict=True) if y == 0]
-    if not pos or not neg:
-        return None
-    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
-    return wins / (len(pos) * len(neg))
 
 
 @torch.inference_mode()
@@ -231,7 +240,7 @@ def run_stage3(cfg: Stage3Config, out_dir: str | Path, *, max_steps: int | None 
             loss_sum = 0.0
             for index, b, label in batch:
                 s = question(cfg, alphabet, "train", index)
-                loss = gate_loss(qz, s, budget_for(cfg.budgets[b]), label) / max(1, len(batch))
+                loss = gate_loss(qz, s, budget_for(cfg.rungs[b][0]), label) / max(1, len(batch))
                 loss.backward()
                 loss_sum += float(loss.detach())
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
