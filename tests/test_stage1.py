@@ -168,3 +168,5 @@ def test_twig_loss_terms(tiny_dir):
 def test_shipped_stage1_config_is_valid():
     cfg = load_stage1_config(CONFIG)
     assert cfg.label_source == "attention" and cfg.heads == "auto" and cfg.total_steps > 0
+    box = load_stage1_config(CONFIG.with_name("stage1_zoomworld_tiny_box.yaml"))
+    assert box.label_source == "box" and box.rank_weight > 0 and box.cache_features

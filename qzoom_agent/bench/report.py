@@ -113,14 +113,18 @@ def plot_accuracy_by_budget(summary: Mapping[str, Any], path: str | Path, title:
     return out
 
 
-def qzoom_agents(names: list[str]) -> dict[str, str]:
-    """``{name: label}`` of the gated Q-Zoom agents (``qzoom`` and ``qzoom@N``) among ``names``.
+def qzoom_agents(names: list[str]) -> list[str]:
+    """The gated Q-Zoom agents (``qzoom`` and ``qzoom@N``) among ``names``, in order.
 
     Examples:
         >>> qzoom_agents(["plain@256", "qzoom@576", "qzoom", "qzoom-always@576"])
-        {'qzoom@576': 'qzoom@576', 'qzoom': 'qzoom'}
+        ['qzoom@576', 'qzoom']
     """
-    return {n: n for n in names if n.partition("@")[0] == "qzoom"}
+    return [n for n in names if n.partition("@")[0] == "qzoom"]
+
+
+def _qps(point: Mapping[str, Any]) -> str:
+    return "-" if point["throughput_qps"] is None else f"{point['throughput_qps']:.2f}"
 
 
 def _point(name: str, stats: Mapping[str, Any], key: str) -> dict[str, Any]:
@@ -179,8 +183,8 @@ def findings(summary: Mapping[str, Any]) -> list[str]:
         if m is None:
             continue
         peak, best = m["plain_peak"], m["qzoom_best"]
-        line = (f"- {key}: plain peak {peak[key]:.3f} ({peak['agent']}, {peak['throughput_qps']:.2f} q/s); "
-                f"best Q-Zoom {best[key]:.3f} ({best['agent']}, {best['throughput_qps']:.2f} q/s); ")
+        line = (f"- {key}: plain peak {peak[key]:.3f} ({peak['agent']}, {_qps(peak)} q/s); "
+                f"best Q-Zoom {best[key]:.3f} ({best['agent']}, {_qps(best)} q/s); ")
         if m["matched"]:
             line += (f"within {m['tolerance']:.2f} of the peak: {m['matched']['agent']} at "
                      f"{m['speedup']:.2f}x the peak's throughput")
@@ -209,7 +213,7 @@ def plot_pareto(summary: Mapping[str, Any], path: str | Path, title: str = "", k
         The path, or None when the run has fewer than two such agents (nothing is written).
     """
     agents = summary["agents"]
-    series = {"plain": list(budget_agents(list(agents))), "Q-Zoom (gated)": list(qzoom_agents(list(agents)))}
+    series = {"plain": list(budget_agents(list(agents))), "Q-Zoom (gated)": qzoom_agents(list(agents))}
     points = {label: [(n, agents[n]) for n in names if agents[n].get(key) is not None
                       and (agents[n].get("latency_s_mean") or 0) > 0] for label, names in series.items()}
     if sum(len(v) for v in points.values()) < 2:

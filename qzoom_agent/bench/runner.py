@@ -303,8 +303,9 @@ def write_summary(cfg: CompareConfig, records: list[dict[str, Any]]) -> dict[str
     (out / SUMMARY_JSON).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     title = f"{cfg.bench}, n={cfg.n}, seed={cfg.seed}, alphabet {cfg.alphabet or zoomworld.DEFAULT_ALPHABET}"
     text = f"# {title}\n\n{report.markdown_table(summary)}\n"
-    if report.findings(summary):
-        text += "\n" + "\n".join(report.findings(summary)) + "\n"
+    extra = report.findings(summary)
+    if extra:
+        text += "\n" + "\n".join(extra) + "\n"
     (out / SUMMARY_MD).write_text(text, encoding="utf-8")
     report.plot_accuracy_by_budget(summary, out / PLOT, title=f"Accuracy by visual-token budget ({title})")
     for key, name in (("accuracy", PARETO), ("accuracy_fine", PARETO_FINE)):
@@ -350,6 +351,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         print(json.dumps(summary))  # noqa: T201 - CLI output
     else:
         print(report.markdown_table(summary))  # noqa: T201 - CLI output
-        for line in report.findings(summary):
-            print(line)  # noqa: T201 - CLI output
+        extra = report.findings(summary)
+        if extra:
+            print("\n" + "\n".join(extra))  # noqa: T201 - CLI output
     return 0

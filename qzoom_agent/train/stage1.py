@@ -94,7 +94,7 @@ class Stage1Config(OptimConfig):
     rank_weight: float = Field(0.0, ge=0, description="weight of an added listwise loss (softmax cross-entropy over "
                                "the view's tokens, foreground as the target); 0: BCE only, as in the paper")
     cache_features: bool = Field(True, description="keep each question's frozen layer-K inputs in memory after "
-                                 "its first epoch (about 2-4 MB each at 576 tokens): later epochs skip the scene "
+                                 "its first epoch (about 1.5 MB each at 576 tokens): later epochs skip the scene "
                                  "rendering and the frozen prefill")
     steps: int = Field(0, ge=0, description="optimiser steps; 0: epochs * samples / batch_size")
     lr: float = Field(1e-3, gt=0)
