@@ -103,7 +103,7 @@ def plot_accuracy_by_budget(summary: Mapping[str, Any], path: str | Path, title:
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("visual-token budget (max tokens, log2 scale)")
     ax.set_ylabel("accuracy")
-    ax.set_title(title or "Accuracy by visual-token budget")
+    ax.set_title(title or "Accuracy by visual-token budget", fontsize=9)
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -224,7 +224,7 @@ def plot_pareto(summary: Mapping[str, Any], path: str | Path, title: str = "", k
     fig = Figure(figsize=(6.5, 4.5))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    for (label, pts), marker in zip(points.items(), ("o", "*"), strict=True):
+    for (label, pts), marker, offset in zip(points.items(), ("o", "*"), ((4, -11), (4, 5)), strict=True):
         if not pts:
             continue
         pts = sorted(pts, key=lambda p: 1.0 / p[1]["latency_s_mean"])
@@ -232,13 +232,13 @@ def plot_pareto(summary: Mapping[str, Any], path: str | Path, title: str = "", k
         ys = [st[key] for _, st in pts]
         ax.plot(xs, ys, marker=marker, markersize=9 if marker == "*" else 6, label=label)
         for (name, _), x, y in zip(pts, xs, ys, strict=True):
-            ax.annotate(name.partition("@")[2] or name, (x, y), textcoords="offset points", xytext=(4, 4),
-                        fontsize=8)
+            ax.annotate(name.partition("@")[2] or name, (x, y), textcoords="offset points", xytext=offset,
+                        fontsize=8, color=ax.lines[-1].get_color())  # plain below, Q-Zoom above: no overlap
     ax.set_xscale("log")
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("throughput (questions/s, batch 1, log scale)")
     ax.set_ylabel(key.replace("_", " "))
-    ax.set_title(title or f"{key.replace('_', ' ')} against throughput")
+    ax.set_title(title or f"{key.replace('_', ' ')} against throughput", fontsize=9)
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -307,9 +307,9 @@ def write_summary(cfg: CompareConfig, records: list[dict[str, Any]]) -> dict[str
     if extra:
         text += "\n" + "\n".join(extra) + "\n"
     (out / SUMMARY_MD).write_text(text, encoding="utf-8")
-    report.plot_accuracy_by_budget(summary, out / PLOT, title=f"Accuracy by visual-token budget ({title})")
+    report.plot_accuracy_by_budget(summary, out / PLOT, title=f"Accuracy by visual-token budget\n{title}")
     for key, name in (("accuracy", PARETO), ("accuracy_fine", PARETO_FINE)):
-        report.plot_pareto(summary, out / name, title=f"{key.replace('_', ' ')} against throughput ({title})",
+        report.plot_pareto(summary, out / name, title=f"{key.replace('_', ' ')} against throughput\n{title}",
                            key=key)
     return summary
 
