@@ -72,6 +72,28 @@ def budget_agents(names: list[str], prefix: str = "plain") -> dict[str, int]:
     return dict(sorted(found.items(), key=lambda item: item[1]))
 
 
+def _axes(size: tuple[float, float]) -> Any:
+    """One set of axes on a new figure, rendered off-screen without pyplot's global state."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size)
+    FigureCanvasAgg(fig)
+    return fig.add_subplot()
+
+
+def _finish(ax: Any, title: str, path: str | Path) -> Path:
+    """Title, grid and legend on ``ax``, then its figure written to ``path`` as a PNG."""
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    ax.figure.tight_layout()
+    out = Path(path)
+    ax.figure.savefig(out, dpi=120)
+    logger.info("wrote %s", out)
+    return out
+
+
 def plot_accuracy_by_budget(summary: Mapping[str, Any], path: str | Path, title: str = "") -> Path | None:
     """Plot fine and coarse accuracy of the ``plain@budget`` agents against the visual-token budget (log2 axis).
 
@@ -87,12 +109,7 @@ def plot_accuracy_by_budget(summary: Mapping[str, Any], path: str | Path, title:
     budgets = budget_agents(list(agents))
     if len(budgets) < 2:
         return None
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6, 4))
-    FigureCanvasAgg(fig)  # render off-screen, without pyplot's global state
-    ax = fig.add_subplot()
+    ax = _axes((6, 4))
     for key, label, marker in (("accuracy_fine", "fine", "o"), ("accuracy_coarse", "coarse", "s")):
         points = [(b, agents[name][key]) for name, b in budgets.items() if agents[name][key] is not None]
         if points:
@@ -103,14 +120,7 @@ def plot_accuracy_by_budget(summary: Mapping[str, Any], path: str | Path, title:
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("visual-token budget (max tokens, log2 scale)")
     ax.set_ylabel("accuracy")
-    ax.set_title(title or "Accuracy by visual-token budget", fontsize=9)
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    out = Path(path)
-    fig.savefig(out, dpi=120)
-    logger.info("wrote %s", out)
-    return out
+    return _finish(ax, title or "Accuracy by visual-token budget", path)
 
 
 def qzoom_agents(names: list[str]) -> list[str]:
@@ -127,9 +137,14 @@ def _qps(point: Mapping[str, Any]) -> str:
     return "-" if point["throughput_qps"] is None else f"{point['throughput_qps']:.2f}"
 
 
-def _point(name: str, stats: Mapping[str, Any], key: str) -> dict[str, Any]:
+def _throughput(stats: Mapping[str, Any]) -> float | None:
+    """Questions per second at batch size 1 (1 / mean latency); None without a positive latency."""
     latency = stats.get("latency_s_mean") or 0.0
-    return {"agent": name, key: stats.get(key), "throughput_qps": 1.0 / latency if latency > 0 else None,
+    return 1.0 / latency if latency > 0 else None
+
+
+def _point(name: str, stats: Mapping[str, Any], key: str) -> dict[str, Any]:
+    return {"agent": name, key: stats.get(key), "throughput_qps": _throughput(stats),
             "visual_tokens_mean": stats.get("visual_tokens_mean")}
 
 
@@ -159,8 +174,7 @@ def matched_accuracy(summary: Mapping[str, Any], key: str = "accuracy", toleranc
         return None
 
     def speed(name: str) -> float:
-        latency = agents[name].get("latency_s_mean") or 0.0
-        return 1.0 / latency if latency > 0 else 0.0
+        return _throughput(agents[name]) or 0.0
 
     peak = max(plain, key=lambda n: (agents[n][key], speed(n)))
     best = max(gated, key=lambda n: (agents[n][key], speed(n)))
@@ -175,11 +189,11 @@ def matched_accuracy(summary: Mapping[str, Any], key: str = "accuracy", toleranc
 
 
 def findings(summary: Mapping[str, Any]) -> list[str]:
-    """Markdown sections beyond the table: matched accuracy (overall and fine) when the run has ``plain@N`` and
-    gated Q-Zoom agents, and the gate's AUC when it has forced-zoom and no-zoom pairs; empty otherwise."""
+    """Markdown sections beyond the table, from the summary's ``matched`` entries (`matched_accuracy` per key, set
+    when the run has ``plain@N`` and gated Q-Zoom agents) and its ``gate`` entries (`metrics.gate_pairs`); empty
+    without either."""
     lines = []
-    for key in ("accuracy", "accuracy_fine"):
-        m = matched_accuracy(summary, key)
+    for key, m in (summary.get("matched") or {}).items():
         if m is None:
             continue
         peak, best = m["plain_peak"], m["qzoom_best"]
@@ -214,21 +228,16 @@ def plot_pareto(summary: Mapping[str, Any], path: str | Path, title: str = "", k
     """
     agents = summary["agents"]
     series = {"plain": list(budget_agents(list(agents))), "Q-Zoom (gated)": qzoom_agents(list(agents))}
-    points = {label: [(n, agents[n]) for n in names if agents[n].get(key) is not None
-                      and (agents[n].get("latency_s_mean") or 0) > 0] for label, names in series.items()}
+    points = {label: [(n, agents[n]) for n in names if agents[n].get(key) is not None and _throughput(agents[n])]
+              for label, names in series.items()}
     if sum(len(v) for v in points.values()) < 2:
         return None
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6.5, 4.5))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    ax = _axes((6.5, 4.5))
     for (label, pts), marker, offset in zip(points.items(), ("o", "*"), ((4, -11), (4, 5)), strict=True):
         if not pts:
             continue
-        pts = sorted(pts, key=lambda p: 1.0 / p[1]["latency_s_mean"])
-        xs = [1.0 / st["latency_s_mean"] for _, st in pts]
+        pts = sorted(pts, key=lambda p: _throughput(p[1]))
+        xs = [_throughput(st) for _, st in pts]
         ys = [st[key] for _, st in pts]
         ax.plot(xs, ys, marker=marker, markersize=9 if marker == "*" else 6, label=label)
         for (name, _), x, y in zip(pts, xs, ys, strict=True):
@@ -238,11 +247,4 @@ def plot_pareto(summary: Mapping[str, Any], path: str | Path, title: str = "", k
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("throughput (questions/s, batch 1, log scale)")
     ax.set_ylabel(key.replace("_", " "))
-    ax.set_title(title or f"{key.replace('_', ' ')} against throughput", fontsize=9)
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    out = Path(path)
-    fig.savefig(out, dpi=120)
-    logger.info("wrote %s", out)
-    return out
+    return _finish(ax, title or f"{key.replace('_', ' ')} against throughput", path)
