@@ -138,6 +138,33 @@ def test_training_reduces_loss_and_moves_the_lm(phase1):
     assert all(torch.equal(tower[k], v) for k, v in run.model.model.visual.state_dict().items())
 
 
+def test_scene_aux_labels_every_view_and_trains_the_new_probe_heads(phase1):
+    data = DATA.model_copy(update={"scene_aux": True, "min_glyph_px": 4.0})
+    weights = {"present": 1.0, "char": 1.0, "colour": 1.0, "shape": 1.0, "index": 1.0}
+    cfg = small_config(data=data, aux_weights=weights, lr=1e-2)
+    run = build_joint_run(cfg, phase1 / "phase1")  # phase 1's narrower probe loads into the wider one
+    assert set(run.probe(torch.zeros(1, run.probe.proj.in_features))) == set(weights)
+    examples = [make_example(data, ALPHABET, i) for i in range(12)]
+    encoded = [encode_example(run.adapter, ex) for ex in examples]
+    assert {ex.source for ex in examples} == set(SOURCES)
+    for enc in encoded:  # every source carries targets on its own token grid
+        assert enc.dense is not None and enc.dense.present.shape[0] == enc.image.n_tokens
+    coarse = [enc for ex, enc in zip(examples, encoded, strict=True) if ex.source == "coarse"]
+    assert any((enc.dense.shape != -100).any() for enc in coarse)  # the large object's shape is labelled
+    batch = collate(run.adapter, encoded, [ex.source for ex in examples])
+    assert batch.dense_rows == list(range(12))
+    shape_head = run.probe.proj.weight[-5:].detach().clone()
+    with torch.no_grad():
+        before = float(batch_loss(run, batch, 1.0, weights)["aux"])
+    for _ in range(4):
+        train_step(run, batch, cfg)
+    with torch.no_grad():
+        after = float(batch_loss(run, batch, 1.0, weights)["aux"])
+    assert after < before and not torch.equal(shape_head, run.probe.proj.weight[-5:])
+    with pytest.raises(ValueError, match="aux_weights"):
+        small_config(aux_weights={"present": 1.0, "size": 1.0})
+
+
 def test_checkpoint_resume_and_export(phase1, tmp_path):
     cfg = small_config()
     split, whole = _copy_phase1(phase1, tmp_path / "split"), _copy_phase1(phase1, tmp_path / "whole")

@@ -22,12 +22,18 @@ def zoom_crop(image: Image.Image, box: tuple[int, int, int, int], margins: tuple
 
     The context is clipped at the image border; the result is ``zoom`` times the clipped crop's size.
     """
+    crop = image.crop(zoom_window(image.size, box, margins))
+    return resize_to(crop, (max(1, round(crop.width * zoom)), max(1, round(crop.height * zoom))))
+
+
+def zoom_window(size: tuple[int, int], box: tuple[int, int, int, int],
+                margins: tuple[float, float, float, float]) -> tuple[int, int, int, int]:
+    """The source window `zoom_crop` cuts from an image of ``size`` (width, height): ``box`` plus ``margins``
+    (left, top, right, bottom, in box sizes), clipped at the border."""
     x1, y1, x2, y2 = box
     w, h = x2 - x1, y2 - y1
     left, top = max(0, round(x1 - margins[0] * w)), max(0, round(y1 - margins[1] * h))
-    right, bottom = min(image.width, round(x2 + margins[2] * w)), min(image.height, round(y2 + margins[3] * h))
-    crop = image.crop((left, top, right, bottom))
-    return resize_to(crop, (max(1, round(crop.width * zoom)), max(1, round(crop.height * zoom))))
+    return left, top, min(size[0], round(x2 + margins[2] * w)), min(size[1], round(y2 + margins[3] * h))
 
 
 def oracle_view(image: Image.Image, box: tuple[int, int, int, int]) -> Image.Image:

@@ -14,7 +14,9 @@ same example):
   by colour and read it without enlargement.
 
 Encoding builds the prompt exactly as inference does (``adapter.build_prompt``), then appends the answer and
-``<|im_end|>``; only those appended tokens are supervised.
+``<|im_end|>``; only those appended tokens are supervised. Dense examples carry per-token probe targets; with
+``scene_aux`` the oracle, coarse and tile views carry them too (`scene_targets`), computed on the token grid the
+view is encoded at.
 """
 
 from __future__ import annotations
@@ -27,12 +29,13 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..backbones import BackboneAdapter, ImageInputs
-from ..bench.oracle import zoom_crop
-from ..bench.zoomworld import VARIANTS, generate, seed_for
+from ..bench.oracle import zoom_crop, zoom_window
+from ..bench.zoomworld import VARIANTS, ZoomWorldSample, generate, seed_for
 from ..bench.zoomworld_questions import FINE_FAMILIES
 from ..images import resize_to
 from .dense_crops import DenseCrop, DenseCropConfig, crop_seed, render_dense_crop
 from .dense_probe import DenseTargets
+from .scene_targets import Window, crop_targets, scene_targets
 
 SOURCES = ("oracle", "dense", "coarse", "tile")
 END_TOKEN = "<|im_end|>"
@@ -65,6 +68,8 @@ class AnswerDataConfig(BaseModel):
     tile_size_range: tuple[int, int] = Field((1024, 2048), description="ZoomWorld canvas side range of tiles (px)")
     tile_fine_mix: dict[str, float] = Field(default_factory=lambda: {"read": 0.6, "mcq": 0.2, "count": 0.2},
                                             description="fine families of tiles (relpos targets span too far)")
+    scene_aux: bool = Field(False, description="oracle, coarse and tile views carry per-token probe targets too")
+    min_glyph_px: float = Field(10.0, gt=0, description="smallest glyph height in a view that gets char labels")
 
     @field_validator("mix", "early_mix")
     @classmethod
@@ -101,8 +106,10 @@ class AnswerExample:
         question: the question text.
         answer: the reference answer.
         budget: (min_tokens, max_tokens) for ``adapter.prepare_image``.
-        source: "oracle", "dense" or "coarse".
+        source: "oracle", "dense", "coarse" or "tile".
         dense: the dense crop (per-token targets) for ``dense`` examples, else None.
+        view: for scene examples with ``scene_aux``: the scene, the source window the image shows, and the
+            smallest labelled glyph height; per-token targets follow once the encoded grid is known.
     """
 
     image: Image.Image
@@ -111,13 +118,20 @@ class AnswerExample:
     budget: tuple[int, int]
     source: str
     dense: DenseCrop | None = None
+    view: tuple[ZoomWorldSample, Window, float] | None = None
+
+
+def _view(cfg: AnswerDataConfig, s: ZoomWorldSample, window: Window) -> tuple[ZoomWorldSample, Window, float] | None:
+    return (s, window, cfg.min_glyph_px) if cfg.scene_aux else None
 
 
 def _oracle(rng: random.Random, cfg: AnswerDataConfig, alphabet: str, seed: int) -> AnswerExample:
     s = generate(rng.choice(VARIANTS), seed, alphabet=alphabet, mix=cfg.fine_mix, size_range=cfg.size_range)
     margins = tuple(rng.uniform(*cfg.margin) for _ in range(4))
     image = zoom_crop(s.image, tuple(s.target_box), margins, rng.uniform(*cfg.zoom))
-    return AnswerExample(image, s.question, s.answer, (4, rng.randint(*cfg.oracle_tokens)), "oracle")
+    window = zoom_window(s.image.size, tuple(s.target_box), margins)
+    return AnswerExample(image, s.question, s.answer, (4, rng.randint(*cfg.oracle_tokens)), "oracle",
+                         view=_view(cfg, s, window))
 
 
 def tile_window(rng: random.Random, size: tuple[int, int], box: tuple[int, int, int, int],
@@ -145,13 +159,14 @@ def _tile(rng: random.Random, cfg: AnswerDataConfig, alphabet: str, seed: int) -
     crop = s.image.crop(window)
     image = resize_to(crop, (max(1, round(crop.width * scale)), max(1, round(crop.height * scale))))
     cap = max(4, -(-image.width // 28) * -(-image.height // 28))
-    return AnswerExample(image, s.question, s.answer, (4, cap), "tile")
+    return AnswerExample(image, s.question, s.answer, (4, cap), "tile", view=_view(cfg, s, window))
 
 
 def _coarse(rng: random.Random, cfg: AnswerDataConfig, alphabet: str, seed: int) -> AnswerExample:
     s = generate(rng.choice(VARIANTS), seed, alphabet=alphabet, mix=_COARSE_MIX, size_range=cfg.size_range)
     cap = rng.randint(*cfg.coarse_tokens)
-    return AnswerExample(s.image, s.question, s.answer, (min(cfg.coarse_tokens[0], cap), cap), "coarse")
+    return AnswerExample(s.image, s.question, s.answer, (min(cfg.coarse_tokens[0], cap), cap), "coarse",
+                         view=_view(cfg, s, (0, 0, *s.image.size)))
 
 
 DENSE_EVAL_OFFSET = 5 * 10**8  # held-out dense questions use the crop eval range from here (phase 1 uses below)
@@ -205,7 +220,8 @@ class EncodedExample:
         input_ids: (L,) prompt (as ``adapter.build_prompt`` makes it) + answer + ``<|im_end|>``.
         labels: (L,) -100 on the prompt, the token ids on the answer and ``<|im_end|>``.
         image: the encoded image.
-        dense: per-token targets (dense examples only), raster order, ``image.n_tokens`` long.
+        dense: per-token targets (dense examples, and scene views with ``scene_aux``), raster order,
+            ``image.n_tokens`` long.
         prompt_len: length of the prompt part.
     """
 
@@ -228,9 +244,10 @@ def encode_example(adapter: BackboneAdapter, ex: AnswerExample) -> EncodedExampl
     if ex.dense is not None:
         if image.grid != ex.dense.grid:
             raise RuntimeError(f"dense crop of grid {ex.dense.grid} was encoded at grid {image.grid}")
-        c = ex.dense
-        dense = DenseTargets(torch.from_numpy(c.present.ravel()), torch.from_numpy(c.char.ravel()),
-                             torch.from_numpy(c.colour.ravel()))
+        dense = crop_targets(ex.dense).to_torch()
+    elif ex.view is not None:
+        sample, window, min_glyph_px = ex.view
+        dense = scene_targets(sample, window, image.grid, min_glyph_px).to_torch()
     return EncodedExample(ids, labels, image, dense, prompt.input_ids.shape[1])
 
 
@@ -243,7 +260,7 @@ class AnswerBatch:
             (P, C) and ``image_grid_thw`` (B, 3).
         labels: (B, L) with -100 on prompts and padding.
         n_tokens: (B,) visual tokens per image, the order of the vision tower's output.
-        dense: targets of the dense images concatenated, with ``dense_rows`` their examples' indices.
+        dense: per-token targets of the examples that have them, concatenated, with ``dense_rows`` their indices.
         sources: source name per example.
     """
 
@@ -274,8 +291,7 @@ def collate(adapter: BackboneAdapter, encoded: list[EncodedExample], sources: li
     rows = [i for i, e in enumerate(encoded) if e.dense is not None]
     dense = None
     if rows:
-        parts = [encoded[i].dense for i in rows]
-        dense = DenseTargets(*(torch.cat([getattr(p, f) for p in parts]) for f in ("present", "char", "colour")))
+        dense = DenseTargets.cat([encoded[i].dense for i in rows])
     return AnswerBatch(inputs, labels, [e.image.n_tokens for e in encoded], dense, rows, sources)
 
 

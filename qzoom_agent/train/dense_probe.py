@@ -1,7 +1,8 @@
 """The throw-away dense probe of the vision warm-up: per-token present/char/colour logits, losses and accuracy.
 
 The probe reads ``model.model.visual(...)``'s merged output: one vector per 28x28 px token, images concatenated
-in order, each image's tokens in raster order (the order `dense_crops` writes its targets in).
+in order, each image's tokens in raster order (the order `dense_crops` writes its targets in). The answer phases
+may widen it with a large-object shape head and a character-position head (`scene_targets`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from torch import nn
 
 from .dense_crops import CHAR_CLASSES, COLOURS, IGNORE_INDEX, DenseCrop
 
+LABEL_KINDS = ("present", "char", "colour", "shape", "index")
+
 
 @dataclass
 class DenseTargets:
@@ -24,11 +27,25 @@ class DenseTargets:
         present: (N,) float; 1, 0 or -1 (ignore).
         char: (N,) long; class index or -100.
         colour: (N,) long; class index or -100.
+        shape: (N,) long; large-object shape index or -100; None: unlabelled.
+        index: (N,) long; character position in its tag or -100; None: unlabelled.
     """
 
     present: torch.Tensor
     char: torch.Tensor
     colour: torch.Tensor
+    shape: torch.Tensor | None = None
+    index: torch.Tensor | None = None
+
+    @staticmethod
+    def cat(parts: list[DenseTargets]) -> DenseTargets:
+        """Concatenate in order; a kind unlabelled in some part is filled with -100 there."""
+        def column(name: str) -> torch.Tensor | None:
+            if all(getattr(p, name) is None for p in parts):
+                return None
+            return torch.cat([getattr(p, name) if getattr(p, name) is not None
+                              else torch.full_like(p.char, IGNORE_INDEX) for p in parts])
+        return DenseTargets(*(column(f) for f in LABEL_KINDS[:3]), column("shape"), column("index"))
 
 
 @dataclass
@@ -75,17 +92,37 @@ def encode_crops(crops: list[DenseCrop], processor) -> ProbeBatch:
 
 
 class DenseProbe(nn.Module):
-    """``Linear(dim, 1 + n_chars + n_colours)`` over merged vision tokens; discarded after the warm-up."""
+    """``Linear(dim, 1 + n_chars + n_colours [+ n_shapes + n_index])`` over merged vision tokens; never shipped.
 
-    def __init__(self, dim: int, n_chars: int = len(CHAR_CLASSES), n_colours: int = len(COLOURS)) -> None:
+    Phase 1 uses the first three heads. The extra heads' rows come last, so a phase-1 probe loads into a wider
+    one with `load_narrower` and keeps what it learned.
+    """
+
+    def __init__(self, dim: int, n_chars: int = len(CHAR_CLASSES), n_colours: int = len(COLOURS),
+                 n_shapes: int = 0, n_index: int = 0) -> None:
         super().__init__()
-        self.n_chars, self.n_colours = n_chars, n_colours
-        self.proj = nn.Linear(dim, 1 + n_chars + n_colours)
+        self.sizes = {"present": 1, "char": n_chars, "colour": n_colours, "shape": n_shapes, "index": n_index}
+        self.proj = nn.Linear(dim, sum(self.sizes.values()))
 
-    def forward(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(N, dim) token features -> present logits (N,), char logits (N, n_chars), colour logits (N, n_colours)."""
-        logits = self.proj(feats)
-        return logits[:, 0], logits[:, 1 : 1 + self.n_chars], logits[:, 1 + self.n_chars :]
+    def forward(self, feats: torch.Tensor) -> dict[str, torch.Tensor]:
+        """(N, dim) token features -> ``{"present": (N,), "char": (N, n_chars), "colour": (N, n_colours),
+        "shape": (N, n_shapes), "index": (N, n_index)}`` logits (a head of size 0 is left out)."""
+        logits, out, at = self.proj(feats), {}, 0
+        for kind, n in self.sizes.items():
+            if n:
+                out[kind] = logits[:, at] if kind == "present" else logits[:, at : at + n]
+            at += n
+        return out
+
+    def load_narrower(self, state: dict[str, torch.Tensor]) -> None:
+        """Load a probe with the same leading heads and fewer (or no) trailing ones; the rest keep their init."""
+        n = state["proj.weight"].shape[0]
+        if n > self.proj.out_features or state["proj.weight"].shape[1] != self.proj.in_features:
+            raise ValueError(f"cannot load a probe of shape {tuple(state['proj.weight'].shape)} into "
+                             f"{tuple(self.proj.weight.shape)}")
+        with torch.no_grad():
+            self.proj.weight[:n] = state["proj.weight"]
+            self.proj.bias[:n] = state["proj.bias"]
 
 
 def vision_tokens(model: nn.Module, batch: ProbeBatch) -> torch.Tensor:
@@ -93,43 +130,45 @@ def vision_tokens(model: nn.Module, batch: ProbeBatch) -> torch.Tensor:
     return model.model.visual(batch.pixel_values, grid_thw=batch.grid_thw).pooler_output
 
 
-def dense_losses(
-    logits: tuple[torch.Tensor, torch.Tensor, torch.Tensor], targets: DenseTargets, weights: dict[str, float]
-) -> dict[str, torch.Tensor]:
-    """Probe losses: BCE on present (ignoring -1), CE on char and colour (ignoring -100), and their weighted sum.
+def dense_losses(logits: dict[str, torch.Tensor], targets: DenseTargets,
+                 weights: dict[str, float]) -> dict[str, torch.Tensor]:
+    """Probe losses: BCE on present (ignoring -1), CE on the class heads (ignoring -100), and their weighted sum.
 
     Args:
         logits: the probe's output for N tokens.
         targets: the N tokens' targets.
-        weights: ``{"present": w, "char": w, "colour": w}``.
+        weights: weight per kind (``present``, ``char``, ``colour``, ``shape``, ``index``); a missing kind is 0.
 
     Returns:
-        Scalar tensors ``present``, ``char``, ``colour`` and ``total``; a term with no labelled token is 0.
+        A scalar tensor per kind the probe has, plus ``total``; a term with no labelled token is 0.
     """
-    present_logit, char_logits, colour_logits = logits
-    zero = present_logit.sum() * 0.0  # keeps the graph (and dtype/device) when a batch has no label of a kind
+    zero = logits["present"].sum() * 0.0  # keeps the graph (and dtype/device) when a batch has no label of a kind
     valid = targets.present >= 0
-    losses = {
-        "present": F.binary_cross_entropy_with_logits(present_logit[valid], targets.present[valid])
-        if valid.any() else zero,
-        "char": F.cross_entropy(char_logits, targets.char, ignore_index=IGNORE_INDEX)
-        if (targets.char != IGNORE_INDEX).any() else zero,
-        "colour": F.cross_entropy(colour_logits, targets.colour, ignore_index=IGNORE_INDEX)
-        if (targets.colour != IGNORE_INDEX).any() else zero,
-    }
-    losses["total"] = sum(weights[k] * losses[k] for k in ("present", "char", "colour"))
+    losses = {"present": F.binary_cross_entropy_with_logits(logits["present"][valid], targets.present[valid])
+              if valid.any() else zero}
+    for kind in LABEL_KINDS[1:]:
+        if kind not in logits:
+            continue
+        target = getattr(targets, kind)
+        labelled = target is not None and bool((target != IGNORE_INDEX).any())
+        losses[kind] = F.cross_entropy(logits[kind], target, ignore_index=IGNORE_INDEX) if labelled else zero
+    losses["total"] = sum(weights.get(k, 0.0) * v for k, v in losses.items())
     return losses
 
 
-def probe_counts(logits: tuple[torch.Tensor, torch.Tensor, torch.Tensor], targets: DenseTargets) -> dict[str, list]:
-    """``{kind: [correct, labelled]}`` for present (logit > 0), char and colour (argmax), over labelled tokens."""
-    present_logit, char_logits, colour_logits = logits
+def probe_counts(logits: dict[str, torch.Tensor], targets: DenseTargets) -> dict[str, list]:
+    """``{kind: [correct, labelled]}``: present (logit > 0) and each class head the probe has (argmax), over
+    labelled tokens."""
     out = {}
     valid = targets.present >= 0
-    out["present"] = [int(((present_logit[valid] > 0).float() == targets.present[valid]).sum()), int(valid.sum())]
-    for kind, lg, tg in (("char", char_logits, targets.char), ("colour", colour_logits, targets.colour)):
-        lab = tg != IGNORE_INDEX
-        out[kind] = [int((lg[lab].argmax(-1) == tg[lab]).sum()), int(lab.sum())]
+    out["present"] = [int(((logits["present"][valid] > 0).float() == targets.present[valid]).sum()),
+                      int(valid.sum())]
+    for kind in LABEL_KINDS[1:]:
+        target = getattr(targets, kind)
+        if kind not in logits or target is None:
+            continue
+        lab = target != IGNORE_INDEX
+        out[kind] = [int((logits[kind][lab].argmax(-1) == target[lab]).sum()), int(lab.sum())]
     return out
 
 
@@ -146,6 +185,7 @@ def evaluate_probe(model: nn.Module, probe: DenseProbe, processor, sets: dict[st
             batch = encode_crops(crops[i : i + batch_size], processor)
             counts = probe_counts(probe(vision_tokens(model, batch)), batch.targets)
             for kind, (correct, n) in counts.items():
+                totals.setdefault(kind, [0, 0])
                 totals[kind][0] += correct
                 totals[kind][1] += n
         for kind, (correct, n) in totals.items():

@@ -34,7 +34,7 @@ from tqdm import tqdm
 from ..backbones import BackboneAdapter
 from .answer_data import IGNORE, AnswerBatch, AnswerDataConfig, make_batch
 from .common import OptimConfig, keep_metrics_until, read_metrics
-from .dense_probe import dense_losses
+from .dense_probe import LABEL_KINDS, dense_losses
 from .joint_eval import eval_sets, evaluate_answers, inference_model
 from .joint_run import JointRun, build_joint_run
 from .warmup import load_train_config
@@ -54,7 +54,11 @@ class AnswerConfig(OptimConfig):
     """Phase-2 settings (the ``answer:`` section of ``configs/train/zoomworld_tiny.yaml``)."""
 
     vision_lr_scale: float = Field(1.0, ge=0.0, description="LR multiplier of the warmed-up vision tower and probe")
-    aux_weight: float = Field(1.0, ge=0.0, description="weight of the dense probe loss on dense examples")
+    aux_weight: float = Field(1.0, ge=0.0, description="weight of the dense probe loss on examples with targets")
+    aux_weights: dict[str, float] = Field(
+        default_factory=lambda: {"present": 1.0, "char": 1.0, "colour": 1.0},
+        description="weight per probe target kind (present, char, colour, shape, index); shape and index add "
+                    "their heads to the probe")
     aux_until: float = Field(0.85, ge=0.0, le=1.0, description="fraction of the run after which aux weight is 0")
     data: AnswerDataConfig = Field(default_factory=AnswerDataConfig, description="example drawing")
     checkpoint_every: int = Field(250, ge=1, description="steps between checkpoints")
@@ -64,6 +68,8 @@ class AnswerConfig(OptimConfig):
 
     @model_validator(mode="after")
     def _check(self) -> AnswerConfig:
+        if set(self.aux_weights) - set(LABEL_KINDS) or any(w < 0 for w in self.aux_weights.values()):
+            raise ValueError(f"aux_weights takes non-negative weights of {LABEL_KINDS}, got {self.aux_weights}")
         if self.warmup_steps >= self.steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below steps ({self.steps})")
         if self.steps * self.batch_size >= 10**6:  # train indices stay below eval's COARSE_OFFSET-sized ranges
@@ -120,8 +126,11 @@ def answer_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return (ce * sup).sum(1) / sup.sum(1).clamp(min=1)
 
 
-def batch_loss(run: JointRun, batch: AnswerBatch, aux_weight: float) -> dict[str, torch.Tensor]:
-    """Answer loss (mean of per-example losses), dense aux loss on dense examples, and their weighted sum."""
+def batch_loss(run: JointRun, batch: AnswerBatch, aux_weight: float,
+               weights: dict[str, float] | None = None) -> dict[str, torch.Tensor]:
+    """Answer loss (mean of per-example losses), the probe's aux loss (``weights`` per target kind; default
+    present, char and colour at 1) on examples with targets, and their weighted sum."""
+    weights = weights if weights is not None else {"present": 1.0, "char": 1.0, "colour": 1.0}
     captured: list[torch.Tensor] = []
     # The stock forward runs the vision tower once for all images; the hook keeps its merged tokens for the probe.
     hook = run.model.model.visual.register_forward_hook(lambda m, i, o: captured.append(o.pooler_output))
@@ -136,14 +145,14 @@ def batch_loss(run: JointRun, batch: AnswerBatch, aux_weight: float) -> dict[str
         for n in batch.n_tokens:
             bounds.append(bounds[-1] + n)
         feats = torch.cat([captured[0][bounds[i] : bounds[i + 1]] for i in batch.dense_rows])
-        out["aux"] = dense_losses(run.probe(feats), batch.dense, {"present": 1.0, "char": 1.0, "colour": 1.0})["total"]
+        out["aux"] = dense_losses(run.probe(feats), batch.dense, weights)["total"]
     out["total"] = out["answer"] + aux_weight * out["aux"]
     return out
 
 
 def train_step(run: JointRun, batch: AnswerBatch, cfg: AnswerConfig) -> dict[str, float]:
     """One optimiser step; returns the step's answer, aux and total losses."""
-    losses = batch_loss(run, batch, cfg.aux_at(run.step))
+    losses = batch_loss(run, batch, cfg.aux_at(run.step), cfg.aux_weights)
     run.apply(losses["total"], cfg.grad_clip)
     out = {k: float(v.detach()) for k, v in losses.items()}
     for k, v in out.items():

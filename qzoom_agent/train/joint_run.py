@@ -13,6 +13,7 @@ from ..backbones import BackboneAdapter
 from ..loading import load_backbone
 from .common import RunState, decay_groups
 from .dense_probe import DenseProbe
+from .scene_targets import MAX_TAG_CHARS, SHAPES
 
 if TYPE_CHECKING:
     from .joint import AnswerConfig
@@ -45,8 +46,10 @@ def build_joint_run(cfg: AnswerConfig, previous: Path) -> JointRun:
     model = adapter.model
     model.requires_grad_(True)
     probe_state = torch.load(ckpt, map_location="cpu", weights_only=True)["probe"]
-    probe = DenseProbe(model.config.vision_config.out_hidden_size)
-    probe.load_state_dict(probe_state)
+    extra = {k: cfg.aux_weights.get(k, 0.0) > 0 for k in ("shape", "index")}
+    probe = DenseProbe(model.config.vision_config.out_hidden_size, n_shapes=len(SHAPES) if extra["shape"] else 0,
+                       n_index=MAX_TAG_CHARS if extra["index"] else 0)
+    probe.load_narrower(probe_state)  # phase 1's probe lacks the shape and index heads a later phase may add
     vision = [*model.model.visual.parameters(), *probe.parameters()]
     seen = {id(p) for p in vision}
     rest = [p for p in model.parameters() if id(p) not in seen]

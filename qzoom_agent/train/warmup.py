@@ -159,7 +159,7 @@ def train_step(run: WarmupRun, batch: ProbeBatch, cfg: WarmupConfig) -> dict[str
     logits = run.probe(vision_tokens(run.model, batch))
     losses = dense_losses(logits, batch.targets, cfg.loss_weights.model_dump())
     run.apply(losses["total"], cfg.grad_clip)
-    correct, n = probe_counts(tuple(t.detach() for t in logits), batch.targets)["char"]
+    correct, n = probe_counts({k: t.detach() for k, t in logits.items()}, batch.targets)["char"]
     out = {k: float(v.detach()) for k, v in losses.items()}
     out["char_acc"] = correct / n if n else float("nan")
     for k in ("total", "char_acc"):
