@@ -19,7 +19,8 @@ from qzoom_agent.bench.runner import add_compare_parser, question_indices  # noq
 from qzoom_agent.tiny import make_tiny  # noqa: E402
 
 SUMMARY_KEYS = {"accuracy", "accuracy_fine", "accuracy_coarse", "latency_s_mean", "visual_tokens_mean",
-                "forward_passes_mean", "tool_calls_mean", "n", "zooms_mean", "roi_coverage_mean", "roi_hit_fine"}
+                "forward_passes_mean", "tool_calls_mean", "n", "zooms_mean", "roi_coverage_mean", "roi_hit_fine",
+                "accuracy_by_family"}
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +120,8 @@ def _recompute(records: list[dict], agents: list[str]) -> dict:
             "zooms_mean": mean(r["zooms"] for r in rows),
             "roi_coverage_mean": None,  # plain agents propose no boxes
             "roi_hit_fine": None,
+            "accuracy_by_family": {f: mean(r["correct"] for r in rows if r["family"] == f)
+                                   for f in sorted({r["family"] for r in rows})},
         }
     return out
 
@@ -148,6 +151,7 @@ def test_run_writes_everything(tiny_model, tmp_path, capsys):
     assert run["agents"] == agents and run["args"]["n"] == 3 and run["args"]["seed"] == 0
     assert run["model_path"] == str(tiny_model.resolve()) and run["date"]
     assert "| lowres | 3 |" in (out / "summary.md").read_text()
+    assert "Accuracy by question family" in (out / "summary.md").read_text()
     assert (out / "accuracy_by_budget.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

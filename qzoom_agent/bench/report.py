@@ -57,6 +57,26 @@ def markdown_table(summary: Mapping[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def family_table(summary: Mapping[str, Any]) -> str | None:
+    """Accuracy per question family (columns) and agent (rows) as markdown; None when no family was recorded.
+
+    Examples:
+        >>> s = {"agents": {"lowres": {"accuracy_by_family": {"read": 0.25, "color": 1.0}}}}
+        >>> print(family_table(s))
+        | agent | color | read |
+        |---|---:|---:|
+        | lowres | 1.000 | 0.250 |
+    """
+    families = sorted({f for stats in summary["agents"].values() for f in stats.get("accuracy_by_family") or {}})
+    if not families:
+        return None
+    rows = ["| agent | " + " | ".join(families) + " |", "|---|" + "---:|" * len(families)]
+    for name, stats in summary["agents"].items():
+        by = stats.get("accuracy_by_family") or {}
+        rows.append(f"| {name} | " + " | ".join(_cell("accuracy", by.get(f)) for f in families) + " |")
+    return "\n".join(rows)
+
+
 def budget_agents(names: list[str], prefix: str = "plain") -> dict[str, int]:
     """``{name: budget}`` for agents named ``prefix@budget``, sorted by budget.
 

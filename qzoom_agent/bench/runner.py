@@ -303,6 +303,9 @@ def write_summary(cfg: CompareConfig, records: list[dict[str, Any]]) -> dict[str
     (out / SUMMARY_JSON).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     title = f"{cfg.bench}, n={cfg.n}, seed={cfg.seed}, alphabet {cfg.alphabet or zoomworld.DEFAULT_ALPHABET}"
     text = f"# {title}\n\n{report.markdown_table(summary)}\n"
+    families = report.family_table(summary)
+    if families:
+        text += f"\nAccuracy by question family:\n\n{families}\n"
     extra = report.findings(summary)
     if extra:
         text += "\n" + "\n".join(extra) + "\n"
