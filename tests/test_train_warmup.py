@@ -164,7 +164,12 @@ def test_zoomworld_tiny_default_size_and_init():
     assert float(vision_w.std()) == pytest.approx(128**-0.5, rel=0.1)  # 1/sqrt(width), not HF's 0.02
     assert float(text_w.std()) == pytest.approx(256**-0.5, rel=0.1)
     assert sum(model.config.text_config.rope_parameters["mrope_section"]) == 256 // 4 // 2
+    assert model.config.text_config.rope_parameters["rope_theta"] == 1e6
     assert processor.merge_size * processor.patch_size == TOKEN_PX
+    small, _, _ = build_zoomworld_tiny(0, hidden=32, layers=1, intermediate=32, vision_hidden=16, vision_depth=1,
+                                       rope_theta=100.0)
+    assert small.config.text_config.rope_parameters["rope_theta"] == 100.0
+    assert small.config.vision_config.rope_parameters["rope_theta"] != 100.0  # the tower's own rotary is untouched
 
 
 def test_repo_config_loads_and_bad_config_is_one_line(tmp_path: Path):

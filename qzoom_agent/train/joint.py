@@ -106,7 +106,10 @@ def load_answer_config(path: str | Path, phase: int = 2) -> tuple[ZoomWorldTinyS
 
 def config_key(sizes: ZoomWorldTinySizes, cfg: AnswerConfig, alphabet: str) -> str:
     """Hash of everything shaping the trajectory; a checkpoint resumes only under the same key."""
-    blob = {"model": sizes.model_dump(), "answer": cfg.model_dump(exclude=_FREE_FIELDS), "alphabet": alphabet}
+    # rope_theta is left out: phases 2-3 take it from the previous phase's saved model (phase 1's key covers it),
+    # and runs begun before it was a size keep resuming
+    blob = {"model": sizes.model_dump(exclude={"rope_theta"}), "answer": cfg.model_dump(exclude=_FREE_FIELDS),
+            "alphabet": alphabet}
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
 
