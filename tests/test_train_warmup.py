@@ -12,7 +12,7 @@ from PIL import Image
 
 from qzoom_agent.bench.zoomworld_render import PALETTE
 from qzoom_agent.model import QZoomModel
-from qzoom_agent.train.common import CheckpointMismatchError
+from qzoom_agent.train.common import CheckpointMismatchError, read_config
 from qzoom_agent.train.dense_crops import (
     CHAR_CLASSES,
     COLOURS,
@@ -182,6 +182,28 @@ def test_repo_config_loads_and_bad_config_is_one_line(tmp_path: Path):
     assert "\n" not in str(err.value)
     with pytest.raises(ValueError, match="warmup_steps"):
         WarmupConfig(steps=10, warmup_steps=10)
+
+
+def test_config_extends_replaces_whole_sections(tmp_path: Path):
+    (tmp_path / "base.yaml").write_text("model: {hidden: 64}\nwarmup: {steps: 500, lr: 1.0e-3}\n"
+                                        "tiles: {steps: 9, batch_size: 2}\n")
+    (tmp_path / "variant.yaml").write_text("extends: base.yaml\ntiles: {steps: 7}\n")
+    data = read_config(tmp_path / "variant.yaml")
+    assert data == {"model": {"hidden": 64}, "warmup": {"steps": 500, "lr": 1.0e-3}, "tiles": {"steps": 7}}
+    sizes, cfg = load_train_config(tmp_path / "variant.yaml")
+    assert sizes.hidden == 64 and cfg.steps == 500
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\nwarmup: {}\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ValueError, match="extends itself"):
+        read_config(tmp_path / "a.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n")
+    with pytest.raises(ValueError, match="mapping"):
+        read_config(tmp_path / "list.yaml")
+    # the repo's phase-3 variant keeps the main recipe's model and phases 1-2
+    variant = DEFAULT_CONFIG.with_name("zoomworld_tiny_scene_aux.yaml")
+    main, other = read_config(DEFAULT_CONFIG), read_config(variant)
+    assert {k: other[k] for k in ("model", "warmup", "answer")} == {k: main[k] for k in ("model", "warmup", "answer")}
+    assert other["tiles"]["data"]["scene_aux"] and not main["tiles"]["data"].get("scene_aux", False)
 
 
 def test_seed_ranges_are_disjoint_and_enforced():

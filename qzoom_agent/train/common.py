@@ -144,14 +144,37 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def read_config(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A training YAML as a mapping. ``extends: OTHER.yaml`` (relative to the file) starts from OTHER's sections;
+    each section the file names replaces OTHER's whole, so a variant recipe states only what it changes.
+
+    Raises:
+        ValueError: one line naming the file: unreadable, not a mapping, or an ``extends`` cycle.
+    """
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise ValueError(f"cannot read training config {path}: {' '.join(str(err).split())}") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"training config {path} must be a mapping of sections")
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    base = (path.parent / str(parent)).resolve()
+    if base in _seen or base == path.resolve():
+        raise ValueError(f"training config {path} extends itself through {base.name}")
+    return {**read_config(base, (*_seen, path.resolve())), **data}
+
+
 def load_section(path: str | Path, section: str, cls: type[BaseModel]) -> Any:
     """Validate the ``section:`` mapping of a training YAML as ``cls``.
 
     Raises:
         ValueError: one line naming the file and what is wrong.
     """
-    data = yaml.safe_load(Path(path).read_text())
-    if not isinstance(data, dict) or not isinstance(data.get(section), dict):
+    data = read_config(path)
+    if not isinstance(data.get(section), dict):
         raise ValueError(f"{path} needs a '{section}:' mapping (see configs/train/{section}_zoomworld_tiny.yaml)")
     try:
         return cls(**data[section])

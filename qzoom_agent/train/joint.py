@@ -27,13 +27,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import yaml
 from pydantic import Field, model_validator
 from tqdm import tqdm
 
 from ..backbones import BackboneAdapter
 from .answer_data import IGNORE, AnswerBatch, AnswerDataConfig, make_batch
-from .common import OptimConfig, keep_metrics_until, read_metrics
+from .common import OptimConfig, keep_metrics_until, read_config, read_metrics
 from .dense_probe import LABEL_KINDS, dense_losses
 from .joint_eval import eval_sets, evaluate_answers, inference_model
 from .joint_run import JointRun, build_joint_run
@@ -94,7 +93,7 @@ def load_answer_config(path: str | Path, phase: int = 2) -> tuple[ZoomWorldTinyS
     """
     section = PHASES[phase][2]
     sizes, warm = load_train_config(path)
-    data = yaml.safe_load(Path(path).read_text())
+    data = read_config(path)
     if not isinstance(data.get(section), dict):
         raise ValueError(f"{path} needs a '{section}:' mapping (see configs/train/zoomworld_tiny.yaml)")
     try:

@@ -27,11 +27,10 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm import tqdm
 
-from .common import OptimConfig, RunState, decay_groups, keep_metrics_until, read_metrics
+from .common import OptimConfig, RunState, decay_groups, keep_metrics_until, read_config, read_metrics
 from .dense_crops import SEED_RANGES, DenseCropConfig, crop_seed, eval_sets, render_dense_crop
 from .dense_probe import (
     DenseProbe,
@@ -94,11 +93,8 @@ def load_train_config(path: str | Path) -> tuple[ZoomWorldTinySizes, WarmupConfi
         ValueError: one line saying which file and field is wrong and how.
     """
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as err:
-        raise ValueError(f"cannot read training config {path}: {' '.join(str(err).split())}") from err
-    if not isinstance(data, dict) or not isinstance(data.get("warmup"), dict):
+    data = read_config(path)
+    if not isinstance(data.get("warmup"), dict):
         raise ValueError(f"{path} needs a 'warmup:' mapping (see configs/train/zoomworld_tiny.yaml)")
     try:
         return ZoomWorldTinySizes(**(data.get("model") or {})), WarmupConfig(**data["warmup"])
