@@ -102,14 +102,23 @@ def test_crop_targets_add_character_positions():
 
 def test_wider_probe_loads_a_phase1_probe_and_trains_new_heads():
     narrow, wide = DenseProbe(16), DenseProbe(16, n_shapes=len(SHAPES), n_index=MAX_TAG_CHARS)
-    wide.load_narrower(narrow.state_dict())
+    wide.load_heads(narrow.state_dict())
     feats = torch.randn(5, 16)
     a, b = narrow(feats), wide(feats)
     for kind in ("present", "char", "colour"):
         assert torch.allclose(a[kind], b[kind])
     assert b["shape"].shape == (5, len(SHAPES)) and b["index"].shape == (5, MAX_TAG_CHARS)
+    narrow.load_heads(wide.state_dict())  # heads it lacks are dropped
+    assert torch.allclose(narrow(feats)["colour"], b["colour"])
+    index_only = DenseProbe(16, n_index=MAX_TAG_CHARS)  # phase 1 with positions: index sits right after colour
+    index_only.load_heads(wide.state_dict())
+    assert torch.allclose(index_only(feats)["index"], b["index"])
+    legacy = {k: v for k, v in narrow.state_dict().items() if k != "head_sizes"}  # written before head_sizes
+    wide.load_heads(legacy)
     with pytest.raises(ValueError, match="cannot load"):
-        narrow.load_narrower(wide.state_dict())
+        wide.load_heads({k: v for k, v in wide.state_dict().items() if k != "head_sizes"})
+    with pytest.raises(ValueError, match="classes"):
+        DenseProbe(16, n_index=2).load_heads(wide.state_dict())
     ignore = torch.full((5,), IGNORE_INDEX)
     targets = DenseTargets(torch.zeros(5), ignore, ignore, torch.tensor([0, 1, IGNORE_INDEX, 2, 3]),
                            torch.tensor([0, IGNORE_INDEX, 2, 1, IGNORE_INDEX]))

@@ -26,6 +26,7 @@ from qzoom_agent.train.dense_crops import (
     crop_seed,
     dense_targets,
     render_dense_crop,
+    tag_positions,
 )
 from qzoom_agent.train.dense_probe import dense_losses, encode_crops, vision_tokens
 from qzoom_agent.train.warmup import (
@@ -235,6 +236,22 @@ def test_training_moves_only_vision_and_probe_and_fits_a_fixed_batch():
     assert all(torch.equal(v, dict(run.model.named_parameters())[k]) for k, v in frozen.items())
     assert all(not torch.equal(v, dict(run.model.model.visual.named_parameters())[k]) for k, v in visual.items())
     assert run.scheduler.get_last_lr()[0] == pytest.approx(cfg.lr * cfg.lr_factor(8))
+
+
+def test_character_position_head_trains_in_phase1(tmp_path: Path):
+    cfg = small_config(loss_weights={"index": 1.0}, crops=DenseCropConfig(max_side_tokens=4, size_start=(24, 24)))
+    run = build_run(cfg, SMALL)
+    batch = train_batch(cfg, run.processor, 0)
+    crops = [render_dense_crop(crop_seed("train", i), 0.0, cfg.crops) for i in range(cfg.batch_size)]
+    want = np.concatenate([tag_positions(c.tags, *c.grid).ravel() for c in crops])
+    assert np.array_equal(batch.targets.index.numpy(), want)
+    assert (want >= 1).any()  # some tag has a second character: the head has two classes to tell apart
+    assert ((want != -100) == (batch.targets.char.numpy() != -100)).all()  # labelled exactly where chars are
+    losses = dense_losses(run.probe(vision_tokens(run.model, batch)), batch.targets, cfg.loss_weights.model_dump())
+    assert float(losses["index"].detach()) > 0 and run.probe.sizes["index"] == 3
+    out = run_warmup(cfg, tmp_path / "run", sizes=SMALL)
+    assert "index_acc_free" in out  # the held-out evaluation reports the new head
+    assert "index" not in build_run(small_config(), SMALL).probe(torch.zeros(1, 32))  # off by default
 
 
 def test_checkpoint_resume_continues_exactly(tmp_path: Path):

@@ -45,6 +45,7 @@ CHAR_CLASSES = DEFAULT_ALPHABET  # fixed head layout (A-Z0-9), so the sampled al
 COLOURS = tuple(PALETTE)
 IGNORE_INDEX = -100  # char/colour cells without a label (torch's cross-entropy default)
 PRESENT_IGNORE = -1.0  # present cells with a small partial overlap
+MAX_TAG_CHARS = 3  # tags hold 1-3 characters: the classes of the character-position head
 # Seed ranges, [start, stop): training crops and held-out crops can never coincide.
 SEED_RANGES: dict[str, tuple[int, int]] = {"train": (0, 10**9), "eval": (10**9, 2 * 10**9)}
 EVAL_FREE_OFFSET = 10**8  # the free-placed eval set starts this far into the eval range; the aligned one at 0
@@ -220,6 +221,19 @@ def dense_targets(tags: list[Tag], rows: int, cols: int) -> tuple[np.ndarray, np
     char[centres > 1] = IGNORE_INDEX
     present = np.where(cover > 0.5, 1.0, np.where(cover > 0, PRESENT_IGNORE, 0.0)).astype(np.float32)
     return present, char, colour
+
+
+def tag_positions(tags: list[Tag], rows: int, cols: int) -> np.ndarray:
+    """(rows, cols) int64: each glyph's position in its tag's text (0 = first) on the cell holding its centre,
+    -100 elsewhere and where two glyph centres share a cell (the cells ``dense_targets`` labels with a char)."""
+    index, centres = np.full((rows, cols), IGNORE_INDEX, dtype=np.int64), np.zeros((rows, cols), dtype=np.int64)
+    for tag in tags:
+        for pos, (_, (x1, y1, x2, y2)) in enumerate(tag.glyphs):
+            r, c = math.floor((y1 + y2) / 2 / TOKEN_PX), math.floor((x1 + x2) / 2 / TOKEN_PX)
+            centres[r, c] += 1
+            index[r, c] = pos
+    index[centres > 1] = IGNORE_INDEX
+    return index
 
 
 def render_dense_crop(seed: int, progress: float = 1.0, cfg: DenseCropConfig | None = None) -> DenseCrop:

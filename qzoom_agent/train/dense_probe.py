@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dense_crops import CHAR_CLASSES, COLOURS, IGNORE_INDEX, DenseCrop
+from .dense_crops import CHAR_CLASSES, COLOURS, IGNORE_INDEX, DenseCrop, tag_positions
 
 LABEL_KINDS = ("present", "char", "colour", "shape", "index")
 
@@ -87,6 +87,7 @@ def encode_crops(crops: list[DenseCrop], processor) -> ProbeBatch:
         present=torch.from_numpy(np.concatenate([c.present.ravel() for c in crops])),
         char=torch.from_numpy(np.concatenate([c.char.ravel() for c in crops])),
         colour=torch.from_numpy(np.concatenate([c.colour.ravel() for c in crops])),
+        index=torch.from_numpy(np.concatenate([tag_positions(c.tags, *c.grid).ravel() for c in crops])),
     )
     return ProbeBatch(out["pixel_values"], thw, targets)
 
@@ -94,8 +95,8 @@ def encode_crops(crops: list[DenseCrop], processor) -> ProbeBatch:
 class DenseProbe(nn.Module):
     """``Linear(dim, 1 + n_chars + n_colours [+ n_shapes + n_index])`` over merged vision tokens; never shipped.
 
-    Phase 1 uses the first three heads. The extra heads' rows come last, so a phase-1 probe loads into a wider
-    one with `load_narrower` and keeps what it learned.
+    The heads' sizes are kept in the state (``head_sizes``), so `load_heads` can move a probe's heads into a probe
+    with more or fewer heads (phase 1's probe into an answer phase's wider one) by name.
     """
 
     def __init__(self, dim: int, n_chars: int = len(CHAR_CLASSES), n_colours: int = len(COLOURS),
@@ -103,6 +104,7 @@ class DenseProbe(nn.Module):
         super().__init__()
         self.sizes = {"present": 1, "char": n_chars, "colour": n_colours, "shape": n_shapes, "index": n_index}
         self.proj = nn.Linear(dim, sum(self.sizes.values()))
+        self.register_buffer("head_sizes", torch.tensor(list(self.sizes.values())))
 
     def forward(self, feats: torch.Tensor) -> dict[str, torch.Tensor]:
         """(N, dim) token features -> ``{"present": (N,), "char": (N, n_chars), "colour": (N, n_colours),
@@ -114,15 +116,30 @@ class DenseProbe(nn.Module):
             at += n
         return out
 
-    def load_narrower(self, state: dict[str, torch.Tensor]) -> None:
-        """Load a probe with the same leading heads and fewer (or no) trailing ones; the rest keep their init."""
-        n = state["proj.weight"].shape[0]
-        if n > self.proj.out_features or state["proj.weight"].shape[1] != self.proj.in_features:
-            raise ValueError(f"cannot load a probe of shape {tuple(state['proj.weight'].shape)} into "
+    def load_heads(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy each head ``state`` shares with this probe; heads only this one has keep their init, heads only
+        ``state`` has are dropped. A state without ``head_sizes`` is a present/char/colour probe.
+
+        Raises:
+            ValueError: a shared head differs in size, or the widths differ.
+        """
+        weight, bias = state["proj.weight"], state["proj.bias"]
+        default = [1, self.sizes["char"], self.sizes["colour"], 0, 0]
+        theirs = dict(zip(LABEL_KINDS, (int(n) for n in state.get("head_sizes", torch.tensor(default))), strict=True))
+        if sum(theirs.values()) != weight.shape[0] or weight.shape[1] != self.proj.in_features:
+            raise ValueError(f"cannot load a probe of shape {tuple(weight.shape)} with heads {theirs} into "
                              f"{tuple(self.proj.weight.shape)}")
+        src = dict(zip(LABEL_KINDS, np.cumsum([0, *theirs.values()])[:-1].tolist(), strict=True))
+        dst = dict(zip(LABEL_KINDS, np.cumsum([0, *self.sizes.values()])[:-1].tolist(), strict=True))
         with torch.no_grad():
-            self.proj.weight[:n] = state["proj.weight"]
-            self.proj.bias[:n] = state["proj.bias"]
+            for kind in LABEL_KINDS:
+                n = self.sizes[kind]
+                if not n or not theirs[kind]:
+                    continue
+                if theirs[kind] != n:
+                    raise ValueError(f"probe head {kind!r} has {theirs[kind]} classes, this one {n}")
+                self.proj.weight[dst[kind] : dst[kind] + n] = weight[src[kind] : src[kind] + n]
+                self.proj.bias[dst[kind] : dst[kind] + n] = bias[src[kind] : src[kind] + n]
 
 
 def vision_tokens(model: nn.Module, batch: ProbeBatch) -> torch.Tensor:

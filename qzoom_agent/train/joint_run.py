@@ -49,7 +49,7 @@ def build_joint_run(cfg: AnswerConfig, previous: Path) -> JointRun:
     extra = {k: cfg.aux_weights.get(k, 0.0) > 0 for k in ("shape", "index")}
     probe = DenseProbe(model.config.vision_config.out_hidden_size, n_shapes=len(SHAPES) if extra["shape"] else 0,
                        n_index=MAX_TAG_CHARS if extra["index"] else 0)
-    probe.load_narrower(probe_state)  # phase 1's probe lacks the shape and index heads a later phase may add
+    probe.load_heads(probe_state)  # by name: phase 1's probe may lack the heads this phase adds
     vision = [*model.model.visual.parameters(), *probe.parameters()]
     seen = {id(p) for p in vision}
     rest = [p for p in model.parameters() if id(p) not in seen]

@@ -29,11 +29,19 @@ import torch
 
 from ..bench.zoomworld import ZoomWorldSample
 from ..bench.zoomworld_scene import DOC_SHAPES, HR_SHAPES
-from .dense_crops import CHAR_CLASSES, COLOURS, IGNORE_INDEX, PRESENT_IGNORE, TOKEN_PX, DenseCrop
+from .dense_crops import (
+    CHAR_CLASSES,
+    COLOURS,
+    IGNORE_INDEX,
+    MAX_TAG_CHARS,
+    PRESENT_IGNORE,
+    TOKEN_PX,
+    DenseCrop,
+    tag_positions,
+)
 from .dense_probe import DenseTargets
 
 SHAPES = tuple(dict.fromkeys(HR_SHAPES + DOC_SHAPES))  # fixed class order of the shape head
-MAX_TAG_CHARS = 3  # tags hold 1-3 characters: the index head's classes
 _OBJECT_CORE = 0.2  # object cells: centre inside the box shrunk by this fraction of its size on each side
 
 Window = tuple[float, float, float, float]
@@ -74,13 +82,7 @@ def _ignore(rows: int, cols: int) -> np.ndarray:
 def crop_targets(crop: DenseCrop) -> TokenTargets:
     """A phase-1 dense crop's targets plus ``index`` (its tags' character positions); ``shape`` unlabelled."""
     rows, cols = crop.grid
-    index, centres = _ignore(rows, cols), np.zeros((rows, cols), dtype=np.int64)
-    for tag in crop.tags:
-        for pos, (_, (x1, y1, x2, y2)) in enumerate(tag.glyphs):
-            r, c = math.floor((y1 + y2) / 2 / TOKEN_PX), math.floor((x1 + x2) / 2 / TOKEN_PX)
-            centres[r, c] += 1
-            index[r, c] = pos
-    index[centres > 1] = IGNORE_INDEX
+    index = tag_positions(crop.tags, rows, cols)
     return TokenTargets(crop.present, crop.char, crop.colour, _ignore(rows, cols), index)
 
 

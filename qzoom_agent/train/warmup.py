@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm import tqdm
 
 from .common import OptimConfig, RunState, decay_groups, keep_metrics_until, read_config, read_metrics
-from .dense_crops import SEED_RANGES, DenseCropConfig, crop_seed, eval_sets, render_dense_crop
+from .dense_crops import MAX_TAG_CHARS, SEED_RANGES, DenseCropConfig, crop_seed, eval_sets, render_dense_crop
 from .dense_probe import (
     DenseProbe,
     ProbeBatch,
@@ -55,13 +55,15 @@ _EMA = 0.95  # smoothing of the loss and accuracy shown on the progress bar
 
 
 class LossWeights(BaseModel):
-    """Weights of the three probe losses in the total."""
+    """Weights of the probe losses in the total."""
 
     model_config = ConfigDict(extra="forbid")
 
     present: float = Field(1.0, ge=0.0, description="BCE: a tag covers the token")
     char: float = Field(1.0, ge=0.0, description="CE: the glyph centred in the token")
     colour: float = Field(1.0, ge=0.0, description="CE: the colour of the tag covering the token")
+    index: float = Field(0.0, ge=0.0, description="CE: the glyph's position in its tag; > 0 adds the head. It "
+                                                  "lets the language model read characters in order by content")
 
 
 class WarmupConfig(OptimConfig):
@@ -141,7 +143,8 @@ def build_run(cfg: WarmupConfig, sizes: ZoomWorldTinySizes) -> WarmupRun:
     model.requires_grad_(False)
     visual = model.model.visual
     visual.requires_grad_(True)
-    probe = DenseProbe(model.config.vision_config.out_hidden_size)
+    probe = DenseProbe(model.config.vision_config.out_hidden_size,
+                       n_index=MAX_TAG_CHARS if cfg.loss_weights.index > 0 else 0)
     groups = decay_groups([*visual.parameters(), *probe.parameters()], cfg.weight_decay)
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cfg.lr_factor)
