@@ -195,13 +195,18 @@ def _draw_tags(image: Image.Image, tags: list[Tag]) -> None:
             draw_text(image, origin, char, tag.size, text_colour(rgb))
 
 
-def _cell_overlap(box: Box, rows: int, cols: int) -> np.ndarray:
-    """(rows, cols) fraction of each 28 px cell covered by ``box``."""
+def cell_overlap(box: tuple[float, float, float, float], rows: int, cols: int) -> np.ndarray:
+    """(rows, cols) fraction of each 28 px cell covered by ``box`` (pixels; fractional edges are fine)."""
     edges_r = np.arange(rows + 1) * TOKEN_PX
     edges_c = np.arange(cols + 1) * TOKEN_PX
     over_r = np.clip(np.minimum(edges_r[1:], box[3]) - np.maximum(edges_r[:-1], box[1]), 0, None)
     over_c = np.clip(np.minimum(edges_c[1:], box[2]) - np.maximum(edges_c[:-1], box[0]), 0, None)
     return np.outer(over_r, over_c) / TOKEN_PX**2
+
+
+def centre_cell(box: tuple[float, float, float, float]) -> tuple[int, int]:
+    """(row, col) of the 28 px cell holding the centre of ``box`` (pixels)."""
+    return math.floor((box[1] + box[3]) / 2 / TOKEN_PX), math.floor((box[0] + box[2]) / 2 / TOKEN_PX)
 
 
 def dense_targets(tags: list[Tag], rows: int, cols: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -211,11 +216,11 @@ def dense_targets(tags: list[Tag], rows: int, cols: int) -> tuple[np.ndarray, np
     char = np.full((rows, cols), IGNORE_INDEX, dtype=np.int64)
     centres = np.zeros((rows, cols), dtype=np.int64)
     for tag in tags:
-        frac = _cell_overlap(tag.box, rows, cols)
+        frac = cell_overlap(tag.box, rows, cols)
         cover += frac  # tags never overlap, so the sum is the covered fraction
         colour[frac > 0.5] = COLOURS.index(tag.colour)
         for ch, (x1, y1, x2, y2) in tag.glyphs:
-            r, c = math.floor((y1 + y2) / 2 / TOKEN_PX), math.floor((x1 + x2) / 2 / TOKEN_PX)
+            r, c = centre_cell((x1, y1, x2, y2))
             centres[r, c] += 1
             char[r, c] = CHAR_CLASSES.index(ch)
     char[centres > 1] = IGNORE_INDEX
@@ -228,8 +233,8 @@ def tag_positions(tags: list[Tag], rows: int, cols: int) -> np.ndarray:
     -100 elsewhere and where two glyph centres share a cell (the cells ``dense_targets`` labels with a char)."""
     index, centres = np.full((rows, cols), IGNORE_INDEX, dtype=np.int64), np.zeros((rows, cols), dtype=np.int64)
     for tag in tags:
-        for pos, (_, (x1, y1, x2, y2)) in enumerate(tag.glyphs):
-            r, c = math.floor((y1 + y2) / 2 / TOKEN_PX), math.floor((x1 + x2) / 2 / TOKEN_PX)
+        for pos, (_, box) in enumerate(tag.glyphs):
+            r, c = centre_cell(box)
             centres[r, c] += 1
             index[r, c] = pos
     index[centres > 1] = IGNORE_INDEX

@@ -197,7 +197,7 @@ def evaluate_probe(model: nn.Module, probe: DenseProbe, processor, sets: dict[st
     model.eval()
     metrics: dict[str, float] = {}
     for name, crops in sets.items():
-        totals = {"present": [0, 0], "char": [0, 0], "colour": [0, 0]}
+        totals: dict[str, list[int]] = {}
         for i in range(0, len(crops), batch_size):
             batch = encode_crops(crops[i : i + batch_size], processor)
             counts = probe_counts(probe(vision_tokens(model, batch)), batch.targets)

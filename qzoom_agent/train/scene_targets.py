@@ -21,7 +21,6 @@ and the language model can fetch characters by content instead of by relative po
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,6 +36,8 @@ from .dense_crops import (
     PRESENT_IGNORE,
     TOKEN_PX,
     DenseCrop,
+    cell_overlap,
+    centre_cell,
     tag_positions,
 )
 from .dense_probe import DenseTargets
@@ -86,16 +87,9 @@ def crop_targets(crop: DenseCrop) -> TokenTargets:
     return TokenTargets(crop.present, crop.char, crop.colour, _ignore(rows, cols), index)
 
 
-def _cover(box: tuple[float, float, float, float], rows: int, cols: int) -> np.ndarray:
-    """(rows, cols) fraction of each view cell covered by ``box`` (view pixels, float)."""
-    edges_r, edges_c = np.arange(rows + 1) * TOKEN_PX, np.arange(cols + 1) * TOKEN_PX
-    over_r = np.clip(np.minimum(edges_r[1:], box[3]) - np.maximum(edges_r[:-1], box[1]), 0, None)
-    over_c = np.clip(np.minimum(edges_c[1:], box[2]) - np.maximum(edges_c[:-1], box[0]), 0, None)
-    return np.outer(over_r, over_c) / TOKEN_PX**2
-
-
-def _cell(x: float, y: float, rows: int, cols: int) -> tuple[int, int] | None:
-    r, c = math.floor(y / TOKEN_PX), math.floor(x / TOKEN_PX)
+def _cell(box: tuple[float, float, float, float], rows: int, cols: int) -> tuple[int, int] | None:
+    """The cell holding ``box``'s centre (view pixels), None when it lies outside the view."""
+    r, c = centre_cell(box)
     return (r, c) if 0 <= r < rows and 0 <= c < cols else None
 
 
@@ -134,10 +128,10 @@ def scene_targets(sample: ZoomWorldSample, window: Window, grid: tuple[int, int]
     cover, tag_cells = np.zeros((rows, cols)), np.zeros((rows, cols), dtype=bool)
     for panel in sample.panels:
         box = view(panel["box"])
-        frac = _cover(box, rows, cols)
+        frac = cell_overlap(box, rows, cols)
         cover += frac  # panels never overlap, so the sum is the covered fraction
         cells = frac > 0.5
-        centre = _cell((box[0] + box[2]) / 2, (box[1] + box[3]) / 2, rows, cols)
+        centre = _cell(box, rows, cols)
         if centre is not None:
             cells[centre] = True
         tag_cells |= cells
@@ -151,7 +145,7 @@ def scene_targets(sample: ZoomWorldSample, window: Window, grid: tuple[int, int]
         pos = position.get(glyph["panel"], 0)
         position[glyph["panel"]] = pos + 1
         x1, y1, x2, y2 = view(glyph["box"])
-        cell = _cell((x1 + x2) / 2, (y1 + y2) / 2, rows, cols)
+        cell = _cell((x1, y1, x2, y2), rows, cols)
         if cell is None:
             continue
         centres[cell] += 1
