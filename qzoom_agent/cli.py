@@ -130,7 +130,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .train.common import CheckpointMismatchError
+    from .train.common import CheckpointMismatchError, read_config
     from .train.joint import load_answer_config, run_joint
     from .train.warmup import load_train_config, run_warmup
 
@@ -170,7 +170,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.stage != "base":
         raise UsageError(f"unknown training stage {args.stage!r}")
     if args.steps is not None and args.phase in ("all", "export"):
-        raise UsageError("--steps needs a single --phase (1, 2 or 3): each phase has its own schedule")
+        raise UsageError("--steps needs a single --phase (1 to 4): each phase has its own schedule")
     if args.phase == "export":
         from .loading import BUNDLED_MODELS
         from .train.export import export_model, latest_model
@@ -196,6 +196,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
             print(f"phase {phase} ({what}) at step {m.get('step')}: held-out oracle-crop reading "
                   f"{m.get('oracle_read_acc', float('nan')):.3f}, native-tile reading "
                   f"{m.get('tile_read_acc', float('nan')):.3f}, coarse {m.get('coarse_acc', float('nan')):.3f}")
+        if args.phase == "4" or (args.phase == "all" and "grounding" in read_config(args.config)):
+            from .train.grounding import load_grounding_config, run_grounding
+
+            sizes, cfg, alphabet = load_grounding_config(args.config)
+            m = run_grounding(cfg, args.out, alphabet=alphabet, sizes=sizes, max_steps=args.steps)
+            print(f"phase 4 (grounding) at step {m.get('step')}: held-out zoom box hit {m['ground_hit']:.3f} "
+                  f"(calls {m['ground_call_rate']:.3f}), fine answers {m['ground_fine_acc']:.3f}; plain path: "
+                  f"oracle-crop reading {m['oracle_read_acc']:.3f}, coarse {m['coarse_acc']:.3f}")
     except CheckpointMismatchError as err:
         raise UsageError(str(err)) from None
     return 0
@@ -249,8 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("stage", choices=["base", "stage1", "stage2", "stage3"], help="what to train")
     train.add_argument("--config", default=DEFAULT_BASE_CONFIG, help="training YAML")
     train.add_argument("--out", required=True, help="run folder; an interrupted run there resumes")
-    train.add_argument("--phase", choices=["1", "2", "3", "all", "export"], default="all",
-                       help="which phase(s) of the recipe; 'export' ships the latest phase's model as fp16")
+    train.add_argument("--phase", choices=["1", "2", "3", "4", "all", "export"], default="all",
+                       help="which phase(s) of the recipe ('all' runs phase 4 when the YAML has a 'grounding:' "
+                            "section); 'export' ships the latest phase's model as fp16")
     train.add_argument("--to", default=None, help="export destination (default: the bundled zoomworld-tiny)")
     train.add_argument("--steps", type=_positive, default=None, help="stop this phase at this step (resume later)")
     train.set_defaults(func=_cmd_train)

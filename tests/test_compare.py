@@ -217,8 +217,9 @@ def test_seeds_pick_held_out_questions(tiny_model, tmp_path, capsys):
     (["--bench", "zoomworld:xyz"], "unknown bench 'zoomworld:xyz'; choose one of zoomworld:hr, zoomworld:doc"),
     (["--bench", "foo"], "unknown bench 'foo'"),
     (["--agents", "lowres,bogus"],
-     "unknown agent 'bogus'; choose from lowres, highres, oracle, qzoom, qzoom-always, qzoom-never, plain@N, "
-     "qzoom@N, qzoom-always@N, qzoom-never@N"),
+     "unknown agent 'bogus'; choose from lowres, highres, oracle, qzoom, qzoom-always, qzoom-never, deepeyes, "
+     "plain@N, qzoom@N, qzoom-always@N, qzoom-never@N, deepeyes@N"),
+    (["--agents", "deepeyes@-3"], "deepeyes@TOKENS must be a positive integer"),
     (["--agents", "qzoom@0"], "qzoom@TOKENS must be a positive integer, got 0"),
     (["--agents", "plain@x"], "plain@TOKENS must be a positive integer"),
     (["--agents", "lowres,lowres"], "agents repeat: lowres"),
@@ -345,3 +346,14 @@ def test_doctests():
     for module in (metrics, agents, report):
         result = doctest.testmod(module)
         assert result.attempted > 0 and result.failed == 0, module.__name__
+
+
+def test_deepeyes_agent_runs_in_compare_with_tool_costs(tiny_model, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["--bench", "zoomworld:doc", "--agents", "deepeyes@32,lowres", "--n", "2", "--seed", "5", "--out",
+            str(out), "--model", str(tiny_model), "--lowres-tokens", "32", "--max-new-tokens", "2", "--json"]
+    summary = json.loads(_run(argv, capsys))["agents"]
+    assert set(summary["deepeyes@32"]) == SUMMARY_KEYS and summary["deepeyes@32"]["n"] == 2
+    records = [r for r in _lines(out) if r["agent"] == "deepeyes@32"]
+    # every turn re-encodes its images, so a question costs at least one 32-token view and one forward pass
+    assert all(r["visual_tokens"] >= 1 and r["forward_passes"] >= 1 and r["tool_calls"] >= 0 for r in records)

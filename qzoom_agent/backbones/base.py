@@ -179,13 +179,26 @@ class BackboneAdapter(ABC):
         messages.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]})
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        where = [i for i, t in enumerate(ids) if t == self.image_token_id]
-        if len(where) != 1:
-            raise ValueError(f"the chat template must render exactly one image placeholder, found {len(where)}")
-        at = where[0]
-        ids = ids[:at] + [self.image_token_id] * image.n_tokens + ids[at + 1 :]
+        at = ids.index(self.image_token_id) if self.image_token_id in ids else -1
+        ids = self.expand_images(ids, [image])
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
         return Prompt(input_ids, at, at + image.n_tokens, image)
+
+    def expand_images(self, ids: list[int], images: list[ImageInputs]) -> list[int]:
+        """Replace the chat template's visual placeholders in ``ids``, in order, by each image's token count.
+
+        Raises:
+            ValueError: the number of placeholders differs from ``len(images)``.
+        """
+        where = [i for i, t in enumerate(ids) if t == self.image_token_id]
+        if len(where) != len(images):
+            raise ValueError(f"the chat template rendered {len(where)} image placeholders for {len(images)} images")
+        out: list[int] = []
+        last = 0
+        for at, image in zip(where, images, strict=True):
+            out += ids[last:at] + [self.image_token_id] * image.n_tokens
+            last = at + 1
+        return out + ids[last:]
 
     @abstractmethod
     def hf_inputs(self, input_ids: torch.LongTensor, images: list[ImageInputs]) -> dict[str, torch.Tensor]:

@@ -198,6 +198,7 @@ FACTORIES: dict[str, Factory] = {
     "oracle": lambda ctx, name: OracleAgent(ctx.model, name, ctx.max_new_tokens),
     **{fixed: (lambda ctx, name, mode=mode: QZoomAgent(ctx.model, mode, ctx.qzoom_tokens, name, ctx.max_new_tokens))
        for fixed, mode in QZOOM_MODES.items()},
+    "deepeyes": lambda ctx, name: _deepeyes(ctx, name, ctx.qzoom_tokens),
 }
 
 
@@ -218,6 +219,12 @@ def _budget_check(prefix: str) -> Callable[[str], None]:
     return check
 
 
+def _deepeyes(ctx: AgentContext, name: str, tokens: int) -> Agent:
+    from .deepeyes_agent import DeepEyesAgent  # it builds on this module
+
+    return DeepEyesAgent(ctx.model, tokens, name)
+
+
 def _qzoom_factory(mode: str) -> ParamFactory:
     return lambda ctx, name, arg: QZoomAgent(ctx.model, mode, int(arg), name, ctx.max_new_tokens)
 
@@ -228,6 +235,7 @@ PARAM_FACTORIES: dict[str, tuple[Callable[[str], None], ParamFactory]] = {
     "plain": (_budget_check("plain"),
               lambda ctx, name, arg: PlainAgent(ctx.model, int(arg), name, ctx.max_new_tokens)),
     **{prefix: (_budget_check(prefix), _qzoom_factory(mode)) for prefix, mode in QZOOM_MODES.items()},
+    "deepeyes": (_budget_check("deepeyes"), lambda ctx, name, arg: _deepeyes(ctx, name, int(arg))),
 }
 
 
@@ -245,7 +253,7 @@ def agent_tokens(name: str, ctx_tokens: dict[str, int]) -> int | None:
     prefix, sep, arg = name.partition("@")
     if sep and prefix in PARAM_FACTORIES:
         return int(arg)
-    if name in QZOOM_MODES:
+    if name in QZOOM_MODES or name == "deepeyes":
         return ctx_tokens.get("qzoom")
     return ctx_tokens.get(name)
 

@@ -74,27 +74,32 @@ class AnswerDataConfig(BaseModel):
     @field_validator("mix", "early_mix")
     @classmethod
     def _check_mix(cls, value: dict[str, float] | None) -> dict[str, float] | None:
-        if value is None:
-            return value
-        if set(value) - set(SOURCES) or any(w < 0 for w in value.values()) or sum(value.values()) <= 0:
-            raise ValueError(f"mix needs non-negative weights over {SOURCES} with a positive sum, got {value}")
-        return value
+        return value if value is None else check_weights(value, SOURCES, "mix")
 
     @field_validator("fine_mix", "tile_fine_mix")
     @classmethod
     def _check_fine_mix(cls, value: dict[str, float]) -> dict[str, float]:
-        if set(value) - set(FINE_FAMILIES) or any(w < 0 for w in value.values()) or sum(value.values()) <= 0:
-            raise ValueError(f"fine_mix needs non-negative weights over {FINE_FAMILIES} with a positive sum, "
-                             f"got {value}")
-        return value
+        return check_weights(value, FINE_FAMILIES, "fine_mix")
 
     @field_validator("oracle_tokens", "coarse_tokens", "tile_side_tokens", "tile_scale", "tile_size_range",
                      "dense_sizes", "margin", "zoom", "size_range")
     @classmethod
     def _check_range(cls, value: tuple) -> tuple:
-        if not 0 < value[0] <= value[1]:
-            raise ValueError(f"a range needs 0 < low <= high, got {value}")
-        return value
+        return check_range(value)
+
+
+def check_weights(value: dict[str, float], names: tuple[str, ...], what: str) -> dict[str, float]:
+    """``value`` unless it names something outside ``names``, has a negative weight or sums to 0 (ValueError)."""
+    if set(value) - set(names) or any(w < 0 for w in value.values()) or sum(value.values()) <= 0:
+        raise ValueError(f"{what} needs non-negative weights over {names} with a positive sum, got {value}")
+    return value
+
+
+def check_range(value: tuple) -> tuple:
+    """``value`` unless it is not a ``(low, high)`` range with ``0 < low <= high`` (ValueError)."""
+    if not 0 < value[0] <= value[1]:
+        raise ValueError(f"a range needs 0 < low <= high, got {value}")
+    return value
 
 
 @dataclass

@@ -19,7 +19,7 @@ import torch
 
 from ..loading import ZOOMWORLD_META, load_backbone
 
-PHASE_ORDER = ("phase3", "phase2", "phase1")  # the latest phase that wrote a model is shipped
+PHASE_ORDER = ("phase4", "phase3", "phase2", "phase1")  # the latest phase that wrote a model is shipped
 
 
 def latest_model(run_dir: str | Path) -> Path:

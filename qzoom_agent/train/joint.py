@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -43,7 +44,8 @@ logger = logging.getLogger(__name__)
 
 PHASE_DIR, PREV_PHASE_DIR = "phase2", "phase1"
 # phase number -> (its folder, the folder it starts from, its YAML section)
-PHASES: dict[int, tuple[str, str, str]] = {2: ("phase2", "phase1", "answer"), 3: ("phase3", "phase2", "tiles")}
+PHASES: dict[int, tuple[str, str, str]] = {2: ("phase2", "phase1", "answer"), 3: ("phase3", "phase2", "tiles"),
+                                          4: ("phase4", "phase3", "grounding")}
 CHECKPOINT_FILE, METRICS_FILE = "checkpoint.pt", "metrics.jsonl"
 _FREE_FIELDS = {"checkpoint_every", "eval_every", "eval_items", "threads"}
 _EMA = 0.95
@@ -52,7 +54,8 @@ _EMA = 0.95
 class AnswerConfig(OptimConfig):
     """Phase-2 settings (the ``answer:`` section of ``configs/train/zoomworld_tiny.yaml``)."""
 
-    vision_lr_scale: float = Field(1.0, ge=0.0, description="LR multiplier of the warmed-up vision tower and probe")
+    vision_lr_scale: float = Field(1.0, ge=0.0, description="LR multiplier of the warmed-up vision tower and probe; "
+                                   "0 freezes both (no backward through the tower)")
     aux_weight: float = Field(1.0, ge=0.0, description="weight of the dense probe loss on examples with targets")
     aux_weights: dict[str, float] = Field(
         default_factory=lambda: {"present": 1.0, "char": 1.0, "colour": 1.0},
@@ -81,6 +84,25 @@ class AnswerConfig(OptimConfig):
 
 
 
+def load_section(
+    path: str | Path, section: str, cls: type[AnswerConfig]
+) -> tuple[ZoomWorldTinySizes, AnswerConfig, str]:
+    """Read ``model:``, the ``section`` mapping (validated as ``cls``) and phase 1's alphabet from a training YAML.
+
+    Raises:
+        ValueError: one line saying which file and field is wrong.
+    """
+    sizes, warm = load_train_config(path)
+    data = read_config(path)
+    if not isinstance(data.get(section), dict):
+        raise ValueError(f"{path} needs a '{section}:' mapping (see configs/train/zoomworld_tiny.yaml)")
+    try:
+        cfg = cls(**data[section])
+    except ValueError as err:
+        raise ValueError(f"invalid {section} config {path}: {' '.join(str(err).split())}") from err
+    return sizes, cfg, warm.crops.alphabet
+
+
 def load_answer_config(path: str | Path, phase: int = 2) -> tuple[ZoomWorldTinySizes, AnswerConfig, str]:
     """Read ``model:``, the phase's section (``answer:`` or ``tiles:``) and the phase-1 alphabet
     (``warmup.crops.alphabet``) from a training YAML.
@@ -91,16 +113,8 @@ def load_answer_config(path: str | Path, phase: int = 2) -> tuple[ZoomWorldTinyS
     Raises:
         ValueError: one line saying which file and field is wrong.
     """
-    section = PHASES[phase][2]
-    sizes, warm = load_train_config(path)
-    data = read_config(path)
-    if not isinstance(data.get(section), dict):
-        raise ValueError(f"{path} needs a '{section}:' mapping (see configs/train/zoomworld_tiny.yaml)")
-    try:
-        cfg = AnswerConfig(**data[section])
-    except ValueError as err:
-        raise ValueError(f"invalid {section} config {path}: {' '.join(str(err).split())}") from err
-    return sizes, cfg, cfg.data.alphabet or warm.crops.alphabet
+    sizes, cfg, alphabet = load_section(path, PHASES[phase][2], AnswerConfig)
+    return sizes, cfg, cfg.data.alphabet or alphabet
 
 
 def config_key(sizes: ZoomWorldTinySizes, cfg: AnswerConfig, alphabet: str) -> str:
@@ -162,18 +176,21 @@ def train_step(run: JointRun, batch: AnswerBatch, cfg: AnswerConfig) -> dict[str
     return out
 
 
-def _evaluate(run: JointRun, cfg: AnswerConfig, sets: dict, metrics_path: Path) -> dict:
+Evaluator = Callable[[JointRun], dict[str, float]]
+BatchMaker = Callable[[JointRun, int], AnswerBatch]
+
+
+def _evaluate(run: JointRun, cfg: AnswerConfig, evaluate: Evaluator, metrics_path: Path) -> dict:
     seen = run.step * cfg.batch_size
     row = {"step": run.step, "examples": seen, "lr": run.scheduler.get_last_lr()[0],
            "loss": run.running.get("total"), "answer_loss": run.running.get("answer"),
            "aux_loss": run.running.get("aux"), "train_seconds": round(run.train_seconds, 1),
            "examples_per_s": round(seen / run.train_seconds, 2) if run.train_seconds else None}
-    row.update(evaluate_answers(inference_model(run.adapter), sets))
+    row.update(evaluate(run))
     with open(metrics_path, "a") as f:
         f.write(json.dumps(row) + "\n")
-    logger.info("step %d: dense read %.3f, oracle read %.3f, tile read %.3f, coarse %.3f, answer loss %.3f",
-                run.step, row["dense_read_acc"], row["oracle_read_acc"], row["tile_read_acc"], row["coarse_acc"],
-                row["answer_loss"] or float("nan"))
+    figures = ", ".join(f"{k} {v:.3f}" for k, v in row.items() if k.endswith(("_acc", "_hit")))
+    logger.info("step %d: %s, answer loss %.3f", run.step, figures, row["answer_loss"] or float("nan"))
     return row
 
 
@@ -185,9 +202,11 @@ def export(adapter: BackboneAdapter, folder: Path) -> None:
 
 
 def run_joint(cfg: AnswerConfig, out_dir: str | Path, *, alphabet: str, sizes: ZoomWorldTinySizes | None = None,
-              max_steps: int | None = None, phase: int = 2) -> dict:
-    """Train (or resume) ``phase`` (2 or 3) until ``cfg.steps`` or ``max_steps``: phase 2 in ``out_dir/phase2``
-    from ``out_dir/phase1``, phase 3 in ``out_dir/phase3`` from ``out_dir/phase2``.
+              max_steps: int | None = None, phase: int = 2, make_batch_at: BatchMaker | None = None,
+              evaluate: Evaluator | None = None) -> dict:
+    """Train (or resume) ``phase`` until ``cfg.steps`` or ``max_steps``: phase 2 in ``out_dir/phase2`` from
+    ``out_dir/phase1``, phase 3 in ``out_dir/phase3`` from ``out_dir/phase2`` (phase 4, grounding, passes its own
+    batches and evaluation: `train.grounding`).
 
     Args:
         cfg: the phase's settings.
@@ -195,10 +214,13 @@ def run_joint(cfg: AnswerConfig, out_dir: str | Path, *, alphabet: str, sizes: Z
         alphabet: tag characters of the examples.
         sizes: model sizes, only for the checkpoint key (the weights come from phase 1).
         max_steps: stop once the global step reaches this (the schedule still spans ``cfg.steps``).
-        phase: 2 or 3.
+        phase: 2, 3 or 4.
+        make_batch_at: ``(run, step) -> batch`` of that step; default: `answer_data.make_batch` on ``cfg.data``.
+        evaluate: ``run -> figures`` on held-out questions; default: `joint_eval.evaluate_answers` on its sets.
 
     Returns:
-        The last metrics row (step, losses, examples/s, ``oracle_read_acc``, ``tile_read_acc``, ``coarse_acc``).
+        The last metrics row (step, losses, examples/s, and the evaluation's figures, by default
+        ``oracle_read_acc``, ``tile_read_acc``, ``coarse_acc`` and ``dense_read_acc``).
     """
     sizes = sizes or ZoomWorldTinySizes()
     torch.set_num_threads(cfg.threads)
@@ -216,10 +238,16 @@ def run_joint(cfg: AnswerConfig, out_dir: str | Path, *, alphabet: str, sizes: Z
         keep_metrics_until(metrics_path, run.step)
         logger.info("resuming phase %d from step %d of %d", number, run.step, cfg.steps)
     stop = min(cfg.steps, max_steps if max_steps is not None else cfg.steps)
-    sets = eval_sets(cfg.data, alphabet, cfg.eval_items)
     last = (read_metrics(metrics_path) or [None])[-1]
+    if evaluate is None:
+        sets = eval_sets(cfg.data, alphabet, cfg.eval_items)
+
+        def evaluate(run: JointRun) -> dict[str, float]:
+            return evaluate_answers(inference_model(run.adapter), sets)
 
     def batch_at(step: int) -> AnswerBatch:
+        if make_batch_at is not None:
+            return make_batch_at(run, step)
         return make_batch(run.adapter, cfg.data, alphabet, step * cfg.batch_size, cfg.batch_size)
 
     with ThreadPoolExecutor(max_workers=1) as pool, tqdm(total=stop, initial=run.step, desc=f"phase {number} answers",
@@ -235,10 +263,10 @@ def run_joint(cfg: AnswerConfig, out_dir: str | Path, *, alphabet: str, sizes: Z
             bar.update(1)
             bar.set_postfix(loss=f"{run.running['answer']:.3f}")
             if run.step % cfg.eval_every == 0 or run.step == stop:
-                last = _evaluate(run, cfg, sets, metrics_path)
+                last = _evaluate(run, cfg, evaluate, metrics_path)
             if run.step % cfg.checkpoint_every == 0 or run.step == stop:
                 run.save(ckpt, key)
     if last is None or last["step"] != run.step:
-        last = _evaluate(run, cfg, sets, metrics_path)
+        last = _evaluate(run, cfg, evaluate, metrics_path)
     export(run.adapter, phase_dir / "model")
     return last

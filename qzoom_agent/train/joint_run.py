@@ -54,9 +54,12 @@ def build_joint_run(cfg: AnswerConfig, previous: Path) -> JointRun:
     seen = {id(p) for p in vision}
     rest = [p for p in model.parameters() if id(p) not in seen]
     # the warmed-up tower may want a smaller step than the LM, which starts from its seeded init
-    groups = decay_groups(rest, cfg.weight_decay, cfg.lr) + decay_groups(
-        vision, cfg.weight_decay, cfg.lr * cfg.vision_lr_scale
-    )
+    groups = decay_groups(rest, cfg.weight_decay, cfg.lr)
+    if cfg.vision_lr_scale > 0:
+        groups += decay_groups(vision, cfg.weight_decay, cfg.lr * cfg.vision_lr_scale)
+    else:  # a frozen tower: no backward pass through it at all, which is most of a long-view step's cost
+        model.model.visual.requires_grad_(False)
+        probe.requires_grad_(False)
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cfg.lr_factor)
     model.train()

@@ -1,0 +1,60 @@
+"""Reading diagnostics: how a model reads held-out dense crops, split by tag length and by tags per crop.
+
+Dense crops (1-3 free-placed tags, 16-56 px glyphs; `train.answer_data.dense_example`) come from the held-out
+crop range, never a training seed. A model that reads a tag as an unordered bag of glyphs does well on
+1-character tags and near chance on longer ones; one that cannot bind the asked colour to its tag fails when the
+crop holds several tags. Run::
+
+    python benchmarks/dense_reading.py [--model DIR] [--n 300] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import random
+
+import torch
+from tqdm import tqdm
+
+from qzoom_agent.bench.metrics import is_correct
+from qzoom_agent.loading import resolve_model_path, trained_alphabet
+from qzoom_agent.model import QZoomModel
+from qzoom_agent.train.answer_data import AnswerDataConfig, dense_example
+
+
+def read_dense(qz: QZoomModel, n: int, alphabet: str) -> dict[str, list[int]]:
+    """``{"chars=K": [right, asked], "tags=1" / "tags=2+": [right, asked]}`` over ``n`` held-out dense crops."""
+    cfg = AnswerDataConfig(dense_max_tags=3, dense_sizes=(16, 56))
+    tally: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
+    for k in tqdm(range(n), desc="dense crops", mininterval=2.0):
+        ex = dense_example(random.Random(f"dense-eval/{k}"), cfg, alphabet, k, split="eval")
+        out = qz.answer(ex.image, ex.question, mode="never", budget=ex.budget, max_new_tokens=8).text
+        right = int(is_correct(out, ex.answer))
+        for key in (f"chars={len(ex.answer)}", "tags=1" if len(ex.dense.tags) == 1 else "tags=2+"):
+            tally[key][0] += right
+            tally[key][1] += 1
+    return dict(sorted(tally.items()))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="zoomworld-tiny", help="bundled name or model folder")
+    parser.add_argument("--n", type=int, default=300, help="held-out crops")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    qz = QZoomModel.from_pretrained(args.model, qzoom=False)
+    alphabet = trained_alphabet(resolve_model_path(args.model)) or "0123456789"
+    tally = read_dense(qz, args.n, alphabet)
+    if args.json:
+        print(json.dumps({"model": args.model, "n": args.n, "tally": tally}))
+        return
+    for key, (right, asked) in tally.items():
+        print(f"{key:8s} {right:4d}/{asked:<4d} {right / asked:.3f}")
+
+
+if __name__ == "__main__":
+    main()
