@@ -99,12 +99,12 @@ def test_agent_loop_zooms_through_the_tool_then_answers(tiny_model, monkeypatch)
     x1, y1, x2, y2 = s.target_box
     pad = 40
     call_box = (int((x1 - pad) * sx), int((y1 - pad) * sy), int((x2 + pad) * sx) + 1, int((y2 + pad) * sy) + 1)
-    script = ["<tool_call>\n{bad}\n</tool_call>", format_zoom_call(call_box), "42<|im_end|>"]
+    script = [("<tool_call>\n{bad}\n</tool_call>", "{bad}"), (format_zoom_call(call_box), ""), ("42<|im_end|>", "42")]
     seen: list[tuple[int, int]] = []
 
     def scripted(question, turns, images):
         seen.append((len(turns), len(images)))
-        return script[len(seen) - 1], 5
+        return *script[len(seen) - 1], 5
 
     monkeypatch.setattr(agent, "_generate", scripted)
     res = agent.run(s.image, s.question)

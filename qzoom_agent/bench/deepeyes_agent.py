@@ -86,12 +86,14 @@ class DeepEyesAgent:
         self.max_turns = max_turns
         self.system = system
         self.tools = [zoom_tool_schema()] if list_tools else None
-        tok = model.adapter.tokenizer
-        stops = [tok.convert_tokens_to_ids(t) for t in ("</tool_call>",)]
-        self.stop_ids = sorted({*model.adapter.eos_token_ids, *(i for i in stops if i is not None and i >= 0)})
+        vocab = model.adapter.tokenizer.get_vocab()
+        # a call ends the turn at its closing tag, as in the DeepEyes harness (when the vocabulary has one)
+        self.stop_ids = sorted({*model.adapter.eos_token_ids, *(vocab[t] for t in ("</tool_call>",) if t in vocab)})
 
     def _generate(self, question: str, turns: list[tuple[str, str | None]],
-                  images: list[ImageInputs]) -> tuple[str, int]:
+                  images: list[ImageInputs]) -> tuple[str, str, int]:
+        """One policy turn: its raw text (special tokens kept, for the call parser), its text without special
+        tokens (the answer, when there is no call), and the number of tokens generated."""
         adapter = self.model.adapter
         text = adapter.tokenizer.apply_chat_template(policy_messages(question, turns, system=self.system),
                                                      tools=self.tools, tokenize=False, add_generation_prompt=True)
@@ -101,7 +103,8 @@ class DeepEyesAgent:
             out = adapter.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
                                          eos_token_id=self.stop_ids, pad_token_id=adapter.tokenizer.pad_token_id)
         new = out[0, len(ids):]
-        return adapter.tokenizer.decode(new, skip_special_tokens=False), int(new.shape[0])
+        raw = adapter.tokenizer.decode(new, skip_special_tokens=False)
+        return raw, adapter.tokenizer.decode(new, skip_special_tokens=True), int(new.shape[0])
 
     def run(self, image: Any, question: str) -> AgentResult:
         """Answer ``question`` about ``image``, zooming through the tool as the policy asks."""
@@ -113,7 +116,7 @@ class DeepEyesAgent:
         visual = passes = generated = calls = 0
         answer, bbox = "", None
         for _ in range(self.max_turns):
-            said, n_new = self._generate(question, turns, images)
+            said, plain, n_new = self._generate(question, turns, images)
             visual += sum(im.n_tokens for im in images)
             passes += n_new  # one prefill and n_new - 1 decode steps
             generated += n_new
@@ -125,7 +128,7 @@ class DeepEyesAgent:
                 turns.append((said, f"Error: {err}"))
                 continue
             if call is None:
-                answer = said.strip()
+                answer = plain.strip()
                 break
             calls += 1
             try:
