@@ -350,10 +350,11 @@ def test_doctests():
 
 def test_deepeyes_agent_runs_in_compare_with_tool_costs(tiny_model, tmp_path, capsys):
     out = tmp_path / "run"
-    argv = ["--bench", "zoomworld:doc", "--agents", "deepeyes@32,lowres", "--n", "2", "--seed", "5", "--out",
-            str(out), "--model", str(tiny_model), "--lowres-tokens", "32", "--max-new-tokens", "2", "--json"]
+    argv = ["--bench", "zoomworld:doc", "--agents", "deepeyes@32,plain@32", "--n", "2", "--seed", "5", "--out",
+            str(out), "--model", str(tiny_model), "--max-new-tokens", "2", "--json"]
     summary = json.loads(_run(argv, capsys))["agents"]
     assert set(summary["deepeyes@32"]) == SUMMARY_KEYS and summary["deepeyes@32"]["n"] == 2
     records = [r for r in _lines(out) if r["agent"] == "deepeyes@32"]
     # every turn re-encodes its images, so a question costs at least one 32-token view and one forward pass
     assert all(r["visual_tokens"] >= 1 and r["forward_passes"] >= 1 and r["tool_calls"] >= 0 for r in records)
+    assert (out / "pareto.png").is_file()  # the tool agent is a point beside the plain model's

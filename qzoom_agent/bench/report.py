@@ -239,7 +239,8 @@ def findings(summary: Mapping[str, Any]) -> list[str]:
 
 
 def plot_pareto(summary: Mapping[str, Any], path: str | Path, title: str = "", key: str = "accuracy") -> Path | None:
-    """Plot ``key`` against throughput (questions/s, log axis) for the ``plain@N`` and gated ``qzoom@N`` agents.
+    """Plot ``key`` against throughput (questions/s, log axis) for the ``plain@N``, gated ``qzoom@N`` and
+    external-crop ``deepeyes@N`` agents.
 
     Each point is labelled with its global-view budget; the better corner is top right.
 
@@ -247,13 +248,15 @@ def plot_pareto(summary: Mapping[str, Any], path: str | Path, title: str = "", k
         The path, or None when the run has fewer than two such agents (nothing is written).
     """
     agents = summary["agents"]
-    series = {"plain": list(budget_agents(list(agents))), "Q-Zoom (gated)": qzoom_agents(list(agents))}
+    series = {"plain": list(budget_agents(list(agents))), "Q-Zoom (gated)": qzoom_agents(list(agents)),
+              "external crop (DeepEyes)": [n for n in agents if n.partition("@")[0] == "deepeyes"]}
     points = {label: [(n, agents[n]) for n in names if agents[n].get(key) is not None and _throughput(agents[n])]
               for label, names in series.items()}
     if sum(len(v) for v in points.values()) < 2:
         return None
     ax = _axes((6.5, 4.5))
-    for (label, pts), marker, offset in zip(points.items(), ("o", "*"), ((4, -11), (4, 5)), strict=True):
+    for (label, pts), marker, offset in zip(points.items(), ("o", "*", "^"), ((4, -11), (4, 5), (-14, 5)),
+                                            strict=True):
         if not pts:
             continue
         pts = sorted(pts, key=lambda p: _throughput(p[1]))
