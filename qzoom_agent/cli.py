@@ -171,11 +171,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
         raise UsageError(f"unknown training stage {args.stage!r}")
     if args.steps is not None and args.phase in ("all", "export"):
         raise UsageError("--steps needs a single --phase (1 to 4): each phase has its own schedule")
+    if args.from_phase is not None and args.phase != "export":
+        raise UsageError("--from-phase goes with --phase export")
     if args.phase == "export":
         from .loading import BUNDLED_MODELS
         from .train.export import export_model, latest_model
 
-        src = latest_model(args.out)
+        src = latest_model(args.out, args.from_phase)
         _, _, alphabet = load_answer_config(args.config)
         dst = export_model(src, args.to or BUNDLED_MODELS["zoomworld-tiny"], alphabet=alphabet)
         size = sum(f.stat().st_size for f in dst.iterdir()) / 2**20
@@ -261,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="which phase(s) of the recipe ('all' runs phase 4 when the YAML has a 'grounding:' "
                             "section); 'export' ships the latest phase's model as fp16")
     train.add_argument("--to", default=None, help="export destination (default: the bundled zoomworld-tiny)")
+    train.add_argument("--from-phase", type=int, choices=[1, 2, 3, 4], default=None,
+                       help="export this phase's model (default: the latest of phases 1-3; 4 is the grounded policy)")
     train.add_argument("--steps", type=_positive, default=None, help="stop this phase at this step (resume later)")
     train.set_defaults(func=_cmd_train)
 

@@ -131,3 +131,15 @@ def test_zero_vision_scale_freezes_the_tower(phase3):
     run.apply(batch_loss(run, make_grounding_batch(run.adapter, DATA, ALPHABET, 0, 3), 0.0)["total"], 1.0)
     assert all(torch.equal(v, run.model.model.visual.state_dict()[k]) for k, v in visual.items())
     assert not torch.equal(lm, run.model.lm_head.weight)
+
+
+def test_export_ships_the_latest_base_phase_unless_phase_4_is_asked_for(tmp_path):
+    from qzoom_agent.train.export import latest_model
+
+    for phase in (1, 3, 4):
+        (tmp_path / f"phase{phase}" / "model").mkdir(parents=True)
+        (tmp_path / f"phase{phase}" / "model" / "config.json").write_text("{}")
+    assert latest_model(tmp_path) == tmp_path / "phase3" / "model"
+    assert latest_model(tmp_path, 4) == tmp_path / "phase4" / "model"
+    with pytest.raises(FileNotFoundError, match="phase2"):
+        latest_model(tmp_path, 2)

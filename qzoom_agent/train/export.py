@@ -19,20 +19,23 @@ import torch
 
 from ..loading import ZOOMWORLD_META, load_backbone
 
-PHASE_ORDER = ("phase4", "phase3", "phase2", "phase1")  # the latest phase that wrote a model is shipped
+# The latest base phase that wrote a model is shipped. Phase 4 (grounding) is exported only when asked for: its
+# DeepEyes policy has not yet earned its place as the bundled model (see the README).
+PHASE_ORDER = ("phase3", "phase2", "phase1")
 
 
-def latest_model(run_dir: str | Path) -> Path:
-    """``RUN/phaseN/model`` of the latest phase that has one.
+def latest_model(run_dir: str | Path, phase: int | None = None) -> Path:
+    """``RUN/phaseN/model`` of ``phase``, or of the latest base phase (3, 2, 1) that has one.
 
     Raises:
-        FileNotFoundError: no phase of ``run_dir`` has written its model yet.
+        FileNotFoundError: that phase (or no base phase) of ``run_dir`` has written its model yet.
     """
-    for phase in PHASE_ORDER:
-        path = Path(run_dir) / phase / "model"
+    order = PHASE_ORDER if phase is None else (f"phase{phase}",)
+    for name in order:
+        path = Path(run_dir) / name / "model"
         if (path / "config.json").is_file():
             return path
-    raise FileNotFoundError(f"{run_dir} holds no trained model (phase*/model); train a phase first")
+    raise FileNotFoundError(f"{run_dir} holds no trained model in {', '.join(order)}; train that phase first")
 
 
 def export_model(src: str | Path, dst: str | Path, *, alphabet: str, dtype: torch.dtype = torch.float16) -> Path:
