@@ -281,18 +281,30 @@ class AnswerBatch:
         return int(self.labels.shape[0])
 
 
-def collate(adapter: BackboneAdapter, encoded: list[EncodedExample], sources: list[str]) -> AnswerBatch:
-    """Right-pad ``encoded`` with the pad token into one batch (padding is masked out and never supervised)."""
-    length = max(e.input_ids.shape[0] for e in encoded)
-    pad = adapter.tokenizer.pad_token_id
-    ids = torch.full((len(encoded), length), pad, dtype=torch.long)
+def padded_inputs(adapter: BackboneAdapter, sequences: list[tuple[torch.Tensor, torch.Tensor]],
+                  images: list[ImageInputs]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Right-pad ``(input_ids, labels)`` pairs (each (L_i,)) with the pad token into stock-HF inputs over ``images``
+    (all of them, in sequence order); padding is masked out and never supervised.
+
+    Returns:
+        ``(inputs, labels)``: ``input_ids``, ``attention_mask``, ``mm_token_type_ids``, ``pixel_values`` and
+        ``image_grid_thw``; labels (B, L) with -100 on padding.
+    """
+    length = max(ids.shape[0] for ids, _ in sequences)
+    ids = torch.full((len(sequences), length), adapter.tokenizer.pad_token_id, dtype=torch.long)
     labels = torch.full_like(ids, IGNORE)
     mask = torch.zeros_like(ids)
-    for i, e in enumerate(encoded):
-        n = e.input_ids.shape[0]
-        ids[i, :n], labels[i, :n], mask[i, :n] = e.input_ids, e.labels, 1
-    inputs = adapter.hf_inputs(ids, [e.image for e in encoded])
+    for i, (seq, lab) in enumerate(sequences):
+        n = seq.shape[0]
+        ids[i, :n], labels[i, :n], mask[i, :n] = seq, lab, 1
+    inputs = adapter.hf_inputs(ids, images)
     inputs["attention_mask"] = mask
+    return inputs, labels
+
+
+def collate(adapter: BackboneAdapter, encoded: list[EncodedExample], sources: list[str]) -> AnswerBatch:
+    """Right-pad ``encoded`` with the pad token into one batch (padding is masked out and never supervised)."""
+    inputs, labels = padded_inputs(adapter, [(e.input_ids, e.labels) for e in encoded], [e.image for e in encoded])
     rows = [i for i, e in enumerate(encoded) if e.dense is not None]
     dense = None
     if rows:

@@ -38,6 +38,7 @@ from .answer_data import (
     check_weights,
     encode_example,
     make_example,
+    padded_inputs,
 )
 
 KINDS = ("zoom", "direct", "answer")
@@ -195,14 +196,6 @@ def make_grounding_batch(adapter: BackboneAdapter, cfg: GroundingDataConfig, alp
 
 def collate_policies(adapter: BackboneAdapter, encoded: list[EncodedPolicy], kinds: list[str]) -> AnswerBatch:
     """Right-pad multi-image examples into one stock-HF batch (images flattened in sequence order)."""
-    length = max(e.input_ids.shape[0] for e in encoded)
-    ids = torch.full((len(encoded), length), adapter.tokenizer.pad_token_id, dtype=torch.long)
-    labels = torch.full_like(ids, IGNORE)
-    mask = torch.zeros_like(ids)
-    for i, e in enumerate(encoded):
-        n = e.input_ids.shape[0]
-        ids[i, :n], labels[i, :n], mask[i, :n] = e.input_ids, e.labels, 1
     images = [im for e in encoded for im in e.images]
-    inputs = adapter.hf_inputs(ids, images)
-    inputs["attention_mask"] = mask
+    inputs, labels = padded_inputs(adapter, [(e.input_ids, e.labels) for e in encoded], images)
     return AnswerBatch(inputs, labels, [im.n_tokens for im in images], None, [], kinds)
