@@ -16,7 +16,6 @@ from qzoom_agent.model import QZoomModel
 from qzoom_agent.train.answer_data import (
     END_TOKEN,
     IGNORE,
-    SOURCES,
     AnswerDataConfig,
     collate,
     encode_example,
@@ -75,7 +74,7 @@ def test_examples_are_deterministic_and_mixed():
     assert (a.question, a.answer, a.source, a.budget) == (b.question, b.answer, b.source, b.budget)
     assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
     examples = [make_example(DATA, ALPHABET, i) for i in range(20)]
-    assert {ex.source for ex in examples} == set(SOURCES)
+    assert {ex.source for ex in examples} == set(DATA.mix)
     dense = next(ex for ex in examples if ex.source == "dense")
     assert dense.question.startswith("What is written on the ") and set(dense.answer) <= set(ALPHABET)
     assert dense.dense is not None
@@ -146,7 +145,7 @@ def test_scene_aux_labels_every_view_and_trains_the_new_probe_heads(phase1):
     assert set(run.probe(torch.zeros(1, run.probe.proj.in_features))) == set(weights)
     examples = [make_example(data, ALPHABET, i) for i in range(12)]
     encoded = [encode_example(run.adapter, ex) for ex in examples]
-    assert {ex.source for ex in examples} == set(SOURCES)
+    assert {ex.source for ex in examples} == set(DATA.mix)
     for enc in encoded:  # every source carries targets on its own token grid
         assert enc.dense is not None and enc.dense.present.shape[0] == enc.image.n_tokens
     coarse = [enc for ex, enc in zip(examples, encoded, strict=True) if ex.source == "coarse"]

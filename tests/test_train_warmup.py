@@ -301,6 +301,12 @@ def test_train_base_cli_runs_phase1_and_refuses_missing_stages(tmp_path, capsys)
     assert (tmp_path / "run" / "phase2" / "model" / "config.json").is_file()
     cfg["tiles"].update(steps=2, batch_size=2, checkpoint_every=2, eval_every=2, eval_items=2, warmup_steps=1)
     path.write_text(yaml.safe_dump(cfg))
+    # the recipe's focus loss reads layers 2-3 of 4; a 2-layer model is refused before anything runs
+    assert main(["train", "base", "--phase", "3", "--config", str(path), "--out", str(tmp_path / "run")]) == 2
+    assert "focus_layers [2, 3] exceed the model's 2 decoder layers" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "phase3").exists()
+    cfg["tiles"]["focus_layers"] = [0, 1]
+    path.write_text(yaml.safe_dump(cfg))
     assert main(["train", "base", "--phase", "3", "--config", str(path), "--out", str(tmp_path / "run")]) == 0
     assert "phase 3 (native-scale tiles) at step 2" in capsys.readouterr().out
     assert (tmp_path / "run" / "phase3" / "model" / "config.json").is_file()

@@ -12,6 +12,10 @@ same example):
 * ``tile``: a fine question on a window of the scene around its target, at ``tile_scale`` of native size (what a
   high token budget sees): small glyphs among other tags and clutter, so the model learns to find the asked tag
   by colour and read it without enlargement.
+* ``locate``: a fine question on the whole scene at a low budget (``locate_tokens``), where the glyphs cannot be
+  read. No answer is appended or supervised; the example only carries the focus loss (`train.focus`) on the last
+  prompt token, so the model learns *where* the asked tag is at the resolution Q-Zoom's global view has. That
+  token's attention is what the SD-RPN twig reads and what stage 1 distils.
 
 Encoding builds the prompt exactly as inference does (``adapter.build_prompt``), then appends the answer and
 ``<|im_end|>``; only those appended tokens are supervised. Dense examples carry per-token probe targets; with
@@ -35,9 +39,10 @@ from ..bench.zoomworld_questions import FINE_FAMILIES
 from ..images import resize_to
 from .dense_crops import DenseCrop, DenseCropConfig, crop_seed, render_dense_crop
 from .dense_probe import DenseTargets
+from .focus import focus_mask
 from .scene_targets import Window, crop_targets, scene_targets
 
-SOURCES = ("oracle", "dense", "coarse", "tile")
+SOURCES = ("oracle", "dense", "coarse", "tile", "locate")
 END_TOKEN = "<|im_end|>"
 IGNORE = -100
 _DENSE_TRIES = 16  # dense crops tried per example until one has a tag of a unique colour
@@ -50,7 +55,7 @@ class AnswerDataConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     mix: dict[str, float] = Field(default_factory=lambda: {"oracle": 0.5, "dense": 0.2, "coarse": 0.3},
-                                  description="weight per source: oracle, dense, coarse, tile")
+                                  description="weight per source: oracle, dense, coarse, tile, locate")
     early_mix: dict[str, float] | None = Field(None, description="source weights of the first early_examples")
     early_examples: int = Field(0, ge=0, description="examples drawn from early_mix before mix takes over")
     fine_mix: dict[str, float] = Field(default_factory=lambda: {"read": 0.7, "mcq": 0.3},
@@ -70,6 +75,8 @@ class AnswerDataConfig(BaseModel):
                                             description="fine families of tiles (relpos targets span too far)")
     scene_aux: bool = Field(False, description="oracle, coarse and tile views carry per-token probe targets too")
     min_glyph_px: float = Field(10.0, gt=0, description="smallest glyph height in a view that gets char labels")
+    locate_tokens: tuple[int, int] = Field((256, 1024), description="range of the token cap of locate scenes")
+    locate_size_range: tuple[int, int] = Field((1024, 4096), description="canvas side range of locate scenes (px)")
 
     @field_validator("mix", "early_mix")
     @classmethod
@@ -82,7 +89,7 @@ class AnswerDataConfig(BaseModel):
         return check_weights(value, FINE_FAMILIES, "fine_mix")
 
     @field_validator("oracle_tokens", "coarse_tokens", "tile_side_tokens", "tile_scale", "tile_size_range",
-                     "dense_sizes", "margin", "zoom", "size_range")
+                     "dense_sizes", "margin", "zoom", "size_range", "locate_tokens", "locate_size_range")
     @classmethod
     def _check_range(cls, value: tuple) -> tuple:
         return check_range(value)
@@ -111,10 +118,12 @@ class AnswerExample:
         question: the question text.
         answer: the reference answer.
         budget: (min_tokens, max_tokens) for ``adapter.prepare_image``.
-        source: "oracle", "dense", "coarse" or "tile".
+        source: "oracle", "dense", "coarse", "tile" or "locate" (no answer supervised).
         dense: the dense crop (per-token targets) for ``dense`` examples, else None.
         view: for scene examples with ``scene_aux``: the scene, the source window the image shows, and the
             smallest labelled glyph height; per-token targets follow once the encoded grid is known.
+        focus: (window, box): the source window the image shows and the box that answers the question, in the
+            same pixels; the focus loss (`train.focus`) marks the tokens the box touches.
     """
 
     image: Image.Image
@@ -124,6 +133,7 @@ class AnswerExample:
     source: str
     dense: DenseCrop | None = None
     view: tuple[ZoomWorldSample, Window, float] | None = None
+    focus: tuple[Window, Window] | None = None
 
 
 def _view(cfg: AnswerDataConfig, s: ZoomWorldSample, window: Window) -> tuple[ZoomWorldSample, Window, float] | None:
@@ -136,7 +146,7 @@ def _oracle(rng: random.Random, cfg: AnswerDataConfig, alphabet: str, seed: int)
     image = zoom_crop(s.image, tuple(s.target_box), margins, rng.uniform(*cfg.zoom))
     window = zoom_window(s.image.size, tuple(s.target_box), margins)
     return AnswerExample(image, s.question, s.answer, (4, rng.randint(*cfg.oracle_tokens)), "oracle",
-                         view=_view(cfg, s, window))
+                         view=_view(cfg, s, window), focus=(window, tuple(s.target_box)))
 
 
 def tile_window(rng: random.Random, size: tuple[int, int], box: tuple[int, int, int, int],
@@ -164,14 +174,24 @@ def _tile(rng: random.Random, cfg: AnswerDataConfig, alphabet: str, seed: int) -
     crop = s.image.crop(window)
     image = resize_to(crop, (max(1, round(crop.width * scale)), max(1, round(crop.height * scale))))
     cap = max(4, -(-image.width // 28) * -(-image.height // 28))
-    return AnswerExample(image, s.question, s.answer, (4, cap), "tile", view=_view(cfg, s, window))
+    return AnswerExample(image, s.question, s.answer, (4, cap), "tile", view=_view(cfg, s, window),
+                         focus=(window, tuple(s.target_box)))
 
 
 def _coarse(rng: random.Random, cfg: AnswerDataConfig, alphabet: str, seed: int) -> AnswerExample:
     s = generate(rng.choice(VARIANTS), seed, alphabet=alphabet, mix=_COARSE_MIX, size_range=cfg.size_range)
     cap = rng.randint(*cfg.coarse_tokens)
+    whole = (0, 0, *s.image.size)
     return AnswerExample(s.image, s.question, s.answer, (min(cfg.coarse_tokens[0], cap), cap), "coarse",
-                         view=_view(cfg, s, (0, 0, *s.image.size)))
+                         view=_view(cfg, s, whole), focus=(whole, tuple(s.target_box)))
+
+
+def _locate(rng: random.Random, cfg: AnswerDataConfig, alphabet: str, seed: int) -> AnswerExample:
+    s = generate(rng.choice(VARIANTS), seed, alphabet=alphabet, mix=cfg.fine_mix, size_range=cfg.locate_size_range)
+    cap = rng.randint(*cfg.locate_tokens)
+    whole = (0, 0, *s.image.size)
+    return AnswerExample(s.image, s.question, s.answer, (min(cfg.locate_tokens[0], cap), cap), "locate",
+                         focus=(whole, tuple(s.target_box)))
 
 
 DENSE_EVAL_OFFSET = 5 * 10**8  # held-out dense questions use the crop eval range from here (phase 1 uses below)
@@ -192,7 +212,7 @@ def dense_example(rng: random.Random, cfg: AnswerDataConfig, alphabet: str, inde
             tag = rng.choice(unique)
             n = crop.grid[0] * crop.grid[1]  # min == max == native token count: the crop is encoded unresized
             return AnswerExample(crop.image, f"What is written on the {tag.colour} tag?", tag.text, (n, n), "dense",
-                                 crop)
+                                 crop, focus=((0, 0, *crop.image.size), tuple(tag.box)))
     raise RuntimeError(f"no dense crop with a uniquely coloured tag for example {index}")
 
 
@@ -213,7 +233,7 @@ def make_example(cfg: AnswerDataConfig, alphabet: str, index: int, split: str = 
         if split != "train":
             raise ValueError("dense examples are drawn from the training crop range only")
         return dense_example(rng, cfg, alphabet, index)
-    make = {"oracle": _oracle, "coarse": _coarse, "tile": _tile}[source]
+    make = {"oracle": _oracle, "coarse": _coarse, "tile": _tile, "locate": _locate}[source]
     return make(rng, cfg, alphabet, seed_for(split, index))
 
 
@@ -222,12 +242,15 @@ class EncodedExample:
     """An example as token ids and pixels.
 
     Attributes:
-        input_ids: (L,) prompt (as ``adapter.build_prompt`` makes it) + answer + ``<|im_end|>``.
+        input_ids: (L,) prompt (as ``adapter.build_prompt`` makes it) + answer + ``<|im_end|>`` (the prompt alone
+            for ``locate`` examples).
         labels: (L,) -100 on the prompt, the token ids on the answer and ``<|im_end|>``.
         image: the encoded image.
         dense: per-token targets (dense examples, and scene views with ``scene_aux``), raster order,
             ``image.n_tokens`` long.
         prompt_len: length of the prompt part.
+        focus: (image.n_tokens,) bool, the tokens the example's target box touches, raster order; None without
+            a target.
     """
 
     input_ids: torch.Tensor
@@ -235,13 +258,16 @@ class EncodedExample:
     image: ImageInputs
     dense: DenseTargets | None
     prompt_len: int
+    focus: torch.Tensor | None = None
 
 
 def encode_example(adapter: BackboneAdapter, ex: AnswerExample) -> EncodedExample:
     """Tokenise ``ex`` exactly as inference prompts are built, then append the supervised answer."""
     image = adapter.prepare_image(ex.image, min_tokens=ex.budget[0], max_tokens=ex.budget[1])
     prompt = adapter.build_prompt(image, ex.question)
-    answer = adapter.tokenizer(ex.answer + END_TOKEN, add_special_tokens=False)["input_ids"]
+    # a locate example asks where, not what: its glyphs are unreadable at its budget, so no answer is taught
+    answer = [] if ex.source == "locate" else adapter.tokenizer(ex.answer + END_TOKEN, add_special_tokens=False)[
+        "input_ids"]
     ids = torch.cat([prompt.input_ids[0].cpu(), torch.tensor(answer, dtype=torch.long)])
     labels = ids.clone()
     labels[: prompt.input_ids.shape[1]] = IGNORE
@@ -253,7 +279,8 @@ def encode_example(adapter: BackboneAdapter, ex: AnswerExample) -> EncodedExampl
     elif ex.view is not None:
         sample, window, min_glyph_px = ex.view
         dense = scene_targets(sample, window, image.grid, min_glyph_px).to_torch()
-    return EncodedExample(ids, labels, image, dense, prompt.input_ids.shape[1])
+    focus = None if ex.focus is None else focus_mask(*ex.focus, image.grid)
+    return EncodedExample(ids, labels, image, dense, prompt.input_ids.shape[1], focus)
 
 
 @dataclass
@@ -267,6 +294,9 @@ class AnswerBatch:
         n_tokens: (B,) visual tokens per image, the order of the vision tower's output.
         dense: per-token targets of the examples that have them, concatenated, with ``dense_rows`` their indices.
         sources: source name per example.
+        focus: per example, (n_tokens,) bool target tokens or None (see `EncodedExample`); None when no
+            example has one.
+        prompt_lens: per example, the prompt length (its first answer token's position), with ``focus``.
     """
 
     inputs: dict[str, torch.Tensor]
@@ -275,6 +305,8 @@ class AnswerBatch:
     dense: DenseTargets | None
     dense_rows: list[int]
     sources: list[str]
+    focus: list[torch.Tensor | None] | None = None
+    prompt_lens: list[int] | None = None
 
     @property
     def size(self) -> int:
@@ -309,7 +341,9 @@ def collate(adapter: BackboneAdapter, encoded: list[EncodedExample], sources: li
     dense = None
     if rows:
         dense = DenseTargets.cat([encoded[i].dense for i in rows])
-    return AnswerBatch(inputs, labels, [e.image.n_tokens for e in encoded], dense, rows, sources)
+    focus = [e.focus for e in encoded]
+    return AnswerBatch(inputs, labels, [e.image.n_tokens for e in encoded], dense, rows, sources,
+                       focus if any(f is not None for f in focus) else None, [e.prompt_len for e in encoded])
 
 
 def make_batch(adapter: BackboneAdapter, cfg: AnswerDataConfig, alphabet: str, start: int, size: int) -> AnswerBatch:

@@ -35,6 +35,7 @@ from ..backbones import BackboneAdapter
 from .answer_data import IGNORE, AnswerBatch, AnswerDataConfig, make_batch
 from .common import OptimConfig, keep_metrics_until, read_config, read_metrics
 from .dense_probe import LABEL_KINDS, dense_losses
+from .focus import focus_losses
 from .joint_eval import eval_sets, evaluate_answers, inference_model
 from .joint_run import JointRun, build_joint_run
 from .warmup import load_train_config
@@ -62,6 +63,11 @@ class AnswerConfig(OptimConfig):
         description="weight per probe target kind (present, char, colour, shape, index); shape and index add "
                     "their heads to the probe")
     aux_until: float = Field(0.85, ge=0.0, le=1.0, description="fraction of the run after which aux weight is 0")
+    focus_weight: float = Field(0.0, ge=0.0, description="weight of the focus loss (`train.focus`): the answer "
+                                "positions' attention share on the asked object's tokens; 0 turns it off")
+    focus_layers: list[int] = Field(default_factory=lambda: [2, 3], min_length=1,
+                                    description="decoder layers (0-indexed) whose head-averaged attention the focus "
+                                    "loss supervises")
     data: AnswerDataConfig = Field(default_factory=AnswerDataConfig, description="example drawing")
     checkpoint_every: int = Field(250, ge=1, description="steps between checkpoints")
     eval_every: int = Field(250, ge=1, description="steps between held-out evaluations")
@@ -72,6 +78,8 @@ class AnswerConfig(OptimConfig):
     def _check(self) -> AnswerConfig:
         if set(self.aux_weights) - set(LABEL_KINDS) or any(w < 0 for w in self.aux_weights.values()):
             raise ValueError(f"aux_weights takes non-negative weights of {LABEL_KINDS}, got {self.aux_weights}")
+        if any(layer < 0 for layer in self.focus_layers):
+            raise ValueError(f"focus_layers are 0-indexed decoder layers, got {self.focus_layers}")
         if self.warmup_steps >= self.steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below steps ({self.steps})")
         if self.steps * self.batch_size >= 10**6:  # train indices stay below eval's COARSE_OFFSET-sized ranges
@@ -100,6 +108,9 @@ def load_section(
         cfg = cls(**data[section])
     except ValueError as err:
         raise ValueError(f"invalid {section} config {path}: {' '.join(str(err).split())}") from err
+    if cfg.focus_weight > 0 and max(cfg.focus_layers) >= sizes.layers:
+        raise ValueError(f"invalid {section} config {path}: focus_layers {cfg.focus_layers} exceed the model's "
+                         f"{sizes.layers} decoder layers")
     return sizes, cfg, warm.crops.alphabet
 
 
@@ -121,7 +132,9 @@ def config_key(sizes: ZoomWorldTinySizes, cfg: AnswerConfig, alphabet: str) -> s
     """Hash of everything shaping the trajectory; a checkpoint resumes only under the same key."""
     # rope_theta is left out: phases 2-3 take it from the previous phase's saved model (phase 1's key covers it),
     # and runs begun before it was a size keep resuming
-    blob = {"model": sizes.model_dump(exclude={"rope_theta"}), "answer": cfg.model_dump(exclude=_FREE_FIELDS),
+    # the focus fields join the key only when the loss is on, so runs begun before it keep resuming
+    free = _FREE_FIELDS | ({"focus_weight", "focus_layers"} if cfg.focus_weight == 0 else set())
+    blob = {"model": sizes.model_dump(exclude={"rope_theta"}), "answer": cfg.model_dump(exclude=free),
             "alphabet": alphabet}
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -142,33 +155,59 @@ def answer_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return (ce * sup).sum(1) / sup.sum(1).clamp(min=1)
 
 
-def batch_loss(run: JointRun, batch: AnswerBatch, aux_weight: float,
-               weights: dict[str, float] | None = None) -> dict[str, torch.Tensor]:
+def _focus_loss(inputs: dict[str, torch.Tensor], batch: AnswerBatch, attentions: tuple[torch.Tensor, ...],
+                image_token_id: int, layers: list[int]) -> torch.Tensor:
+    """Mean focus loss over the examples of ``batch`` with a target (0 when none has one)."""
+    ids, lengths = inputs["input_ids"], inputs["attention_mask"].sum(1).tolist()
+    positions = [(row == image_token_id).nonzero().squeeze(1) for row in ids]
+    # the rows predicting the answer: the last prompt token and the answer tokens but the last (just the last
+    # prompt token for locate examples, which have no answer)
+    rows = [(p - 1, max(n - 1, p)) for p, n in zip(batch.prompt_lens, lengths, strict=True)]
+    if max(layers) >= len(attentions):
+        raise ValueError(f"focus_layers {layers} exceed the model's {len(attentions)} decoder layers")
+    losses = focus_losses(attentions, positions, rows, batch.focus, layers)
+    return losses.mean() if losses.numel() else attentions[0].sum() * 0.0
+
+
+def batch_loss(run: JointRun, batch: AnswerBatch, aux_weight: float, weights: dict[str, float] | None = None,
+               focus_weight: float = 0.0, focus_layers: list[int] | None = None) -> dict[str, torch.Tensor]:
     """Answer loss (mean of per-example losses), the probe's aux loss (``weights`` per target kind; default
-    present, char and colour at 1) on examples with targets, and their weighted sum."""
+    present, char and colour at 1) on examples with targets, the focus loss (`train.focus`, on ``focus_layers``,
+    default [2, 3]) when ``focus_weight`` > 0, and their weighted sum."""
     weights = weights if weights is not None else {"present": 1.0, "char": 1.0, "colour": 1.0}
+    focus = focus_weight > 0 and batch.focus is not None
     captured: list[torch.Tensor] = []
     # The stock forward runs the vision tower once for all images; the hook keeps its merged tokens for the probe.
     hook = run.model.model.visual.register_forward_hook(lambda m, i, o: captured.append(o.pooler_output))
+    text = run.model.model.language_model
+    previous = text.config._attn_implementation
+    if focus:
+        text.set_attn_implementation("eager")  # only eager attention returns its weights; the tower stays on sdpa
     try:
-        logits = run.model(**batch.inputs).logits
+        result = run.model(**batch.inputs, output_attentions=focus)
     finally:
         hook.remove()
-    per_example = answer_losses(logits, batch.labels)
-    out = {"answer": per_example.mean(), "aux": per_example.sum() * 0.0}
+        if focus:
+            text.set_attn_implementation(previous)
+    per_example = answer_losses(result.logits, batch.labels)
+    zero = per_example.sum() * 0.0
+    out = {"answer": per_example.mean(), "aux": zero, "focus": zero}
     if batch.dense is not None and aux_weight > 0:
         bounds = [0]
         for n in batch.n_tokens:
             bounds.append(bounds[-1] + n)
         feats = torch.cat([captured[0][bounds[i] : bounds[i + 1]] for i in batch.dense_rows])
         out["aux"] = dense_losses(run.probe(feats), batch.dense, weights)["total"]
-    out["total"] = out["answer"] + aux_weight * out["aux"]
+    if focus:
+        out["focus"] = _focus_loss(batch.inputs, batch, result.attentions, run.model.config.image_token_id,
+                                   focus_layers if focus_layers is not None else [2, 3])
+    out["total"] = out["answer"] + aux_weight * out["aux"] + focus_weight * out["focus"]
     return out
 
 
 def train_step(run: JointRun, batch: AnswerBatch, cfg: AnswerConfig) -> dict[str, float]:
     """One optimiser step; returns the step's answer, aux and total losses."""
-    losses = batch_loss(run, batch, cfg.aux_at(run.step), cfg.aux_weights)
+    losses = batch_loss(run, batch, cfg.aux_at(run.step), cfg.aux_weights, cfg.focus_weight, cfg.focus_layers)
     run.apply(losses["total"], cfg.grad_clip)
     out = {k: float(v.detach()) for k, v in losses.items()}
     for k, v in out.items():
@@ -184,7 +223,8 @@ def _evaluate(run: JointRun, cfg: AnswerConfig, evaluate: Evaluator, metrics_pat
     seen = run.step * cfg.batch_size
     row = {"step": run.step, "examples": seen, "lr": run.scheduler.get_last_lr()[0],
            "loss": run.running.get("total"), "answer_loss": run.running.get("answer"),
-           "aux_loss": run.running.get("aux"), "train_seconds": round(run.train_seconds, 1),
+           "aux_loss": run.running.get("aux"), "focus_loss": run.running.get("focus"),
+           "train_seconds": round(run.train_seconds, 1),
            "examples_per_s": round(seen / run.train_seconds, 2) if run.train_seconds else None}
     row.update(evaluate(run))
     with open(metrics_path, "a") as f:
