@@ -15,7 +15,8 @@ same example):
 * ``locate``: a fine question on the whole scene at a low budget (``locate_tokens``), where the glyphs cannot be
   read. No answer is appended or supervised; the example only carries the focus loss (`train.focus`) on the last
   prompt token, so the model learns *where* the asked tag is at the resolution Q-Zoom's global view has. That
-  token's attention is what the SD-RPN twig reads and what stage 1 distils.
+  token's attention is what the SD-RPN twig reads and what stage 1 distils. Its answer loss is 0 and still counts
+  in the batch mean, so a share ``p`` of locate examples scales the answer loss by ``1 - p``.
 
 Encoding builds the prompt exactly as inference does (``adapter.build_prompt``), then appends the answer and
 ``<|im_end|>``; only those appended tokens are supervised. Dense examples carry per-token probe targets; with
