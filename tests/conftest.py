@@ -1,4 +1,5 @@
-"""Shared test setup: no test may touch the network, and the hub stays offline."""
+"""Shared test setup: no test may touch the network, and the hub stays offline; one tiny phase-1 run for the
+training tests."""
 
 from __future__ import annotations
 
@@ -47,3 +48,19 @@ def real_data() -> Path:
     if not REAL_DATA.is_dir():
         pytest.skip("../shared/data/real is absent")
     return REAL_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_phase1(tmp_path_factory) -> Path:
+    """A run folder whose ``phase1/`` holds a 2-step warm-up of a tiny model (vision 32x2, LM 32x2, MLP 64; digits),
+    shared read-only by the training tests: copy it before training into it."""
+    from qzoom_agent.train.dense_crops import DenseCropConfig
+    from qzoom_agent.train.warmup import WarmupConfig, run_warmup
+    from qzoom_agent.train.zoomworld_tiny import ZoomWorldTinySizes
+
+    out = tmp_path_factory.mktemp("phase1run")
+    cfg = WarmupConfig(steps=2, batch_size=2, warmup_steps=1, checkpoint_every=2, eval_every=2, eval_images=2,
+                       crops=DenseCropConfig(max_side_tokens=4, alphabet="0123456789"))
+    run_warmup(cfg, out, sizes=ZoomWorldTinySizes(vision_hidden=32, vision_depth=2, hidden=32, layers=2,
+                                                  intermediate=64))
+    return out

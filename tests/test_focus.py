@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,15 +10,12 @@ import torch
 
 from qzoom_agent.bench.zoomworld import generate
 from qzoom_agent.train.answer_data import AnswerDataConfig, encode_example, make_batch, make_example
-from qzoom_agent.train.dense_crops import DenseCropConfig
 from qzoom_agent.train.focus import focus_losses, focus_mask
 from qzoom_agent.train.joint import AnswerConfig, batch_loss, config_key, train_step
 from qzoom_agent.train.joint_run import build_joint_run
-from qzoom_agent.train.warmup import WarmupConfig, run_warmup
 from qzoom_agent.train.zoomworld_tiny import ZoomWorldTinySizes
 
 torch.set_num_threads(2)
-SMALL = ZoomWorldTinySizes(vision_hidden=32, vision_depth=2, hidden=32, layers=2, intermediate=64)
 ALPHABET = "0123456789"
 DATA = AnswerDataConfig(mix={"oracle": 0.4, "dense": 0.2, "coarse": 0.2, "tile": 0.2}, oracle_tokens=(16, 64),
                         coarse_tokens=(16, 64), tile_side_tokens=(2, 6))
@@ -67,26 +63,17 @@ def test_every_source_carries_a_mask_over_its_target():
     assert mask.sum() <= (int(x2) - int(x1) + 1) * (int(y2) - int(y1) + 1)
 
 
-@pytest.fixture(scope="module")
-def phase1(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("focusrun")
-    cfg = WarmupConfig(steps=2, batch_size=2, warmup_steps=1, checkpoint_every=2, eval_every=2, eval_images=2,
-                       crops=DenseCropConfig(max_side_tokens=4, alphabet=ALPHABET))
-    run_warmup(cfg, out, sizes=SMALL)
-    return out / "phase1"
-
-
-def test_encoded_masks_match_the_image_grid(phase1):
-    run = build_joint_run(AnswerConfig(steps=4, batch_size=2, warmup_steps=1, data=DATA), phase1)
+def test_encoded_masks_match_the_image_grid(tiny_phase1):
+    run = build_joint_run(AnswerConfig(steps=4, batch_size=2, warmup_steps=1, data=DATA), tiny_phase1 / "phase1")
     for i in range(8):
         enc = encode_example(run.adapter, make_example(DATA, ALPHABET, i))
         assert enc.focus.shape == (enc.image.n_tokens,) and enc.focus.any()
 
 
-def test_locate_examples_supervise_only_where_to_look(phase1):
+def test_locate_examples_supervise_only_where_to_look(tiny_phase1):
     data = DATA.model_copy(update={"mix": {"locate": 1.0}, "locate_tokens": (16, 48),
                                    "locate_size_range": (1024, 1536)})
-    run = build_joint_run(AnswerConfig(steps=4, batch_size=2, warmup_steps=1, data=data), phase1)
+    run = build_joint_run(AnswerConfig(steps=4, batch_size=2, warmup_steps=1, data=data), tiny_phase1 / "phase1")
     ex = make_example(data, ALPHABET, 0)
     assert ex.source == "locate" and ex.budget[1] <= 48
     enc = encode_example(run.adapter, ex)
@@ -99,10 +86,10 @@ def test_locate_examples_supervise_only_where_to_look(phase1):
     assert float(losses["answer"]) == 0.0 and float(losses["focus"]) > 0
 
 
-def test_training_with_focus_moves_attention_onto_the_target(phase1):
+def test_training_with_focus_moves_attention_onto_the_target(tiny_phase1):
     cfg = AnswerConfig(steps=30, batch_size=4, warmup_steps=1, lr=1e-2, vision_lr_scale=0.0, aux_weight=0.0,
                        focus_weight=1.0, focus_layers=[0, 1], data=DATA)
-    run = build_joint_run(cfg, phase1)
+    run = build_joint_run(cfg, tiny_phase1 / "phase1")
     batch = make_batch(run.adapter, cfg.data, ALPHABET, 0, 4)
     assert batch.focus is not None and len(batch.prompt_lens) == 4
     with torch.no_grad():

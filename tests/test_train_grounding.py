@@ -13,7 +13,6 @@ from qzoom_agent.tools.deepeyes import parse_zoom_call, to_source_box
 from qzoom_agent.bench.metrics import roi_hit
 from qzoom_agent.bench.zoomworld import SPLITS
 from qzoom_agent.train.answer_data import END_TOKEN, IGNORE, AnswerDataConfig
-from qzoom_agent.train.dense_crops import DenseCropConfig
 from qzoom_agent.train.grounding import GroundingConfig, grounding_eval_set, load_grounding_config, run_grounding
 from qzoom_agent.train.grounding_data import (
     MIN_WINDOW,
@@ -27,7 +26,7 @@ from qzoom_agent.train.grounding_data import (
 )
 from qzoom_agent.train.joint import CHECKPOINT_FILE, METRICS_FILE, batch_loss
 from qzoom_agent.train.joint_run import build_joint_run
-from qzoom_agent.train.warmup import DEFAULT_CONFIG, WarmupConfig, run_warmup
+from qzoom_agent.train.warmup import DEFAULT_CONFIG
 from qzoom_agent.train.zoomworld_tiny import ZoomWorldTinySizes
 
 torch.set_num_threads(2)
@@ -39,13 +38,10 @@ DATA = GroundingDataConfig(view_tokens=(48, 96), size_range=(1024, 1280),
 
 
 @pytest.fixture(scope="module")
-def phase3(tmp_path_factory) -> Path:
-    """A run folder whose phase3/ is a tiny 2-step phase-1 model (phase 4 needs only a model and a probe)."""
+def phase3(tiny_phase1, tmp_path_factory) -> Path:
+    """A run folder whose phase3/ is the shared tiny phase-1 model (phase 4 needs only a model and a probe)."""
     out = tmp_path_factory.mktemp("run")
-    cfg = WarmupConfig(steps=2, batch_size=2, warmup_steps=1, checkpoint_every=2, eval_every=2, eval_images=2,
-                       crops=DenseCropConfig(max_side_tokens=4, alphabet=ALPHABET))
-    run_warmup(cfg, out, sizes=SMALL)
-    shutil.copytree(out / "phase1", out / "phase3")
+    shutil.copytree(tiny_phase1 / "phase1", out / "phase3")
     return out
 
 

@@ -23,7 +23,6 @@ from qzoom_agent.train.answer_data import (
     make_example,
     tile_window,
 )
-from qzoom_agent.train.dense_crops import DenseCropConfig
 from qzoom_agent.train.joint import (
     CHECKPOINT_FILE,
     METRICS_FILE,
@@ -37,7 +36,7 @@ from qzoom_agent.train.joint import (
 )
 from qzoom_agent.train.joint_eval import eval_seeds
 from qzoom_agent.train.joint_run import build_joint_run
-from qzoom_agent.train.warmup import DEFAULT_CONFIG, WarmupConfig, run_warmup
+from qzoom_agent.train.warmup import DEFAULT_CONFIG
 from qzoom_agent.train.zoomworld_tiny import ZoomWorldTinySizes
 
 torch.set_num_threads(2)
@@ -52,16 +51,6 @@ DATA = AnswerDataConfig(mix={"oracle": 0.4, "dense": 0.2, "coarse": 0.2, "tile":
 def small_config(**overrides) -> AnswerConfig:
     base = dict(steps=4, batch_size=3, warmup_steps=1, checkpoint_every=2, eval_every=2, eval_items=2, data=DATA)
     return AnswerConfig(**{**base, **overrides})
-
-
-@pytest.fixture(scope="module")
-def phase1(tmp_path_factory) -> Path:
-    """A tiny phase-1 run folder (2 warm-up steps)."""
-    out = tmp_path_factory.mktemp("phase1run")
-    cfg = WarmupConfig(steps=2, batch_size=2, warmup_steps=1, checkpoint_every=2, eval_every=2, eval_images=2,
-                       crops=DenseCropConfig(max_side_tokens=4, alphabet=ALPHABET))
-    run_warmup(cfg, out, sizes=SMALL)
-    return out
 
 
 def _copy_phase1(src: Path, dst: Path) -> Path:
@@ -80,8 +69,8 @@ def test_examples_are_deterministic_and_mixed():
     assert dense.dense is not None
 
 
-def test_prompt_and_label_masking(phase1):
-    adapter = build_joint_run(small_config(), phase1 / "phase1").adapter
+def test_prompt_and_label_masking(tiny_phase1):
+    adapter = build_joint_run(small_config(), tiny_phase1 / "phase1").adapter
     tok = adapter.tokenizer
     for i in range(6):
         ex = make_example(DATA, ALPHABET, i)
@@ -97,8 +86,8 @@ def test_prompt_and_label_masking(phase1):
             assert enc.dense.char.shape[0] == enc.image.n_tokens
 
 
-def test_batched_loss_is_mean_of_example_losses(phase1):
-    run = build_joint_run(small_config(), phase1 / "phase1")
+def test_batched_loss_is_mean_of_example_losses(tiny_phase1):
+    run = build_joint_run(small_config(), tiny_phase1 / "phase1")
     run.model.eval()
     examples = [make_example(DATA, ALPHABET, i) for i in range(5)]
     encoded = [encode_example(run.adapter, ex) for ex in examples]
@@ -119,9 +108,9 @@ def test_answer_losses_ignore_unsupervised():
     assert torch.allclose(out, torch.stack([want0, want1]))
 
 
-def test_training_reduces_loss_and_moves_the_lm(phase1):
+def test_training_reduces_loss_and_moves_the_lm(tiny_phase1):
     cfg = small_config(lr=1e-2, steps=20, warmup_steps=1, vision_lr_scale=0.0)
-    run = build_joint_run(cfg, phase1 / "phase1")
+    run = build_joint_run(cfg, tiny_phase1 / "phase1")
     batch = make_batch(run.adapter, cfg.data, ALPHABET, 0, 4)
     head = run.model.lm_head.weight.detach().clone()
     tower = {k: v.clone() for k, v in run.model.model.visual.state_dict().items()}
@@ -137,11 +126,11 @@ def test_training_reduces_loss_and_moves_the_lm(phase1):
     assert all(torch.equal(tower[k], v) for k, v in run.model.model.visual.state_dict().items())
 
 
-def test_scene_aux_labels_every_view_and_trains_the_new_probe_heads(phase1):
+def test_scene_aux_labels_every_view_and_trains_the_new_probe_heads(tiny_phase1):
     data = DATA.model_copy(update={"scene_aux": True, "min_glyph_px": 4.0})
     weights = {"present": 1.0, "char": 1.0, "colour": 1.0, "shape": 1.0, "index": 1.0}
     cfg = small_config(data=data, aux_weights=weights, lr=1e-2)
-    run = build_joint_run(cfg, phase1 / "phase1")  # phase 1's narrower probe loads into the wider one
+    run = build_joint_run(cfg, tiny_phase1 / "phase1")  # phase 1's narrower probe loads into the wider one
     assert set(run.probe(torch.zeros(1, run.probe.proj.in_features))) == set(weights)
     examples = [make_example(data, ALPHABET, i) for i in range(12)]
     encoded = [encode_example(run.adapter, ex) for ex in examples]
@@ -164,9 +153,9 @@ def test_scene_aux_labels_every_view_and_trains_the_new_probe_heads(phase1):
         small_config(aux_weights={"present": 1.0, "size": 1.0})
 
 
-def test_checkpoint_resume_and_export(phase1, tmp_path):
+def test_checkpoint_resume_and_export(tiny_phase1, tmp_path):
     cfg = small_config()
-    split, whole = _copy_phase1(phase1, tmp_path / "split"), _copy_phase1(phase1, tmp_path / "whole")
+    split, whole = _copy_phase1(tiny_phase1, tmp_path / "split"), _copy_phase1(tiny_phase1, tmp_path / "whole")
     first = run_joint(cfg, split, alphabet=ALPHABET, sizes=SMALL, max_steps=2)
     assert first["step"] == 2
     assert torch.load(split / PHASE_DIR / CHECKPOINT_FILE, weights_only=True)["step"] == 2

@@ -179,20 +179,27 @@ def _tile(rng: random.Random, cfg: AnswerDataConfig, alphabet: str, seed: int) -
                          focus=(window, tuple(s.target_box)))
 
 
-def _coarse(rng: random.Random, cfg: AnswerDataConfig, alphabet: str, seed: int) -> AnswerExample:
-    s = generate(rng.choice(VARIANTS), seed, alphabet=alphabet, mix=_COARSE_MIX, size_range=cfg.size_range)
-    cap = rng.randint(*cfg.coarse_tokens)
+def _whole_scene(rng: random.Random, cfg: AnswerDataConfig, alphabet: str, seed: int, source: str,
+                 mix: dict[str, float], size_range: tuple[int, int], tokens: tuple[int, int],
+                 probe_targets: bool) -> AnswerExample:
+    """A whole scene under a token cap drawn from ``tokens``, its focus on the question's target; with
+    ``probe_targets`` it carries ``scene_aux`` targets too."""
+    s = generate(rng.choice(VARIANTS), seed, alphabet=alphabet, mix=mix, size_range=size_range)
+    cap = rng.randint(*tokens)
     whole = (0, 0, *s.image.size)
-    return AnswerExample(s.image, s.question, s.answer, (min(cfg.coarse_tokens[0], cap), cap), "coarse",
-                         view=_view(cfg, s, whole), focus=(whole, tuple(s.target_box)))
+    view = _view(cfg, s, whole) if probe_targets else None
+    return AnswerExample(s.image, s.question, s.answer, (min(tokens[0], cap), cap), source, view=view,
+                         focus=(whole, tuple(s.target_box)))
+
+
+def _coarse(rng: random.Random, cfg: AnswerDataConfig, alphabet: str, seed: int) -> AnswerExample:
+    return _whole_scene(rng, cfg, alphabet, seed, "coarse", _COARSE_MIX, cfg.size_range, cfg.coarse_tokens,
+                        probe_targets=True)
 
 
 def _locate(rng: random.Random, cfg: AnswerDataConfig, alphabet: str, seed: int) -> AnswerExample:
-    s = generate(rng.choice(VARIANTS), seed, alphabet=alphabet, mix=cfg.fine_mix, size_range=cfg.locate_size_range)
-    cap = rng.randint(*cfg.locate_tokens)
-    whole = (0, 0, *s.image.size)
-    return AnswerExample(s.image, s.question, s.answer, (min(cfg.locate_tokens[0], cap), cap), "locate",
-                         focus=(whole, tuple(s.target_box)))
+    return _whole_scene(rng, cfg, alphabet, seed, "locate", cfg.fine_mix, cfg.locate_size_range, cfg.locate_tokens,
+                        probe_targets=False)
 
 
 DENSE_EVAL_OFFSET = 5 * 10**8  # held-out dense questions use the crop eval range from here (phase 1 uses below)

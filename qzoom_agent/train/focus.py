@@ -20,7 +20,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .dense_crops import TOKEN_PX, cell_overlap
+from .dense_crops import cell_overlap
+from .scene_targets import view_mapper
 
 Box = tuple[float, float, float, float]
 _EPS = 1e-6
@@ -38,11 +39,7 @@ def focus_mask(window: Box, box: Box, grid: tuple[int, int]) -> torch.Tensor:
         (rows * cols,) bool in raster order; all False when the box lies outside the window.
     """
     rows, cols = grid
-    wx1, wy1, wx2, wy2 = window
-    if wx2 <= wx1 or wy2 <= wy1 or rows < 1 or cols < 1:
-        raise ValueError(f"need a non-empty window and grid, got window {window} and grid {grid}")
-    sx, sy = cols * TOKEN_PX / (wx2 - wx1), rows * TOKEN_PX / (wy2 - wy1)
-    view = ((box[0] - wx1) * sx, (box[1] - wy1) * sy, (box[2] - wx1) * sx, (box[3] - wy1) * sy)
+    view = view_mapper(window, grid)(box)
     return torch.from_numpy(np.ascontiguousarray(cell_overlap(view, rows, cols) > 0).reshape(-1))
 
 

@@ -21,6 +21,7 @@ and the language model can fetch characters by content instead of by relative po
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -93,6 +94,31 @@ def _cell(box: tuple[float, float, float, float], rows: int, cols: int) -> tuple
     return (r, c) if 0 <= r < rows and 0 <= c < cols else None
 
 
+def view_mapper(window: Window, grid: tuple[int, int]) -> Callable[[Sequence[float]], Window]:
+    """The map from source pixels to view pixels of ``window`` stretched onto a ``grid`` of 28 px merged tokens.
+
+    Args:
+        window: (x1, y1, x2, y2) of the source image the view shows.
+        grid: (rows, cols) of merged visual tokens of the encoded view.
+
+    Returns:
+        ``box -> box``: an (x1, y1, x2, y2) source box in view pixels.
+
+    Raises:
+        ValueError: an empty window or grid.
+    """
+    rows, cols = grid
+    wx1, wy1, wx2, wy2 = window
+    if wx2 <= wx1 or wy2 <= wy1 or rows < 1 or cols < 1:
+        raise ValueError(f"need a non-empty window and grid, got window {window} and grid {grid}")
+    sx, sy = cols * TOKEN_PX / (wx2 - wx1), rows * TOKEN_PX / (wy2 - wy1)
+
+    def view(box: Sequence[float]) -> Window:
+        return (box[0] - wx1) * sx, (box[1] - wy1) * sy, (box[2] - wx1) * sx, (box[3] - wy1) * sy
+
+    return view
+
+
 def scene_targets(sample: ZoomWorldSample, window: Window, grid: tuple[int, int],
                   min_glyph_px: float = 10.0) -> TokenTargets:
     """Targets for the view of ``window`` (source pixels) of ``sample`` resized onto a ``grid`` of merged tokens.
@@ -107,14 +133,7 @@ def scene_targets(sample: ZoomWorldSample, window: Window, grid: tuple[int, int]
         The view's targets (see the module docstring).
     """
     rows, cols = grid
-    wx1, wy1, wx2, wy2 = window
-    if wx2 <= wx1 or wy2 <= wy1 or rows < 1 or cols < 1:
-        raise ValueError(f"need a non-empty window and grid, got window {window} and grid {grid}")
-    sx, sy = cols * TOKEN_PX / (wx2 - wx1), rows * TOKEN_PX / (wy2 - wy1)
-
-    def view(box) -> tuple[float, float, float, float]:
-        return ((box[0] - wx1) * sx, (box[1] - wy1) * sy, (box[2] - wx1) * sx, (box[3] - wy1) * sy)
-
+    view = view_mapper(window, grid)
     colour, shape = _ignore(rows, cols), _ignore(rows, cols)
     centre_r, centre_c = (np.arange(rows) + 0.5) * TOKEN_PX, (np.arange(cols) + 0.5) * TOKEN_PX
     for obj in sample.objects:
