@@ -51,6 +51,7 @@ PHASES: dict[int, tuple[str, str, str]] = {2: ("phase2", "phase1", "answer"), 3:
 CHECKPOINT_FILE, METRICS_FILE = "checkpoint.pt", "metrics.jsonl"
 _FREE_FIELDS = {"checkpoint_every", "eval_every", "eval_items", "threads"}
 _EMA = 0.95
+FOCUS_LAYERS = (2, 3)  # the focus loss's default layers: mid-depth onwards of the 4-layer zoomworld-tiny LM
 
 
 class AnswerConfig(OptimConfig):
@@ -66,7 +67,7 @@ class AnswerConfig(OptimConfig):
     aux_until: float = Field(0.85, ge=0.0, le=1.0, description="fraction of the run after which aux weight is 0")
     focus_weight: float = Field(0.0, ge=0.0, description="weight of the focus loss (`train.focus`): the answer "
                                 "positions' attention share on the asked object's tokens; 0 turns it off")
-    focus_layers: list[int] = Field(default_factory=lambda: [2, 3], min_length=1,
+    focus_layers: list[int] = Field(default_factory=lambda: list(FOCUS_LAYERS), min_length=1,
                                     description="decoder layers (0-indexed) whose head-averaged attention the focus "
                                     "loss supervises")
     data: AnswerDataConfig = Field(default_factory=AnswerDataConfig, description="example drawing")
@@ -174,7 +175,7 @@ def batch_loss(run: JointRun, batch: AnswerBatch, aux_weight: float, weights: di
                focus_weight: float = 0.0, focus_layers: list[int] | None = None) -> dict[str, torch.Tensor]:
     """Answer loss (mean of per-example losses), the probe's aux loss (``weights`` per target kind; default
     present, char and colour at 1) on examples with targets, the focus loss (`train.focus`, on ``focus_layers``,
-    default [2, 3]) when ``focus_weight`` > 0, and their weighted sum."""
+    default ``FOCUS_LAYERS``) when ``focus_weight`` > 0, and their weighted sum."""
     weights = weights if weights is not None else {"present": 1.0, "char": 1.0, "colour": 1.0}
     focus = focus_weight > 0 and batch.focus is not None
     captured: list[torch.Tensor] = []
@@ -201,7 +202,7 @@ def batch_loss(run: JointRun, batch: AnswerBatch, aux_weight: float, weights: di
         out["aux"] = dense_losses(run.probe(feats), batch.dense, weights)["total"]
     if focus:
         out["focus"] = _focus_loss(batch.inputs, batch, result.attentions, run.model.config.image_token_id,
-                                   focus_layers if focus_layers is not None else [2, 3])
+                                   list(focus_layers if focus_layers is not None else FOCUS_LAYERS))
     out["total"] = out["answer"] + aux_weight * out["aux"] + focus_weight * out["focus"]
     return out
 
