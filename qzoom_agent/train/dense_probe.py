@@ -106,10 +106,13 @@ class DenseProbe(nn.Module):
         self.proj = nn.Linear(dim, sum(self.sizes.values()))
         self.register_buffer("head_sizes", torch.tensor(list(self.sizes.values())))
 
-    def forward(self, feats: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, feats: torch.Tensor, frozen: bool = False) -> dict[str, torch.Tensor]:
         """(N, dim) token features -> ``{"present": (N,), "char": (N, n_chars), "colour": (N, n_colours),
-        "shape": (N, n_shapes), "index": (N, n_index)}`` logits (a head of size 0 is left out)."""
-        logits, out, at = self.proj(feats), {}, 0
+        "shape": (N, n_shapes), "index": (N, n_index)}`` logits (a head of size 0 is left out); ``frozen``
+        detaches the probe's weights, so a loss on the logits trains only what made ``feats``."""
+        weight, bias = (self.proj.weight.detach(), self.proj.bias.detach()) if frozen else (self.proj.weight,
+                                                                                          self.proj.bias)
+        logits, out, at = F.linear(feats, weight, bias), {}, 0
         for kind, n in self.sizes.items():
             if n:
                 out[kind] = logits[:, at] if kind == "present" else logits[:, at : at + n]

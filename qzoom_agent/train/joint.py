@@ -39,6 +39,7 @@ from .dense_probe import LABEL_KINDS, dense_losses
 from .focus import focus_losses
 from .joint_eval import eval_sets, evaluate_answers, inference_model
 from .joint_run import JointRun, build_joint_run
+from .keep import keep_losses
 from .warmup import load_train_config
 from .zoomworld_tiny import ZoomWorldTinySizes
 
@@ -52,6 +53,7 @@ CHECKPOINT_FILE, METRICS_FILE = "checkpoint.pt", "metrics.jsonl"
 _FREE_FIELDS = {"checkpoint_every", "eval_every", "eval_items", "threads"}
 _EMA = 0.95
 FOCUS_LAYERS = (2, 3)  # the focus loss's default layers: mid-depth onwards of the 4-layer zoomworld-tiny LM
+KEEP_LAYERS = (1, 2, 3)  # the keep loss's default: every decoder layer input after the embeddings
 
 
 class AnswerConfig(OptimConfig):
@@ -70,6 +72,10 @@ class AnswerConfig(OptimConfig):
     focus_layers: list[int] = Field(default_factory=lambda: list(FOCUS_LAYERS), min_length=1,
                                     description="decoder layers (0-indexed) whose head-averaged attention the focus "
                                     "loss supervises")
+    keep_weight: float = Field(0.0, ge=0.0, description="weight of the keep loss (`train.keep`): the tower probe, "
+                               "frozen, must still read the targets off the LM's image-token states; 0 turns it off")
+    keep_layers: list[int] = Field(default_factory=lambda: list(KEEP_LAYERS), min_length=1,
+                                   description="decoder layers whose inputs the keep loss reads (>= 1)")
     data: AnswerDataConfig = Field(default_factory=AnswerDataConfig, description="example drawing")
     checkpoint_every: int = Field(250, ge=1, description="steps between checkpoints")
     eval_every: int = Field(250, ge=1, description="steps between held-out evaluations")
@@ -80,6 +86,11 @@ class AnswerConfig(OptimConfig):
     def _check(self) -> AnswerConfig:
         if set(self.aux_weights) - set(LABEL_KINDS) or any(w < 0 for w in self.aux_weights.values()):
             raise ValueError(f"aux_weights takes non-negative weights of {LABEL_KINDS}, got {self.aux_weights}")
+        if any(layer < 1 for layer in self.keep_layers):
+            raise ValueError(f"keep_layers are decoder layers from 1 on (layer 0's input is the tower's own output), "
+                             f"got {self.keep_layers}")
+        if self.keep_weight > 0 and not (self.data.scene_aux or self.data.mix.get("dense", 0) > 0):
+            raise ValueError("keep_weight needs views with per-token targets: set data.scene_aux or a dense share")
         if any(layer < 0 for layer in self.focus_layers):
             raise ValueError(f"focus_layers are 0-indexed decoder layers, got {self.focus_layers}")
         if self.warmup_steps >= self.steps:
@@ -110,6 +121,9 @@ def load_section(
         cfg = cls(**data[section])
     except ValueError as err:
         raise ValueError(f"invalid {section} config {path}: {' '.join(str(err).split())}") from err
+    if cfg.keep_weight > 0 and max(cfg.keep_layers) >= sizes.layers:
+        raise ValueError(f"invalid {section} config {path}: keep_layers {cfg.keep_layers} exceed the model's "
+                         f"{sizes.layers} decoder layers")
     if cfg.focus_weight > 0 and max(cfg.focus_layers) >= sizes.layers:
         raise ValueError(f"invalid {section} config {path}: focus_layers {cfg.focus_layers} exceed the model's "
                          f"{sizes.layers} decoder layers")
@@ -134,8 +148,9 @@ def config_key(sizes: ZoomWorldTinySizes, cfg: AnswerConfig, alphabet: str) -> s
     """Hash of everything shaping the trajectory; a checkpoint resumes only under the same key."""
     # rope_theta is left out: phases 2-3 take it from the previous phase's saved model (phase 1's key covers it),
     # and runs begun before it was a size keep resuming
-    # the focus fields join the key only when the loss is on, so runs begun before it keep resuming
-    free = _FREE_FIELDS | ({"focus_weight", "focus_layers"} if cfg.focus_weight == 0 else set())
+    # the focus and keep fields join the key only when their loss is on, so runs begun before them keep resuming
+    free = (_FREE_FIELDS | ({"focus_weight", "focus_layers"} if cfg.focus_weight == 0 else set())
+            | ({"keep_weight", "keep_layers"} if cfg.keep_weight == 0 else set()))
     blob = {"model": sizes.model_dump(exclude={"rope_theta"}), "answer": cfg.model_dump(exclude=free),
             "alphabet": alphabet}
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
@@ -172,12 +187,16 @@ def _focus_loss(inputs: dict[str, torch.Tensor], batch: AnswerBatch, attentions:
 
 
 def batch_loss(run: JointRun, batch: AnswerBatch, aux_weight: float, weights: dict[str, float] | None = None,
-               focus_weight: float = 0.0, focus_layers: list[int] | None = None) -> dict[str, torch.Tensor]:
+               focus_weight: float = 0.0, focus_layers: list[int] | None = None, keep_weight: float = 0.0,
+               keep_layers: list[int] | None = None) -> dict[str, torch.Tensor]:
     """Answer loss (mean of per-example losses), the probe's aux loss (``weights`` per target kind; default
     present, char and colour at 1) on examples with targets, the focus loss (`train.focus`, on ``focus_layers``,
-    default ``FOCUS_LAYERS``) when ``focus_weight`` > 0, and their weighted sum."""
+    default ``FOCUS_LAYERS``) when ``focus_weight`` > 0, the keep loss (`train.keep`, the frozen probe on the
+    inputs of ``keep_layers``, default ``KEEP_LAYERS``, same ``weights``) when ``keep_weight`` > 0, and their
+    weighted sum."""
     weights = weights if weights is not None else {"present": 1.0, "char": 1.0, "colour": 1.0}
     focus = focus_weight > 0 and batch.focus is not None
+    keep = keep_weight > 0 and batch.dense is not None
     captured: list[torch.Tensor] = []
     # The stock forward runs the vision tower once for all images; the hook keeps its merged tokens for the probe.
     hook = run.model.model.visual.register_forward_hook(lambda m, i, o: captured.append(o.pooler_output))
@@ -186,14 +205,14 @@ def batch_loss(run: JointRun, batch: AnswerBatch, aux_weight: float, weights: di
     if focus:
         text.set_attn_implementation("eager")  # only eager attention returns its weights; the tower stays on sdpa
     try:
-        result = run.model(**batch.inputs, output_attentions=focus)
+        result = run.model(**batch.inputs, output_attentions=focus, output_hidden_states=keep)
     finally:
         hook.remove()
         if focus:
             text.set_attn_implementation(previous)
     per_example = answer_losses(result.logits, batch.labels)
     zero = per_example.sum() * 0.0
-    out = {"answer": per_example.mean(), "aux": zero, "focus": zero}
+    out = {"answer": per_example.mean(), "aux": zero, "focus": zero, "keep": zero}
     if batch.dense is not None and aux_weight > 0:
         bounds = [0]
         for n in batch.n_tokens:
@@ -203,13 +222,20 @@ def batch_loss(run: JointRun, batch: AnswerBatch, aux_weight: float, weights: di
     if focus:
         out["focus"] = _focus_loss(batch.inputs, batch, result.attentions, run.model.config.image_token_id,
                                    list(focus_layers if focus_layers is not None else FOCUS_LAYERS))
-    out["total"] = out["answer"] + aux_weight * out["aux"] + focus_weight * out["focus"]
+    if keep:
+        ids = batch.inputs["input_ids"]
+        positions = [(row == run.model.config.image_token_id).nonzero().squeeze(1) for row in ids]
+        out["keep"] = keep_losses(result.hidden_states, positions, batch.dense_rows, batch.dense, run.probe,
+                                  list(keep_layers if keep_layers is not None else KEEP_LAYERS), weights)
+    out["total"] = (out["answer"] + aux_weight * out["aux"] + focus_weight * out["focus"]
+                    + keep_weight * out["keep"])
     return out
 
 
 def train_step(run: JointRun, batch: AnswerBatch, cfg: AnswerConfig) -> dict[str, float]:
     """One optimiser step; returns the step's answer, aux and total losses."""
-    losses = batch_loss(run, batch, cfg.aux_at(run.step), cfg.aux_weights, cfg.focus_weight, cfg.focus_layers)
+    losses = batch_loss(run, batch, cfg.aux_at(run.step), cfg.aux_weights, cfg.focus_weight, cfg.focus_layers,
+                        cfg.keep_weight, cfg.keep_layers)
     run.apply(losses["total"], cfg.grad_clip)
     out = {k: float(v.detach()) for k, v in losses.items()}
     for k, v in out.items():
@@ -226,6 +252,7 @@ def _evaluate(run: JointRun, cfg: AnswerConfig, evaluate: Evaluator, metrics_pat
     row = {"step": run.step, "examples": seen, "lr": run.scheduler.get_last_lr()[0],
            "loss": run.running.get("total"), "answer_loss": run.running.get("answer"),
            "aux_loss": run.running.get("aux"), "focus_loss": run.running.get("focus"),
+           "keep_loss": run.running.get("keep"),
            "train_seconds": round(run.train_seconds, 1),
            "examples_per_s": round(seen / run.train_seconds, 2) if run.train_seconds else None}
     row.update(evaluate(run))
