@@ -7,7 +7,7 @@ import torch
 
 from qzoom_agent.train.answer_data import AnswerDataConfig, make_batch
 from qzoom_agent.train.dense_probe import dense_losses
-from qzoom_agent.train.joint import AnswerConfig, batch_loss, config_key, train_step
+from qzoom_agent.train.joint import AnswerConfig, batch_loss, config_key, image_positions, train_step
 from qzoom_agent.train.joint_run import build_joint_run
 from qzoom_agent.train.keep import keep_losses
 from qzoom_agent.train.zoomworld_tiny import ZoomWorldTinySizes
@@ -29,8 +29,7 @@ def test_keep_loss_is_the_probe_loss_on_layer_inputs_and_leaves_the_probe_alone(
     batch = make_batch(run.adapter, DATA, ALPHABET, 0, 4)
     assert batch.dense is not None and batch.dense_rows
     out = run.model(**batch.inputs, output_hidden_states=True)
-    ids = batch.inputs["input_ids"]
-    positions = [(row == run.model.config.image_token_id).nonzero().squeeze(1) for row in ids]
+    positions = image_positions(batch.inputs["input_ids"], run.model.config.image_token_id)
     got = keep_losses(out.hidden_states, positions, batch.dense_rows, batch.dense, run.probe, [1], WEIGHTS)
     feats = torch.cat([out.hidden_states[1][r, positions[r]] for r in batch.dense_rows])
     assert feats.shape[0] == batch.dense.present.shape[0]  # one target per visual token of the rows with targets

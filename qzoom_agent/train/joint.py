@@ -172,11 +172,16 @@ def answer_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return (ce * sup).sum(1) / sup.sum(1).clamp(min=1)
 
 
+def image_positions(input_ids: torch.Tensor, image_token_id: int) -> list[torch.Tensor]:
+    """Per row of ``input_ids`` (B, L), the (N_i,) positions of its visual tokens, in raster order."""
+    return [(row == image_token_id).nonzero().squeeze(1) for row in input_ids]
+
+
 def _focus_loss(inputs: dict[str, torch.Tensor], batch: AnswerBatch, attentions: tuple[torch.Tensor, ...],
                 image_token_id: int, layers: list[int]) -> torch.Tensor:
     """Mean focus loss over the examples of ``batch`` with a target (0 when none has one)."""
-    ids, lengths = inputs["input_ids"], inputs["attention_mask"].sum(1).tolist()
-    positions = [(row == image_token_id).nonzero().squeeze(1) for row in ids]
+    lengths = inputs["attention_mask"].sum(1).tolist()
+    positions = image_positions(inputs["input_ids"], image_token_id)
     # the rows predicting the answer: the last prompt token and the answer tokens but the last (just the last
     # prompt token for locate examples, which have no answer)
     rows = [(p - 1, max(n - 1, p)) for p, n in zip(batch.prompt_lens, lengths, strict=True)]
@@ -223,8 +228,7 @@ def batch_loss(run: JointRun, batch: AnswerBatch, aux_weight: float, weights: di
         out["focus"] = _focus_loss(batch.inputs, batch, result.attentions, run.model.config.image_token_id,
                                    list(focus_layers if focus_layers is not None else FOCUS_LAYERS))
     if keep:
-        ids = batch.inputs["input_ids"]
-        positions = [(row == run.model.config.image_token_id).nonzero().squeeze(1) for row in ids]
+        positions = image_positions(batch.inputs["input_ids"], run.model.config.image_token_id)
         out["keep"] = keep_losses(result.hidden_states, positions, batch.dense_rows, batch.dense, run.probe,
                                   list(keep_layers if keep_layers is not None else KEEP_LAYERS), weights)
     out["total"] = (out["answer"] + aux_weight * out["aux"] + focus_weight * out["focus"]
