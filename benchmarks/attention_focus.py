@@ -17,15 +17,14 @@ Run::
 
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 
+import model_args  # benchmarks/model_args.py: run these scripts as python benchmarks/NAME.py
 import torch
 from tqdm import tqdm
 
 from qzoom_agent.bench.zoomworld import VARIANTS, sample
-from qzoom_agent.loading import resolve_model_path, trained_alphabet
 from qzoom_agent.model import QZoomModel
 from qzoom_agent.train.focus import focus_mask
 from qzoom_agent.train.stage1_labels import response_attention
@@ -57,18 +56,12 @@ def measure(qz: QZoomModel, variant: str, n: int, budget: int, layers: list[int]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="zoomworld-tiny", help="bundled name or model folder")
-    parser.add_argument("--n", type=int, default=100, help="test questions per variant")
+    parser = model_args.parser(__doc__.splitlines()[0], 100, "test questions per variant")
     parser.add_argument("--budget", type=int, default=576, help="most visual tokens of the whole-scene view")
     parser.add_argument("--layers", default="2,3", help="decoder layers averaged, comma-separated")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
     layers = [int(x) for x in args.layers.split(",")]
-    qz = QZoomModel.from_pretrained(args.model, qzoom=False)
-    alphabet = trained_alphabet(resolve_model_path(args.model)) or "0123456789"
+    qz, alphabet = model_args.load(args)
     result = {v: measure(qz, v, args.n, args.budget, layers, alphabet) for v in VARIANTS}
     if args.json:
         print(json.dumps({"model": args.model, "n": args.n, "budget": args.budget, "layers": layers,

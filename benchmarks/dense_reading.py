@@ -10,16 +10,14 @@ crop holds several tags. Run::
 
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 import random
 
-import torch
+import model_args  # benchmarks/model_args.py: run these scripts as python benchmarks/NAME.py
 from tqdm import tqdm
 
 from qzoom_agent.bench.metrics import is_correct
-from qzoom_agent.loading import resolve_model_path, trained_alphabet
 from qzoom_agent.model import QZoomModel
 from qzoom_agent.train.answer_data import AnswerDataConfig, dense_example
 
@@ -39,15 +37,8 @@ def read_dense(qz: QZoomModel, n: int, alphabet: str) -> dict[str, list[int]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="zoomworld-tiny", help="bundled name or model folder")
-    parser.add_argument("--n", type=int, default=300, help="held-out crops")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    qz = QZoomModel.from_pretrained(args.model, qzoom=False)
-    alphabet = trained_alphabet(resolve_model_path(args.model)) or "0123456789"
+    args = model_args.parser(__doc__.splitlines()[0], 300, "held-out crops").parse_args()
+    qz, alphabet = model_args.load(args)
     tally = read_dense(qz, args.n, alphabet)
     if args.json:
         print(json.dumps({"model": args.model, "n": args.n, "tally": tally}))

@@ -18,17 +18,17 @@ Run::
 
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 
+import model_args  # benchmarks/model_args.py: run these scripts as python benchmarks/NAME.py
 import torch
 from tqdm import tqdm
 
 from qzoom_agent.bench.metrics import is_correct
 from qzoom_agent.bench.zoomworld import VARIANTS, sample
-from qzoom_agent.loading import resolve_model_path, trained_alphabet
 from qzoom_agent.model import QZoomModel
+from qzoom_agent.train.common import eager_attention
 from qzoom_agent.train.focus import focus_mask
 from qzoom_agent.train.scene_targets import scene_targets
 
@@ -47,11 +47,9 @@ def explained_share(states: torch.Tensor, labels: torch.Tensor) -> float:
 def measure(qz: QZoomModel, n: int, alphabet: str) -> dict:
     """The three figures over ``n`` test colour questions per variant (see the module docstring)."""
     adapter, net = qz.adapter, qz.adapter.model
-    previous = net.config._attn_implementation
-    net.set_attn_implementation("eager")  # only eager attention returns its weights
     states: list[list[torch.Tensor]] = [[] for _ in range(adapter.num_layers)]
     labels, attention, counts = [], [], collections.Counter()
-    try:
+    with eager_attention(net):  # only eager attention returns its weights
         for variant in VARIANTS:
             for i in tqdm(range(n), desc=f"value path {variant}", mininterval=2.0):
                 s = sample(variant, "test", i, alphabet=alphabet, mix={"color": 1.0})
@@ -76,8 +74,6 @@ def measure(qz: QZoomModel, n: int, alphabet: str) -> dict:
                 counts[objects, "n"] += 1
                 counts[objects, "right"] += is_correct(answer, s.answer)
                 counts["answer", answer.strip()] += 1
-    finally:
-        net.set_attn_implementation(previous)
     y = torch.cat(labels)
     att = torch.stack(attention).mean(0)  # (2, layers, heads)
     return {
@@ -93,15 +89,8 @@ def measure(qz: QZoomModel, n: int, alphabet: str) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="zoomworld-tiny", help="bundled name or model folder")
-    parser.add_argument("--n", type=int, default=60, help="test colour questions per variant")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    qz = QZoomModel.from_pretrained(args.model, qzoom=False)
-    alphabet = trained_alphabet(resolve_model_path(args.model)) or "0123456789"
+    args = model_args.parser(__doc__.splitlines()[0], 60, "test colour questions per variant").parse_args()
+    qz, alphabet = model_args.load(args)
     r = measure(qz, args.n, alphabet)
     if args.json:
         print(json.dumps({"model": args.model, **r}))

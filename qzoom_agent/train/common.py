@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -61,6 +62,20 @@ class DeviceConfig(BaseModel):
         if self.dtype == "auto":
             return device, torch.float32 if device == "cpu" else torch.bfloat16
         return device, getattr(torch, self.dtype)
+
+
+@contextmanager
+def eager_attention(module: nn.Module, on: bool = True) -> Iterator[None]:
+    """Run ``module`` (an HF model or sub-model) on eager attention inside the block, the only implementation that
+    returns attention weights, and restore its previous one after; ``on=False`` leaves it alone."""
+    previous = module.config._attn_implementation
+    if on:
+        module.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        if on:
+            module.set_attn_implementation(previous)
 
 
 def decay_groups(params: Iterable[nn.Parameter], weight_decay: float, lr: float | None = None) -> list[dict]:

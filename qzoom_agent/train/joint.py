@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from ..backbones import BackboneAdapter
 from .answer_data import IGNORE, AnswerBatch, AnswerDataConfig, make_batch
-from .common import OptimConfig, keep_metrics_until, read_config, read_metrics
+from .common import OptimConfig, eager_attention, keep_metrics_until, read_config, read_metrics
 from .dense_probe import LABEL_KINDS, dense_losses
 from .focus import focus_losses
 from .joint_eval import eval_sets, evaluate_answers, inference_model
@@ -205,16 +205,11 @@ def batch_loss(run: JointRun, batch: AnswerBatch, aux_weight: float, weights: di
     captured: list[torch.Tensor] = []
     # The stock forward runs the vision tower once for all images; the hook keeps its merged tokens for the probe.
     hook = run.model.model.visual.register_forward_hook(lambda m, i, o: captured.append(o.pooler_output))
-    text = run.model.model.language_model
-    previous = text.config._attn_implementation
-    if focus:
-        text.set_attn_implementation("eager")  # only eager attention returns its weights; the tower stays on sdpa
     try:
-        result = run.model(**batch.inputs, output_attentions=focus, output_hidden_states=keep)
+        with eager_attention(run.model.model.language_model, on=focus):  # the tower stays on sdpa
+            result = run.model(**batch.inputs, output_attentions=focus, output_hidden_states=keep)
     finally:
         hook.remove()
-        if focus:
-            text.set_attn_implementation(previous)
     per_example = answer_losses(result.logits, batch.labels)
     zero = per_example.sum() * 0.0
     out = {"answer": per_example.mean(), "aux": zero, "focus": zero, "keep": zero}

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..backbones import ImageInputs
 from ..roi import Box, box_to_cells, enclosing_cells, gaussian_blur3
+from .common import eager_attention
 
 IGNORE = -100
 
@@ -84,12 +85,8 @@ def response_attention(model, image, question: str, budget: tuple[int, int], max
     response = adapter.tokenizer(answer + "<|im_end|>", add_special_tokens=False)["input_ids"]
     ids = torch.cat([prompt.input_ids[0].cpu(), torch.tensor(response, dtype=torch.long)])[None]
     net = adapter.model
-    previous = net.config._attn_implementation
-    net.set_attn_implementation("eager")  # only eager attention returns its weights
-    try:
+    with eager_attention(net):
         out = net(**adapter.hf_inputs(ids.to(adapter.device), [img]), output_attentions=True)
-    finally:
-        net.set_attn_implementation(previous)
     start, end, first = prompt.image_start, prompt.image_end, prompt.input_ids.shape[1]
     rows = slice(first, ids.shape[1] - 1) if ids.shape[1] - 1 > first else slice(first - 1, first)
     gh, gw = img.grid
