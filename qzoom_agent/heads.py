@@ -82,6 +82,54 @@ class QZoomHeads(nn.Module):
         # No final norm: the head reads the raw last-token state, as in the released models.
         return self.high_res_head(h[:, -1]).squeeze(-1)
 
+    def twig_states(
+        self, hidden_k: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The hidden state after the first T-1 twig layers (the input of the last one's q/k).
+
+        Args:
+            hidden_k: (1, L, D) the input of base layer K.
+            rotary: (cos, sin), each (1, L, head_dim).
+            mask: the causal mask for L tokens.
+
+        Returns:
+            (1, L, D); ``hidden_k`` itself when T is 1.
+        """
+        h = hidden_k
+        for layer in self.twig_layers[:-1]:
+            h = layer(h, attention_mask=mask, position_embeddings=rotary)
+        return h
+
+    def roi_scores(
+        self,
+        adapter: BackboneAdapter,
+        states: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor],
+        image_start: int,
+        image_end: int,
+        query_index: int = -1,
+    ) -> torch.Tensor:
+        """The last twig layer's head-averaged ``q(query) . k(visual) / sqrt(d)`` on :meth:`twig_states`.
+
+        Args:
+            states: (1, L, D) from :meth:`twig_states`.
+            rotary, image_start, image_end, query_index: as in :meth:`roi_logits`.
+
+        Returns:
+            (N,) raw logits, N = image_end - image_start.
+        """
+        last = self.twig_layers[-1]
+        length = states.shape[1]
+        qi = query_index % length
+        cos, sin = rotary
+        q, _ = adapter.project_qk(last, last.input_layernorm(states[:, qi : qi + 1]))
+        _, k = adapter.project_qk(last, last.input_layernorm(states[:, image_start:image_end]))
+        q = _rope(q, cos[:, qi : qi + 1], sin[:, qi : qi + 1])
+        k = _rope(k, cos[:, image_start:image_end], sin[:, image_start:image_end])
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # grouped-query attention: share kv heads
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])  # (1, H, 1, N)
+        return scores.mean(dim=1)[0, 0]
+
     def roi_logits(
         self,
         adapter: BackboneAdapter,
@@ -108,17 +156,5 @@ class QZoomHeads(nn.Module):
         Returns:
             (N,) raw logits, N = image_end - image_start, in raster order of the merged-token grid.
         """
-        h = hidden_k
-        for layer in self.twig_layers[:-1]:
-            h = layer(h, attention_mask=mask, position_embeddings=rotary)
-        last = self.twig_layers[-1]
-        length = h.shape[1]
-        qi = query_index % length
-        cos, sin = rotary
-        q, _ = adapter.project_qk(last, last.input_layernorm(h[:, qi : qi + 1]))
-        _, k = adapter.project_qk(last, last.input_layernorm(h[:, image_start:image_end]))
-        q = _rope(q, cos[:, qi : qi + 1], sin[:, qi : qi + 1])
-        k = _rope(k, cos[:, image_start:image_end], sin[:, image_start:image_end])
-        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # grouped-query attention: share kv heads
-        scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])  # (1, H, 1, N)
-        return scores.mean(dim=1)[0, 0]
+        states = self.twig_states(hidden_k, rotary, mask)
+        return self.roi_scores(adapter, states, rotary, image_start, image_end, query_index)

@@ -50,6 +50,7 @@ from .stage1_labels import (
     response_attention,
     select_heads,
 )
+from .twig_aux import TwigAuxProbe, TwigAuxTargets, aux_targets
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +94,9 @@ class Stage1Config(OptimConfig):
                               "raise it when a target covers a few tokens of hundreds")
     rank_weight: float = Field(0.0, ge=0, description="weight of an added listwise loss (softmax cross-entropy over "
                                "the view's tokens, foreground as the target); 0: BCE only, as in the paper")
+    aux_weight: float = Field(0.0, ge=0, description="weight of the twig colour probes (train/twig_aux.py: tag "
+                              "presence and colour on its visual tokens, the asked colour on its query); ZoomWorld "
+                              "labels, needs twig_T >= 2; 0: off, as in the paper")
     cache_features: bool = Field(True, description="keep each question's frozen layer-K inputs in memory after "
                                  "its first epoch (about 1.5 MB each at 576 tokens): later epochs skip the scene "
                                  "rendering and the frozen prefill")
@@ -106,6 +110,8 @@ class Stage1Config(OptimConfig):
     def _check(self) -> Stage1Config:
         if self.budget[0] > self.budget[1] or self.budget[0] < 1:
             raise ValueError(f"budget must be (min, max) with 1 <= min <= max, got {self.budget}")
+        if self.aux_weight > 0 and self.twig_T == 1:
+            raise ValueError("aux_weight needs twig_T >= 2: with one twig layer the probes would read frozen states")
         if set(self.families) - set(FINE_FAMILIES) - {"color", "shape"} or sum(self.families.values()) <= 0:
             raise ValueError(f"families must weight ZoomWorld families with a positive sum, got {self.families}")
         return self
@@ -236,13 +242,16 @@ def twig_inputs(qz: QZoomModel, s: ZoomWorldSample, budget: tuple[int, int]) -> 
 
 
 def twig_loss(qz: QZoomModel, x: TwigInputs, labels: torch.Tensor, pos_weight: float = 1.0,
-              rank_weight: float = 0.0) -> torch.Tensor:
+              rank_weight: float = 0.0, states: torch.Tensor | None = None) -> torch.Tensor:
     """BCE-with-logits of the twig's scores against ``labels`` ((gh, gw), -100 ignored), summed over valid tokens;
     foreground tokens weigh ``pos_weight``. With ``rank_weight`` > 0, add that many times a listwise term, the
     cross-entropy of the softmax over the valid tokens against the foreground spread evenly, scaled by the valid
     token count so it weighs like the summed BCE: it asks the asked tag to outscore the other tags, where a
-    token-wise loss is content to score every tag high."""
-    logits = qz.heads.roi_logits(qz.adapter, x.hidden_k, x.rotary, x.mask, x.image_start, x.image_end)
+    token-wise loss is content to score every tag high. ``states``: the twig's ``twig_states`` of ``x`` when the
+    caller already has them (the aux probes read them too)."""
+    if states is None:
+        states = qz.heads.twig_states(x.hidden_k, x.rotary, x.mask)
+    logits = qz.heads.roi_scores(qz.adapter, states, x.rotary, x.image_start, x.image_end)
     if x.grid != tuple(labels.shape):
         raise RuntimeError(f"labels of grid {tuple(labels.shape)} for a view of grid {x.grid}")
     flat = labels.flatten().to(logits.device)
@@ -325,13 +334,20 @@ def run_stage1(cfg: Stage1Config, out_dir: str | Path, *, max_steps: int | None 
     qz.heads.requires_grad_(False)
     twig.requires_grad_(True)
     qz.heads.train()
-    params = [p for p in twig.parameters()]
+    probe = None
+    if cfg.aux_weight > 0:
+        if qz.heads.T < 2:
+            raise ValueError("aux_weight needs twig_T >= 2: with one twig layer the probes would read frozen states")
+        probe = TwigAuxProbe(qz.adapter.hidden_size).to(qz.adapter.device)
+    params = [p for p in twig.parameters()] + ([] if probe is None else list(probe.parameters()))
     optimizer = torch.optim.AdamW(decay_groups(params, cfg.weight_decay, cfg.lr), lr=cfg.lr, betas=cfg.betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cfg.lr_factor)
     ckpt, step, seconds = stage / CHECKPOINT_FILE, 0, 0.0
     if ckpt.exists():
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
         twig.load_state_dict(state["twig"])
+        if probe is not None:
+            probe.load_state_dict(state["aux"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, seconds = state["step"], state["seconds"]
@@ -339,11 +355,12 @@ def run_stage1(cfg: Stage1Config, out_dir: str | Path, *, max_steps: int | None 
     stop = min(total, max_steps if max_steps is not None else total)
 
     features: dict[int, TwigInputs] = {}  # question index -> frozen first pass (cache_features)
+    aux: dict[int, TwigAuxTargets] = {}  # question index -> probe targets (aux_weight > 0)
 
     def batch_at(k: int) -> list[tuple[int, ZoomWorldSample | None, torch.Tensor]]:
         recs = [usable[(k * cfg.batch_size + j) % len(usable)] for j in range(cfg.batch_size)]
-        return [(r["index"], None if r["index"] in features else question(cfg, alphabet, "train", r["index"]),
-                 r["labels"].long()) for r in recs]
+        return [(r["index"], None if r["index"] in features and (probe is None or r["index"] in aux)
+                 else question(cfg, alphabet, "train", r["index"]), r["labels"].long()) for r in recs]
 
     running = None
     with ThreadPoolExecutor(max_workers=1) as pool, tqdm(total=stop, initial=step, desc="stage 1: twig",
@@ -355,15 +372,22 @@ def run_stage1(cfg: Stage1Config, out_dir: str | Path, *, max_steps: int | None 
             pending = pool.submit(batch_at, step + 1) if step + 1 < stop else None
             optimizer.zero_grad(set_to_none=True)
             valid = sum(int((lab != IGNORE).sum()) for _, _, lab in batch)
-            loss_sum = 0.0
+            loss_sum = aux_sum = 0.0
             for index, s, lab in batch:
                 x = features.get(index) or twig_inputs(qz, s, cfg.budget)
                 if cfg.cache_features:
                     features[index] = x
+                states = qz.heads.twig_states(x.hidden_k, x.rotary, x.mask)
                 # mean over the batch's valid tokens
-                loss = twig_loss(qz, x, lab, cfg.pos_weight, cfg.rank_weight) / max(1, valid)
-                loss.backward()
+                loss = twig_loss(qz, x, lab, cfg.pos_weight, cfg.rank_weight, states) / max(1, valid)
                 loss_sum += float(loss.detach())
+                if probe is not None:
+                    if index not in aux:
+                        aux[index] = aux_targets(s, x.grid)
+                    extra = probe.loss(states, x.image_start, x.image_end, aux[index]) / len(batch)
+                    aux_sum += float(extra.detach())
+                    loss = loss + cfg.aux_weight * extra
+                loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             optimizer.step()
             scheduler.step()
@@ -371,10 +395,11 @@ def run_stage1(cfg: Stage1Config, out_dir: str | Path, *, max_steps: int | None 
             seconds += time.perf_counter() - tick
             running = loss_sum if running is None else 0.95 * running + 0.05 * loss_sum
             bar.update(1)
-            bar.set_postfix(bce=f"{running:.3f}")
+            bar.set_postfix(bce=f"{running:.3f}", **({"aux": f"{aux_sum:.3f}"} if probe is not None else {}))
             if step % cfg.checkpoint_every == 0 or step == stop:
                 atomic_torch_save({"twig": twig.state_dict(), "optimizer": optimizer.state_dict(),
-                              "scheduler": scheduler.state_dict(), "step": step, "seconds": seconds}, ckpt)
+                                   "scheduler": scheduler.state_dict(), "step": step, "seconds": seconds,
+                                   **({"aux": probe.state_dict()} if probe is not None else {})}, ckpt)
     qz.heads.eval()
     after = {"when": "after", "step": step, "train_seconds": round(seconds, 1), "bce": running, **label_stats,
              **evaluate_roi(qz, cfg, alphabet, cfg.eval_items)}
