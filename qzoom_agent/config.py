@@ -48,8 +48,13 @@ class QZoomConfig(BaseModel):
     sink_min_tokens: int = Field(
         default=256, ge=0, description="Mask the attention-sink corner of the RoI map when it has more tokens."
     )
-    roi_mode: Literal["enclosing", "components"] | None = Field(
-        default=None, description="One enclosing box (Qwen) or connected components (LLaVA); None: by family."
+    roi_mode: Literal["enclosing", "components", "peak"] | None = Field(
+        default=None,
+        description="One enclosing box (Qwen), connected components (LLaVA) or the peak's neighbourhood "
+        "(roi.peak_cells); None: by family.",
+    )
+    roi_peak_ratio: float = Field(
+        default=0.3, gt=0.0, le=1.0, description="Peak mode: share of the peak probability a neighbour needs."
     )
 
     @model_validator(mode="after")

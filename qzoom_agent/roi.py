@@ -77,20 +77,24 @@ class RoiConfig:
         sink_min_tokens: ``qwen_sink_mask`` masks the corner strip only when ``gh * gw`` exceeds this.
         blur: Apply a 3x3 Gaussian (sigma 1) to the probabilities before thresholding.
         min_side_tokens: Minimum box side, in tokens, converted to source pixels per axis.
-        mode: ``"enclosing"`` (Qwen: one box around everything that fired) or ``"components"`` (LLaVA: one box per
-            8-connected component).
+        mode: ``"enclosing"`` (Qwen: one box around everything that fired), ``"components"`` (LLaVA: one box per
+            8-connected component) or ``"peak"`` (one box around the highest-scoring cell's neighbourhood: the cells
+            8-connected to it whose probability is at least ``peak_ratio`` of its own; for a twig that ranks the
+            asked target first but also scores other candidates above the threshold).
         max_boxes: Components mode: when more boxes than this remain, the map is too diffuse and we do not zoom.
         max_component_area: Components mode: components with more cells than this are dropped (too large to be a
             useful zoom target).
+        peak_ratio: Peak mode: share of the peak probability a connected cell needs to join the box, in (0, 1].
     """
 
     threshold: float = 0.15
     sink_min_tokens: int = 256
     blur: bool = True
     min_side_tokens: float = 1.0
-    mode: Literal["enclosing", "components"] = "enclosing"
+    mode: Literal["enclosing", "components", "peak"] = "enclosing"
     max_boxes: int = 2
     max_component_area: int = 225
+    peak_ratio: float = 0.3
 
     def __post_init__(self) -> None:
         if not isinstance(self.threshold, numbers.Real) or not 0.0 < float(self.threshold) < 1.0:
@@ -99,8 +103,10 @@ class RoiConfig:
         if not isinstance(self.blur, bool):
             raise ValueError(f"blur must be True or False, got {self.blur!r}")
         _check_min_side_tokens(self.min_side_tokens)
-        if self.mode not in ("enclosing", "components"):
-            raise ValueError(f"mode must be 'enclosing' (Qwen) or 'components' (LLaVA), got {self.mode!r}")
+        if self.mode not in ("enclosing", "components", "peak"):
+            raise ValueError(f"mode must be 'enclosing' (Qwen), 'components' (LLaVA) or 'peak', got {self.mode!r}")
+        if not isinstance(self.peak_ratio, numbers.Real) or not 0.0 < float(self.peak_ratio) <= 1.0:
+            raise ValueError(f"peak_ratio must be in (0, 1], got {self.peak_ratio!r}")
         _check_int("max_boxes", self.max_boxes, minimum=1)
         _check_int("max_component_area", self.max_component_area, minimum=1)
 
@@ -257,6 +263,50 @@ def component_cells(mask: torch.Tensor, cfg: RoiConfig) -> list[Cells]:
     return sorted(ranges, key=lambda b: (-(b[2] - b[0]) * (b[3] - b[1]), b))
 
 
+def peak_cells(logits: torch.Tensor, cfg: RoiConfig, sink_mask: torch.Tensor | None = None) -> Cells | None:
+    """Cell range of the peak's neighbourhood (peak mode): the highest-probability cell and every cell 8-connected
+    to it through cells of at least ``cfg.peak_ratio`` times its probability.
+
+    No blur: a small target covers one or two tokens, and blurring would widen the neighbourhood and can move the
+    peak. The sink mask applies as in :func:`foreground`.
+
+    Args:
+        logits: Raw scores of shape (gh, gw).
+        cfg: Pipeline settings (``threshold``, ``peak_ratio``).
+        sink_mask: Optional bool keep-mask of shape (gh, gw).
+
+    Returns:
+        ``(r0, c0, r1, c1)`` (exclusive ends), or None when no kept cell's probability exceeds ``cfg.threshold``.
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"peak_cells expects (gh, gw) logits, got shape {tuple(logits.shape)}")
+    if sink_mask is not None and tuple(sink_mask.shape) != tuple(logits.shape):
+        raise ValueError(f"sink_mask shape {tuple(sink_mask.shape)} does not match logits {tuple(logits.shape)}")
+    x = logits.detach().to(torch.float32)
+    prob = torch.sigmoid(torch.where(torch.isnan(x), torch.full_like(x, -math.inf), x))
+    if sink_mask is not None:
+        prob = prob * sink_mask.to(prob.device, torch.bool)
+    if prob.numel() == 0:
+        return None
+    peak = int(prob.flatten().argmax())
+    gh, gw = prob.shape
+    top = float(prob.flatten()[peak])
+    if not top > float(cfg.threshold):
+        return None
+    member = prob >= float(cfg.peak_ratio) * top
+    start = divmod(peak, gw)
+    seen, queue = {start}, deque([start])
+    r0, c0, r1, c1 = start[0], start[1], start[0] + 1, start[1] + 1
+    while queue:
+        r, c = queue.popleft()
+        r0, c0, r1, c1 = min(r0, r), min(c0, c), max(r1, r + 1), max(c1, c + 1)
+        for nb in [(r + dr, c + dc) for dr in (-1, 0, 1) for dc in (-1, 0, 1)]:
+            if nb not in seen and 0 <= nb[0] < gh and 0 <= nb[1] < gw and bool(member[nb]):
+                seen.add(nb)
+                queue.append(nb)
+    return r0, c0, r1, c1
+
+
 def _fit_min_side(lo: int, hi: int, min_len: int, limit: int) -> tuple[int, int]:
     """Grow ``[lo, hi)`` to ``min_len`` (capped to ``limit``) around its centre, then fit it into ``[0, limit]``."""
     min_len = max(1, min(min_len, limit))
@@ -346,7 +396,7 @@ def propose_boxes(
         sink_mask: Optional (gh, gw) bool keep-mask, e.g. ``qwen_sink_mask(gh, gw, cfg.sink_min_tokens)``.
 
     Returns:
-        Enclosing mode: ``[]`` or ``[box]``. Components mode: 0 to ``cfg.max_boxes`` boxes, largest first.
+        Enclosing and peak modes: ``[]`` or ``[box]``. Components mode: 0 to ``cfg.max_boxes`` boxes, largest first.
 
     Raises:
         ValueError: When ``logits.numel() != gh * gw`` or a size is not positive. NaN, infinite, constant or empty
@@ -359,6 +409,9 @@ def propose_boxes(
     if gh * gw == 0:
         return []
     _check_pair("resized_size", resized_size, 1)
+    if cfg.mode == "peak":
+        cells = peak_cells(logits.reshape(gh, gw), cfg, sink_mask)
+        return [] if cells is None else [cells_to_box(cells, (gh, gw), resized_size, source_size, cfg.min_side_tokens)]
     mask = foreground(logits.reshape(gh, gw), cfg, sink_mask)
     if cfg.mode == "enclosing":
         cells = enclosing_cells(mask)

@@ -20,6 +20,7 @@ from qzoom_agent.roi import (
     crop,
     foreground,
     iou,
+    peak_cells,
     propose_boxes,
     qwen_sink_mask,
     sanitize_box,
@@ -348,6 +349,8 @@ def test_flat_and_2d_logits_agree_and_bf16_works():
         {"max_boxes": 0},
         {"max_boxes": True},
         {"max_component_area": 0},
+        {"peak_ratio": 0.0},
+        {"peak_ratio": 1.5},
     ],
 )
 def test_roi_config_validation(kwargs):
@@ -423,3 +426,31 @@ def test_coverage_and_iou_known_values():
     assert coverage(Box(10, 10, 20, 20), Box(0, 0, 100, 100)) == pytest.approx(0.01)
     assert iou(a, a) == 1.0
     assert iou(a, Box(20, 20, 30, 30)) == 0.0 and coverage(a, Box(10, 0, 20, 10)) == 0.0
+
+
+def test_peak_mode_keeps_only_the_peaks_neighbourhood():
+    logits = torch.full((10, 10), COLD)
+    logits[2, 2], logits[2, 3] = 4.0, 2.0  # the peak and a connected neighbour above 30% of its probability
+    logits[3, 4] = -1.5  # connected through (2, 3) but under 30% of the peak (0.18 against 0.98)
+    logits[8, 8] = 3.0  # a second candidate far away: enclosing mode would box both
+    cfg = RoiConfig(mode="peak", peak_ratio=0.3)
+    assert peak_cells(logits, cfg) == (2, 2, 3, 4)
+    enclosing = propose_boxes(logits, grid=(10, 10), resized_size=(280, 280), source_size=(1000, 1000),
+                              cfg=RoiConfig())
+    peak = propose_boxes(logits, grid=(10, 10), resized_size=(280, 280), source_size=(1000, 1000), cfg=cfg)
+    assert len(peak) == 1 and peak[0] == Box(200, 200, 400, 300)
+    assert enclosing[0].area > 10 * peak[0].area
+    assert peak_cells(logits, RoiConfig(mode="peak", peak_ratio=1.0)) == (2, 2, 3, 3)
+
+
+def test_peak_mode_threshold_nan_and_sink():
+    cold = torch.full((6, 6), -5.0)  # sigmoid 0.007 everywhere: nothing fired
+    assert peak_cells(cold, RoiConfig(mode="peak")) is None
+    assert peak_cells(torch.full((6, 6), math.nan), RoiConfig(mode="peak")) is None
+    logits = torch.full((6, 6), COLD)
+    logits[0, 0], logits[4, 4] = HOT, 3.0
+    keep = torch.ones(6, 6, dtype=torch.bool)
+    keep[0, 0] = False  # the sink corner
+    assert peak_cells(logits, RoiConfig(mode="peak"), keep) == (4, 4, 5, 5)
+    with pytest.raises(ValueError, match="sink_mask shape"):
+        peak_cells(logits, RoiConfig(mode="peak"), keep[:5])

@@ -86,18 +86,23 @@ def test_aux_config_is_validated_and_shipped_variant_loads():
         Stage1Config(aux_weight=1.0, twig_T=1)
     with pytest.raises(ValueError):
         Stage1Config(aux_weight=-1.0)
+    with pytest.raises(ValueError, match="roi_tokens"):
+        Stage1Config(roi_tokens=(64, 16))
     cfg = load_stage1_config(CONFIG)
-    assert cfg.label_source == "box" and cfg.aux_weight > 0
+    assert cfg.label_source == "box" and cfg.aux_weight > 0 and cfg.roi_mode == "peak"
 
 
 def test_stage1_with_probes_checkpoints_them_and_resumes(tiny_dir, tmp_path):
     cfg = Stage1Config(model=str(tiny_dir), budget=(16, 64), size_range=(1024, 1024), samples=4, eval_items=2,
                        steps=4, batch_size=2, warmup_steps=1, save_every=2, checkpoint_every=2, label_overlays=0,
-                       label_source="box", aux_weight=1.0, twig_T=2, twig_K=1)
+                       label_source="box", aux_weight=1.0, twig_T=2, twig_K=1, roi_mode="peak", roi_peak_ratio=0.4,
+                       roi_tokens=(4, 16))
     first = run_stage1(cfg, tmp_path, max_steps=2)
     state = torch.load(tmp_path / STAGE_DIR / "checkpoint.pt", weights_only=True)
     assert first["step"] == 2 and "aux" in state and state["aux"]["tokens.weight"].shape[0] == 1 + len(COLOURS)
     last = run_stage1(cfg, tmp_path)  # resumes with the probe's state
     assert last["step"] == 4
-    heads = QZoomModel.from_pretrained(tiny_dir, qzoom=tmp_path / STAGE_DIR / "qzoom").heads
-    assert not any(k.startswith("tokens.") or k.startswith("query.") for k in heads.state_dict())
+    trained = QZoomModel.from_pretrained(tiny_dir, qzoom=tmp_path / STAGE_DIR / "qzoom")
+    assert not any(k.startswith("tokens.") or k.startswith("query.") for k in trained.heads.state_dict())
+    c = trained.config  # the box rule and crop budget travel with the adapter
+    assert (c.roi_mode, c.roi_peak_ratio, c.roi_min_tokens, c.roi_max_tokens) == ("peak", 0.4, 4, 16)

@@ -97,6 +97,12 @@ class Stage1Config(OptimConfig):
     aux_weight: float = Field(0.0, ge=0, description="weight of the twig colour probes (train/twig_aux.py: tag "
                               "presence and colour on its visual tokens, the asked colour on its query); ZoomWorld "
                               "labels, needs twig_T >= 2; 0: off, as in the paper")
+    roi_mode: Literal["enclosing", "components", "peak"] | None = Field(
+        None, description="box rule of the trained adapter and of the evaluation (QZoomConfig.roi_mode); None: by "
+        "family (enclosing for Qwen, as in the paper)")
+    roi_peak_ratio: float = Field(0.3, gt=0, le=1, description="peak mode's neighbourhood ratio")
+    roi_tokens: tuple[int, int] | None = Field(None, description="(min, max) visual tokens of the RoI crop in the "
+                                               "adapter (QZoomConfig.roi_min/max_tokens); None: the global budget")
     cache_features: bool = Field(True, description="keep each question's frozen layer-K inputs in memory after "
                                  "its first epoch (about 1.5 MB each at 576 tokens): later epochs skip the scene "
                                  "rendering and the frozen prefill")
@@ -110,6 +116,8 @@ class Stage1Config(OptimConfig):
     def _check(self) -> Stage1Config:
         if self.budget[0] > self.budget[1] or self.budget[0] < 1:
             raise ValueError(f"budget must be (min, max) with 1 <= min <= max, got {self.budget}")
+        if self.roi_tokens is not None and not 1 <= self.roi_tokens[0] <= self.roi_tokens[1]:
+            raise ValueError(f"roi_tokens must be (min, max) with 1 <= min <= max, got {self.roi_tokens}")
         if self.aux_weight > 0 and self.twig_T == 1:
             raise ValueError("aux_weight needs twig_T >= 2: with one twig layer the probes would read frozen states")
         if set(self.families) - set(FINE_FAMILIES) - {"color", "shape"} or sum(self.families.values()) <= 0:
@@ -295,10 +303,14 @@ def build_model(cfg: Stage1Config) -> QZoomModel:
     device, dtype = cfg.runtime.resolve()
     qz = QZoomModel.from_pretrained(cfg.model, qzoom=False, device=device, dtype=dtype)
     a = qz.adapter
-    fields = {k: v for k, v in {"twig_K": cfg.twig_K, "twig_T": cfg.twig_T}.items() if v is not None}
+    fields = {k: v for k, v in {"twig_K": cfg.twig_K, "twig_T": cfg.twig_T, "roi_mode": cfg.roi_mode}.items()
+              if v is not None}
+    if cfg.roi_tokens is not None:
+        fields["roi_min_tokens"], fields["roi_max_tokens"] = cfg.roi_tokens
     base = QZoomConfig.for_backbone(a.num_layers, a.min_branch_layer)
     qz.config = QZoomConfig.model_validate({**base.model_dump(), "min_tokens": cfg.budget[0],
-                                            "max_tokens": cfg.budget[1], **fields})
+                                            "max_tokens": cfg.budget[1], "roi_peak_ratio": cfg.roi_peak_ratio,
+                                            **fields})
     qz.config.check_backbone(a.num_layers, a.min_branch_layer)
     torch.manual_seed(cfg.seed)
     qz.init_heads()
