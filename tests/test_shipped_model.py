@@ -25,6 +25,9 @@ N_PER_VARIANT = 50
 # could not tell a working model from a broken one (README, "What limits it").
 FLOOR_ORACLE_FINE = 0.42  # share of fine questions answered from the oracle view
 FLOOR_ORACLE_READ = 0.42  # share of "What is written on the <colour> tag?" questions read from the oracle view
+# The shipped Q-Zoom heads on the same slice, gated at a 576-token global view, against the same view without zoom:
+# 29/72 fine questions right against 22/72 (hr 19 vs 18, doc 10 vs 4). They must keep at least this many more.
+MIN_HEADS_GAIN = 3
 
 
 def test_shipped_files_are_small_and_complete():
@@ -32,12 +35,16 @@ def test_shipped_files_are_small_and_complete():
     assert {"config.json", "model.safetensors", "zoomworld.json", "tokenizer_config.json"} <= names
     assert (MODEL / "model.safetensors").stat().st_size <= 15 * 2**20
     assert trained_alphabet(MODEL) == "0123456789"
+    heads = MODEL / "qzoom"  # the Q-Zoom adapter (twig + gate), fp16
+    assert {p.name for p in heads.iterdir()} == {"qzoom_config.json", "qzoom_heads.safetensors"}
+    assert (heads / "qzoom_heads.safetensors").stat().st_size <= 8 * 2**20
     assert json.loads((MODEL / "config.json").read_text())["model_type"] == "qwen2_5_vl"
 
 
 def test_from_pretrained_defaults_to_the_shipped_model():
     qz = QZoomModel.from_pretrained("zoomworld-tiny")
     assert qz.adapter.family == "qwen2_5_vl"
+    assert qz.heads is not None and qz.config.roi_mode == "peak"
     assert sum(p.numel() for p in qz.adapter.model.parameters()) < 5_000_000
 
 
@@ -46,7 +53,7 @@ def slice_summary(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("slice")
     records = []
     for variant in ("hr", "doc"):
-        cfg = CompareConfig(bench=f"zoomworld:{variant}", agents=["oracle", "lowres"], n=N_PER_VARIANT, seed=0,
+        cfg = CompareConfig(bench=f"zoomworld:{variant}", agents=["oracle", "lowres", "qzoom@576", "qzoom-never@576"], n=N_PER_VARIANT, seed=0,
                             out=str(out / variant), device="cpu")
         run_compare(cfg)
         records += [json.loads(line) for line in (out / variant / "results.jsonl").read_text().splitlines()]
@@ -66,3 +73,13 @@ def test_fixed_slice_accuracy(slice_summary):
     assert n_fine + n_coarse == 2 * N_PER_VARIANT and n_fine >= 50 and len(reads) >= 20
     assert oracle_fine >= FLOOR_ORACLE_FINE, f"oracle-view fine accuracy {oracle_fine:.3f} on {n_fine} questions"
     assert oracle_read >= FLOOR_ORACLE_READ, f"oracle-view tag reading {oracle_read:.3f} on {len(reads)} questions"
+
+
+def test_shipped_heads_beat_no_zoom_on_fine_questions(slice_summary):
+    def right(agent: str) -> int:
+        return sum(r["correct"] for r in slice_summary if r["agent"] == agent and r["kind"] == "fine")
+
+    gated, direct = right("qzoom@576"), right("qzoom-never@576")
+    assert gated >= direct + MIN_HEADS_GAIN, f"heads {gated} vs no zoom {direct} fine questions right"
+    coarse = [r for r in slice_summary if r["agent"] == "qzoom@576" and r["kind"] == "coarse"]
+    assert sum(r["zooms"] for r in coarse) <= len(coarse) // 4  # the gate skips most coarse questions
