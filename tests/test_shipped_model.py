@@ -53,8 +53,8 @@ def slice_summary(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("slice")
     records = []
     for variant in ("hr", "doc"):
-        cfg = CompareConfig(bench=f"zoomworld:{variant}", agents=["oracle", "lowres", "qzoom@576", "qzoom-never@576"], n=N_PER_VARIANT, seed=0,
-                            out=str(out / variant), device="cpu")
+        cfg = CompareConfig(bench=f"zoomworld:{variant}", agents=["oracle", "lowres", "qzoom@576", "qzoom-never@576"],
+                            n=N_PER_VARIANT, seed=0, out=str(out / variant), device="cpu")
         run_compare(cfg)
         records += [json.loads(line) for line in (out / variant / "results.jsonl").read_text().splitlines()]
     return records

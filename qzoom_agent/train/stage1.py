@@ -358,6 +358,9 @@ def run_stage1(cfg: Stage1Config, out_dir: str | Path, *, max_steps: int | None 
     if ckpt.exists():
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
         twig.load_state_dict(state["twig"])
+        if (probe is not None) != ("aux" in state):
+            raise ValueError(f"{ckpt} was written with aux_weight {'> 0' if 'aux' in state else '0'}; resume with the "
+                             "same setting or use another --out")
         if probe is not None:
             probe.load_state_dict(state["aux"])
         optimizer.load_state_dict(state["optimizer"])
