@@ -24,16 +24,17 @@ from tqdm import tqdm
 from qzoom_agent.bench.metrics import roi_hit
 from qzoom_agent.bench.zoomworld import VARIANTS, generate, seed_for
 from qzoom_agent.model import QZoomModel
+from qzoom_agent.results import Perception
 from qzoom_agent.roi import Box, RoiConfig, box_to_cells, propose_boxes, qwen_sink_mask
 
 BUDGET = (256, 576)
 RULES = (("enclosing", 0.15), ("enclosing", 0.3), ("peak", 0.5), ("peak", 0.3), ("peak", 0.2))
 
 
-def _cells(box, img) -> torch.Tensor:
-    """(gh * gw,) bool: the view's tokens that ``box`` (source pixels) overlaps."""
-    r0, c0, r1, c1 = box_to_cells(Box(*box), img.grid, img.resized_size, img.source_size)
-    mask = torch.zeros(img.grid, dtype=torch.bool)
+def _cells(box, p: Perception) -> torch.Tensor:
+    """(gh * gw,) bool: the tokens of ``p``'s global view that ``box`` (source pixels) overlaps."""
+    r0, c0, r1, c1 = box_to_cells(Box(*box), p.grid, p.resized_size, p.image_size)
+    mask = torch.zeros(p.grid, dtype=torch.bool)
     mask[r0:r1, c0:c1] = True
     return mask.flatten()
 
@@ -47,21 +48,20 @@ def measure(qz: QZoomModel, n: int, alphabet: str, split: str, families: dict[st
         s = generate(VARIANTS[k % 2], seed_for(split, k), alphabet=alphabet, mix=families,
                      size_range=(1024, 2048))
         p = qz.perceive(s.image, s.question, roi="always", budget=BUDGET)
-        img = qz.adapter.prepare_image(s.image, min_tokens=BUDGET[0], max_tokens=BUDGET[1])
         order = p.roi_logits.flatten().argsort(descending=True)
-        target = _cells(s.target_box, img)[order]
-        tags = torch.stack([_cells(panel["box"], img) for panel in s.panels]).any(0)[order]
+        target = _cells(s.target_box, p)[order]
+        tags = torch.stack([_cells(panel["box"], p) for panel in s.panels]).any(0)[order]
         counts["top1"] += bool(target[0])
         counts["top3"] += bool(target[:3].any())
         counts["on_a_tag"] += bool(tags[0])
         counts["tags"] += len(s.panels)
-        sink = qwen_sink_mask(*img.grid, qz.config.sink_min_tokens)
+        sink = qwen_sink_mask(*p.grid, qz.config.sink_min_tokens)
         for mode, value in RULES:
             setting = {"threshold": value} if mode == "enclosing" else {"threshold": qz.config.roi_threshold,
                                                                           "peak_ratio": value}
             cfg = RoiConfig(mode=mode, sink_min_tokens=qz.config.sink_min_tokens, **setting)
-            boxes = propose_boxes(p.roi_logits, grid=img.grid, resized_size=img.resized_size,
-                                  source_size=img.source_size, cfg=cfg, sink_mask=sink)
+            boxes = propose_boxes(p.roi_logits, grid=p.grid, resized_size=p.resized_size,
+                                  source_size=p.image_size, cfg=cfg, sink_mask=sink)
             hits[mode, value] += roi_hit(boxes[0].to_json() if boxes else None, list(s.target_box))
     return {"n": n, "split": split, "top1": counts["top1"] / n, "top3": counts["top3"] / n,
             "on_a_tag": counts["on_a_tag"] / n, "tags_per_scene": counts["tags"] / n,
@@ -74,9 +74,7 @@ def main() -> None:
     p.add_argument("--split", default="val", choices=("val", "test"))
     p.add_argument("--families", default="read", help="comma-separated fine families, equally weighted")
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    _, alphabet = model_args.load(args)
-    qz = QZoomModel.from_pretrained(args.model, qzoom=args.qzoom)
+    qz, alphabet = model_args.load(args, qzoom=args.qzoom)
     families = dict.fromkeys(args.families.split(","), 1.0)
     r = measure(qz, args.n, alphabet, args.split, families)
     if args.json:

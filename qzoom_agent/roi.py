@@ -172,6 +172,37 @@ def gaussian_blur3(prob: torch.Tensor) -> torch.Tensor:
     return F.conv2d(prob[None, None], kernel, padding=1)[0, 0]
 
 
+def _kept_probabilities(logits: torch.Tensor, sink_mask: torch.Tensor | None, caller: str
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check shapes, then ``(sigmoid(logits) * keep, keep)``, both (gh, gw), ``keep`` all True without a sink mask.
+
+    NaN counts as -inf (probability 0); the sigmoid runs in float32 even for bf16 inputs, as bf16 sigmoids near a
+    threshold are too coarse to compare reliably.
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"{caller} expects (gh, gw) logits, got shape {tuple(logits.shape)}")
+    if sink_mask is not None and tuple(sink_mask.shape) != tuple(logits.shape):
+        raise ValueError(f"sink_mask shape {tuple(sink_mask.shape)} does not match logits {tuple(logits.shape)}")
+    x = logits.detach().to(torch.float32)
+    prob = torch.sigmoid(torch.where(torch.isnan(x), torch.full_like(x, -math.inf), x))
+    keep = torch.ones_like(prob, dtype=torch.bool) if sink_mask is None else sink_mask.to(prob.device, torch.bool)
+    return prob * keep, keep
+
+
+def _flood(cells: set[tuple[int, int]], start: tuple[int, int]) -> tuple[set[tuple[int, int]], Cells]:
+    """The 8-connected component of ``start`` within ``cells`` (diagonal neighbours count) and its cell range."""
+    seen, queue = {start}, deque([start])
+    r0, c0, r1, c1 = start[0], start[1], start[0] + 1, start[1] + 1
+    while queue:
+        r, c = queue.popleft()
+        r0, c0, r1, c1 = min(r0, r), min(c0, c), max(r1, r + 1), max(c1, c + 1)
+        for nb in [(r + dr, c + dc) for dr in (-1, 0, 1) for dc in (-1, 0, 1)]:
+            if nb in cells and nb not in seen:
+                seen.add(nb)
+                queue.append(nb)
+    return seen, (r0, c0, r1, c1)
+
+
 def foreground(logits: torch.Tensor, cfg: RoiConfig, sink_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Threshold a relevance map into a foreground mask.
 
@@ -190,15 +221,7 @@ def foreground(logits: torch.Tensor, cfg: RoiConfig, sink_mask: torch.Tensor | N
     Returns:
         Bool tensor of shape (gh, gw), on the device of ``logits``.
     """
-    if logits.dim() != 2:
-        raise ValueError(f"foreground expects (gh, gw) logits, got shape {tuple(logits.shape)}")
-    if sink_mask is not None and tuple(sink_mask.shape) != tuple(logits.shape):
-        raise ValueError(f"sink_mask shape {tuple(sink_mask.shape)} does not match logits {tuple(logits.shape)}")
-    # float32 even for bf16 inputs: bf16 sigmoids near the threshold are too coarse to compare reliably.
-    x = logits.detach().to(torch.float32)
-    prob = torch.sigmoid(torch.where(torch.isnan(x), torch.full_like(x, -math.inf), x))
-    keep = torch.ones_like(prob, dtype=torch.bool) if sink_mask is None else sink_mask.to(prob.device, torch.bool)
-    prob = prob * keep
+    prob, keep = _kept_probabilities(logits, sink_mask, "foreground")
     if cfg.blur:
         prob = gaussian_blur3(prob)
     return (prob > float(cfg.threshold)) & keep
@@ -240,18 +263,9 @@ def component_cells(mask: torch.Tensor, cfg: RoiConfig) -> list[Cells]:
     todo = {(int(r), int(c)) for r, c in torch.nonzero(mask).tolist()}
     ranges: list[Cells] = []
     while todo:
-        start = min(todo)  # min() keeps the traversal order deterministic
-        todo.discard(start)
-        queue, area = deque([start]), 0
-        r0, c0, r1, c1 = start[0], start[1], start[0] + 1, start[1] + 1
-        while queue:
-            r, c = queue.popleft()
-            area += 1
-            r0, c0, r1, c1 = min(r0, r), min(c0, c), max(r1, r + 1), max(c1, c + 1)
-            for nb in [(r + dr, c + dc) for dr in (-1, 0, 1) for dc in (-1, 0, 1)]:
-                if nb in todo:  # 8-connectivity: diagonal neighbours count
-                    todo.discard(nb)
-                    queue.append(nb)
+        component, (r0, c0, r1, c1) = _flood(todo, min(todo))  # min() keeps the traversal order deterministic
+        todo -= component
+        area = len(component)
         if area == 1 or area > cfg.max_component_area:
             continue
         if area < 4:
@@ -278,33 +292,15 @@ def peak_cells(logits: torch.Tensor, cfg: RoiConfig, sink_mask: torch.Tensor | N
     Returns:
         ``(r0, c0, r1, c1)`` (exclusive ends), or None when no kept cell's probability exceeds ``cfg.threshold``.
     """
-    if logits.dim() != 2:
-        raise ValueError(f"peak_cells expects (gh, gw) logits, got shape {tuple(logits.shape)}")
-    if sink_mask is not None and tuple(sink_mask.shape) != tuple(logits.shape):
-        raise ValueError(f"sink_mask shape {tuple(sink_mask.shape)} does not match logits {tuple(logits.shape)}")
-    x = logits.detach().to(torch.float32)
-    prob = torch.sigmoid(torch.where(torch.isnan(x), torch.full_like(x, -math.inf), x))
-    if sink_mask is not None:
-        prob = prob * sink_mask.to(prob.device, torch.bool)
+    prob, _ = _kept_probabilities(logits, sink_mask, "peak_cells")
     if prob.numel() == 0:
         return None
     peak = int(prob.flatten().argmax())
-    gh, gw = prob.shape
     top = float(prob.flatten()[peak])
     if not top > float(cfg.threshold):
         return None
-    member = prob >= float(cfg.peak_ratio) * top
-    start = divmod(peak, gw)
-    seen, queue = {start}, deque([start])
-    r0, c0, r1, c1 = start[0], start[1], start[0] + 1, start[1] + 1
-    while queue:
-        r, c = queue.popleft()
-        r0, c0, r1, c1 = min(r0, r), min(c0, c), max(r1, r + 1), max(c1, c + 1)
-        for nb in [(r + dr, c + dc) for dr in (-1, 0, 1) for dc in (-1, 0, 1)]:
-            if nb not in seen and 0 <= nb[0] < gh and 0 <= nb[1] < gw and bool(member[nb]):
-                seen.add(nb)
-                queue.append(nb)
-    return r0, c0, r1, c1
+    member = {(int(r), int(c)) for r, c in torch.nonzero(prob >= float(cfg.peak_ratio) * top).tolist()}
+    return _flood(member, divmod(peak, prob.shape[1]))[1]
 
 
 def _fit_min_side(lo: int, hi: int, min_len: int, limit: int) -> tuple[int, int]:

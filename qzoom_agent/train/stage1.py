@@ -58,6 +58,7 @@ STAGE_DIR = "stage1"
 LABELS_FILE, CHECKPOINT_FILE, METRICS_FILE, RANKING_FILE = "labels.pt", "checkpoint.pt", "metrics.jsonl", \
     "head_ranking.json"
 RANK_OFFSET = 5 * 10**8  # train-split indices of the head-ranking questions: apart from the label questions
+_AUX_NEEDS_T2 = "aux_weight needs twig_T >= 2: with one twig layer the probes would read frozen states"
 COVERAGE_BAR, AREA_BAR = 0.7, 16.0  # an RoI "hits" when it covers >= 70% of the target within 16x its area
 
 
@@ -119,7 +120,7 @@ class Stage1Config(OptimConfig):
         if self.roi_tokens is not None and not 1 <= self.roi_tokens[0] <= self.roi_tokens[1]:
             raise ValueError(f"roi_tokens must be (min, max) with 1 <= min <= max, got {self.roi_tokens}")
         if self.aux_weight > 0 and self.twig_T == 1:
-            raise ValueError("aux_weight needs twig_T >= 2: with one twig layer the probes would read frozen states")
+            raise ValueError(_AUX_NEEDS_T2)
         if set(self.families) - set(FINE_FAMILIES) - {"color", "shape"} or sum(self.families.values()) <= 0:
             raise ValueError(f"families must weight ZoomWorld families with a positive sum, got {self.families}")
         return self
@@ -349,7 +350,7 @@ def run_stage1(cfg: Stage1Config, out_dir: str | Path, *, max_steps: int | None 
     probe = None
     if cfg.aux_weight > 0:
         if qz.heads.T < 2:
-            raise ValueError("aux_weight needs twig_T >= 2: with one twig layer the probes would read frozen states")
+            raise ValueError(_AUX_NEEDS_T2)
         probe = TwigAuxProbe(qz.adapter.hidden_size).to(qz.adapter.device)
     params = [p for p in twig.parameters()] + ([] if probe is None else list(probe.parameters()))
     optimizer = torch.optim.AdamW(decay_groups(params, cfg.weight_decay, cfg.lr), lr=cfg.lr, betas=cfg.betas)
