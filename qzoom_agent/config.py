@@ -56,6 +56,11 @@ class QZoomConfig(BaseModel):
     roi_peak_ratio: float = Field(
         default=0.3, gt=0.0, le=1.0, description="Peak mode: share of the peak probability a neighbour needs."
     )
+    roi_min_side_tokens: float = Field(
+        default=1.0, ge=0.0, le=64.0,
+        description="Minimum RoI box side in global-view tokens; the box grows around its centre (the paper: one "
+        "token, 28 px on Qwen2.5).",
+    )
 
     @model_validator(mode="after")
     def _check_budgets(self) -> QZoomConfig:

@@ -144,6 +144,7 @@ class QZoomModel:
             sink_min_tokens=self.config.sink_min_tokens,
             mode=self.config.roi_mode or family_mode,
             peak_ratio=self.config.roi_peak_ratio,
+            min_side_tokens=self.config.roi_min_side_tokens,
         )
         sink = None if cfg.mode == "components" else roi_lib.qwen_sink_mask(*img.grid, cfg.sink_min_tokens)
         boxes = roi_lib.propose_boxes(

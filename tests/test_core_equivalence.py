@@ -201,3 +201,20 @@ def test_plain_model_refuses_zoom_modes():
     with pytest.raises(ValueError, match="mode must be"):
         qm.answer(make_image(), QUESTION, mode="sometimes")
     assert qm.answer(make_image(), QUESTION, mode="never", max_new_tokens=2, budget=(16, 64)).gate_score is None
+
+
+def test_roi_min_side_tokens_grows_the_box_around_the_same_peak():
+    """QZoomConfig.roi_min_side_tokens reaches the box rule: the peak box grows to that many tokens a side."""
+    qm = make_model("qwen2_5_vl", roi_mode="peak", roi_peak_ratio=1.0, roi_threshold=0.01)
+    image = make_image(seed=3)
+    small = qm.perceive(image, QUESTION, roi="always", budget=(16, 64))
+    qm.config.roi_min_side_tokens = 3.0
+    large = qm.perceive(image, QUESTION, roi="always", budget=(16, 64))
+    (a,), (b,) = small.boxes, large.boxes
+    cell_w = small.image_size[0] / small.grid[1]
+    cell_h = small.image_size[1] / small.grid[0]
+    assert a.width <= 1.01 * cell_w + 1 and a.height <= 1.01 * cell_h + 1  # one peak cell
+    assert b.width >= 3 * cell_w - 1 and b.height >= 3 * cell_h - 1
+    assert b.x1 <= a.x1 and b.y1 <= a.y1 and b.x2 >= a.x2 and b.y2 >= a.y2
+    with pytest.raises(ValueError):
+        qm.config.roi_min_side_tokens = -1.0

@@ -96,7 +96,7 @@ def test_stage1_with_probes_checkpoints_them_and_resumes(tiny_dir, tmp_path):
     cfg = Stage1Config(model=str(tiny_dir), budget=(16, 64), size_range=(1024, 1024), samples=4, eval_items=2,
                        steps=4, batch_size=2, warmup_steps=1, save_every=2, checkpoint_every=2, label_overlays=0,
                        label_source="box", aux_weight=1.0, twig_T=2, twig_K=1, roi_mode="peak", roi_peak_ratio=0.4,
-                       roi_tokens=(4, 16))
+                       roi_tokens=(4, 16), roi_min_side=1.5)
     first = run_stage1(cfg, tmp_path, max_steps=2)
     state = torch.load(tmp_path / STAGE_DIR / "checkpoint.pt", weights_only=True)
     assert first["step"] == 2 and "aux" in state and state["aux"]["tokens.weight"].shape[0] == 1 + len(COLOURS)
@@ -106,3 +106,4 @@ def test_stage1_with_probes_checkpoints_them_and_resumes(tiny_dir, tmp_path):
     assert not any(k.startswith("tokens.") or k.startswith("query.") for k in trained.heads.state_dict())
     c = trained.config  # the box rule and crop budget travel with the adapter
     assert (c.roi_mode, c.roi_peak_ratio, c.roi_min_tokens, c.roi_max_tokens) == ("peak", 0.4, 4, 16)
+    assert c.roi_min_side_tokens == 1.5

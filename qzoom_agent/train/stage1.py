@@ -102,6 +102,8 @@ class Stage1Config(OptimConfig):
         None, description="box rule of the trained adapter and of the evaluation (QZoomConfig.roi_mode); None: by "
         "family (enclosing for Qwen, as in the paper)")
     roi_peak_ratio: float = Field(0.3, gt=0, le=1, description="peak mode's neighbourhood ratio")
+    roi_min_side: float = Field(1.0, ge=0, le=64, description="minimum box side in global-view tokens "
+                                "(QZoomConfig.roi_min_side_tokens); 1: the paper's 28 px on Qwen2.5")
     roi_tokens: tuple[int, int] | None = Field(None, description="(min, max) visual tokens of the RoI crop in the "
                                                "adapter (QZoomConfig.roi_min/max_tokens); None: the global budget")
     cache_features: bool = Field(True, description="keep each question's frozen layer-K inputs in memory after "
@@ -311,7 +313,7 @@ def build_model(cfg: Stage1Config) -> QZoomModel:
     base = QZoomConfig.for_backbone(a.num_layers, a.min_branch_layer)
     qz.config = QZoomConfig.model_validate({**base.model_dump(), "min_tokens": cfg.budget[0],
                                             "max_tokens": cfg.budget[1], "roi_peak_ratio": cfg.roi_peak_ratio,
-                                            **fields})
+                                            "roi_min_side_tokens": cfg.roi_min_side, **fields})
     qz.config.check_backbone(a.num_layers, a.min_branch_layer)
     torch.manual_seed(cfg.seed)
     qz.init_heads()
