@@ -26,8 +26,9 @@ N_PER_VARIANT = 50
 FLOOR_ORACLE_FINE = 0.42  # share of fine questions answered from the oracle view
 FLOOR_ORACLE_READ = 0.42  # share of "What is written on the <colour> tag?" questions read from the oracle view
 # The shipped Q-Zoom heads on the same slice, gated at a 576-token global view, against the same view without zoom:
-# 29/72 fine questions right against 22/72 (hr 19 vs 18, doc 10 vs 4). They must keep at least this many more.
-MIN_HEADS_GAIN = 3
+# 32/72 fine questions right against 22/72 (hr 19 vs 18, doc 13 vs 4), and no coarse question zoomed. They must keep
+# at least this many more (the heads before the deeper twig scored 29/72).
+MIN_HEADS_GAIN = 6
 
 
 def test_shipped_files_are_small_and_complete():
