@@ -23,9 +23,10 @@ from tqdm import tqdm
 
 from qzoom_agent.bench.metrics import roi_hit
 from qzoom_agent.bench.zoomworld import VARIANTS, generate, seed_for
+from qzoom_agent.boxes import Box, box_to_cells
 from qzoom_agent.model import QZoomModel
 from qzoom_agent.results import Perception
-from qzoom_agent.roi import Box, RoiConfig, box_to_cells, propose_boxes, qwen_sink_mask
+from qzoom_agent.roi import RoiConfig, propose_boxes, qwen_sink_mask
 
 BUDGET = (256, 576)
 RULES = (("enclosing", 0.15), ("enclosing", 0.3), ("peak", 0.5), ("peak", 0.3), ("peak", 0.2))

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 from transformers import DynamicCache
 
+from . import boxes as box_lib
 from . import roi as roi_lib
 from .backbones import BackboneAdapter, Prompt, VisualFeatures
 from .config import QZoomConfig
@@ -133,7 +134,7 @@ class QZoomModel:
     def _gate(self, fp: _FirstPass) -> float:
         return float(torch.sigmoid(self.heads.gate_logit(fp.hidden_k, fp.rotary, fp.mask))[0])
 
-    def _roi(self, fp: _FirstPass) -> tuple[torch.Tensor, list[roi_lib.Box]]:
+    def _roi(self, fp: _FirstPass) -> tuple[torch.Tensor, list[box_lib.Box]]:
         img = fp.prompt.image
         logits = self.heads.roi_logits(
             self.adapter, fp.hidden_k, fp.rotary, fp.mask, fp.prompt.image_start, fp.prompt.image_end
@@ -228,7 +229,7 @@ class QZoomModel:
             fp = self._first_pass(image, question, budget or (self.config.min_tokens, self.config.max_tokens))
             gate = None if mode == "never" else self._gate(fp)
         logits = None
-        boxes: list[roi_lib.Box] = []
+        boxes: list[box_lib.Box] = []
         if mode == "always" or (mode == "auto" and gate is not None and gate >= self.config.gate_threshold):
             if perception is not None and perception.roi_logits is not None:
                 logits, boxes = perception.roi_logits, perception.boxes
@@ -266,7 +267,7 @@ class QZoomModel:
         hidden = self.runner.run(k, n, fp.hidden_k, fp.rotary, fp.mask, fp.cache)
         return self.runner.logits(hidden[:, -1:])
 
-    def _zoom_prefill(self, fp: _FirstPass, box: roi_lib.Box) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def _zoom_prefill(self, fp: _FirstPass, box: box_lib.Box) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Splice the RoI crop in and re-prefill with prefix-cache reuse.
 
         Returns:
@@ -275,13 +276,13 @@ class QZoomModel:
         """
         a, cfg, k = self.adapter, self.config, self.config.twig_K
         src = fp.prompt.image
-        crop = roi_lib.crop(fp.image, box)
+        crop = box_lib.crop(fp.image, box)
         # The caps apply per image: without its own RoI budget the crop obeys the call's global-view budget.
         explicit = cfg.roi_min_tokens is not None or cfg.roi_max_tokens is not None
         lo, hi = cfg.roi_budget if explicit else fp.budget
         roi_in = a.prepare_image(crop, min_tokens=lo, max_tokens=hi)
         roi_visual = a.encode_image([roi_in])
-        cells = roi_lib.box_to_cells(box, src.grid, src.resized_size, src.source_size)
+        cells = box_lib.box_to_cells(box, src.grid, src.resized_size, src.source_size)
         splice = a.splice_roi(fp.prompt, fp.positions, roi_in, cells, cfg.reuse_src_pos)
         p = splice.prefix_len
         length = fp.prompt.input_ids.shape[1]

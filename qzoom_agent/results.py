@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from .roi import Box
+from .boxes import Box
 
 
 @dataclass

@@ -1,11 +1,8 @@
 """Turn a per-visual-token relevance map into crop boxes in source-image pixels (pure functions, no model code).
 
-Geometry arguments used throughout: ``grid = (gh, gw)`` merged visual tokens tile the ``resized_size = (rw, rh)``
-image the model saw, and ``source_size = (W, H)`` is the original image. Cell ``(r, c)`` covers resized pixels
-``x in [c * rw / gw, (c + 1) * rw / gw)`` (y likewise), scaled to source pixels by ``W / rw`` and ``H / rh``; the axes
-scale independently because extreme aspect ratios are stretched. This covers Qwen-VL (``rw = gw * 28`` or ``gw * 32``)
-and LLaVA (fixed 336 px square, 24 x 24 grid) alike. Coordinates are computed with exact fractions so that rounding
-is always outward and never off by one.
+The map is thresholded (or its peak taken) into cell ranges of the token grid; :mod:`qzoom_agent.boxes` holds the
+geometry that turns cells into source-pixel boxes and back (its docstring defines ``grid``, ``resized_size`` and
+``source_size``).
 """
 
 from __future__ import annotations
@@ -13,59 +10,13 @@ from __future__ import annotations
 import math
 import numbers
 from collections import deque
-from collections.abc import Sequence
 from dataclasses import dataclass
-from fractions import Fraction
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
-Cells = tuple[int, int, int, int]  # (r0, c0, r1, c1), r1/c1 exclusive
-Pair = tuple[int, int]  # (gh, gw) grids, (width, height) sizes
-
-
-@dataclass(frozen=True)
-class Box:
-    """Axis-aligned box in source pixels, ``x2``/``y2`` exclusive.
-
-    Construction checks ``0 <= x1 < x2`` and ``0 <= y1 < y2``; boxes produced by this module also satisfy
-    ``x2 <= W`` and ``y2 <= H`` (the image size is not known to the Box itself).
-    """
-
-    x1: int
-    y1: int
-    x2: int
-    y2: int
-
-    def __post_init__(self) -> None:
-        for name in ("x1", "y1", "x2", "y2"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-                raise ValueError(f"Box.{name} must be an int, got {value!r}; round coordinates before building a Box")
-            # Normalise numpy/torch integers to plain ints so the box is hashable and JSON-friendly.
-            object.__setattr__(self, name, int(value))
-        if not (0 <= self.x1 < self.x2 and 0 <= self.y1 < self.y2):
-            raise ValueError(f"invalid Box {self.as_tuple()}: need 0 <= x1 < x2, 0 <= y1 < y2; try sanitize_box()")
-
-    @property
-    def width(self) -> int:
-        return self.x2 - self.x1
-
-    @property
-    def height(self) -> int:
-        return self.y2 - self.y1
-
-    @property
-    def area(self) -> int:
-        return self.width * self.height
-
-    def as_tuple(self) -> tuple[int, int, int, int]:
-        return (self.x1, self.y1, self.x2, self.y2)
-
-    def to_json(self) -> list[int]:
-        return [self.x1, self.y1, self.x2, self.y2]
+from .boxes import Box, Cells, Pair, cells_to_box, check_int, check_min_side_tokens, check_pair
 
 
 @dataclass(frozen=True)
@@ -99,34 +50,16 @@ class RoiConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.threshold, numbers.Real) or not 0.0 < float(self.threshold) < 1.0:
             raise ValueError(f"threshold must be a probability strictly between 0 and 1, got {self.threshold!r}")
-        _check_int("sink_min_tokens", self.sink_min_tokens, minimum=0)
+        check_int("sink_min_tokens", self.sink_min_tokens, minimum=0)
         if not isinstance(self.blur, bool):
             raise ValueError(f"blur must be True or False, got {self.blur!r}")
-        _check_min_side_tokens(self.min_side_tokens)
+        check_min_side_tokens(self.min_side_tokens)
         if self.mode not in ("enclosing", "components", "peak"):
             raise ValueError(f"mode must be 'enclosing' (Qwen), 'components' (LLaVA) or 'peak', got {self.mode!r}")
         if not isinstance(self.peak_ratio, numbers.Real) or not 0.0 < float(self.peak_ratio) <= 1.0:
             raise ValueError(f"peak_ratio must be in (0, 1], got {self.peak_ratio!r}")
-        _check_int("max_boxes", self.max_boxes, minimum=1)
-        _check_int("max_component_area", self.max_component_area, minimum=1)
-
-
-def _check_min_side_tokens(value: object) -> None:
-    if not isinstance(value, numbers.Real) or not (math.isfinite(value) and value >= 0):
-        raise ValueError(f"min_side_tokens must be a finite number >= 0, got {value!r}")
-
-
-def _check_int(name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-
-
-def _check_pair(name: str, pair: Pair, minimum: int) -> tuple[int, int]:
-    if not isinstance(pair, (tuple, list)) or len(pair) != 2:
-        raise ValueError(f"{name} must be a pair of ints, got {pair!r}")
-    for value in pair:
-        _check_int(name, value, minimum)
-    return int(pair[0]), int(pair[1])
+        check_int("max_boxes", self.max_boxes, minimum=1)
+        check_int("max_component_area", self.max_component_area, minimum=1)
 
 
 def qwen_sink_mask(gh: int, gw: int, min_tokens: int = 256) -> torch.Tensor:
@@ -142,7 +75,7 @@ def qwen_sink_mask(gh: int, gw: int, min_tokens: int = 256) -> torch.Tensor:
     Returns:
         (gh, gw) bool, True = keep. When masking, ``[:max(1, gh // 4), 0]`` and ``[0, :max(1, gw // 4)]`` are False.
     """
-    _check_pair("grid", (gh, gw), 0)
+    check_pair("grid", (gh, gw), 0)
     keep = torch.ones(gh, gw, dtype=torch.bool)
     if gh * gw > min_tokens:
         keep[: max(1, gh // 4), 0] = False
@@ -303,77 +236,6 @@ def peak_cells(logits: torch.Tensor, cfg: RoiConfig, sink_mask: torch.Tensor | N
     return _flood(member, divmod(peak, prob.shape[1]))[1]
 
 
-def _fit_min_side(lo: int, hi: int, min_len: int, limit: int) -> tuple[int, int]:
-    """Grow ``[lo, hi)`` to ``min_len`` (capped to ``limit``) around its centre, then fit it into ``[0, limit]``."""
-    min_len = max(1, min(min_len, limit))
-    if hi - lo < min_len:
-        lo -= (min_len - (hi - lo)) // 2
-        hi = lo + min_len
-    # Shift rather than clamp first, so a box at the border keeps its minimum size.
-    if lo < 0:
-        hi, lo = hi - lo, 0
-    if hi > limit:
-        lo, hi = lo - (hi - limit), limit
-    return max(0, lo), min(limit, hi)
-
-
-def _geometry(grid: Pair, resized_size: Pair, source_size: Pair) -> tuple[int, int, int, int, Fraction, Fraction]:
-    gh, gw = _check_pair("grid", grid, 1)
-    rw, rh = _check_pair("resized_size", resized_size, 1)
-    sw, sh = _check_pair("source_size", source_size, 1)
-    # Source pixels per cell along each axis: (resized px per cell) * (source px per resized px).
-    return gh, gw, sw, sh, Fraction(rw, gw) * Fraction(sw, rw), Fraction(rh, gh) * Fraction(sh, rh)
-
-
-def cells_to_box(
-    cells: Cells,
-    grid: Pair,
-    resized_size: Pair,
-    source_size: Pair,
-    min_side_tokens: float = 1.0,
-) -> Box:
-    """Map a cell range to a box in source pixels that fully covers every cell in it.
-
-    Starts are floored and ends ceiled. Each side is then at least ``min_side_tokens`` tokens in source pixels for
-    that axis (at least 1 px, at most the image side): the box grows symmetrically, is shifted back inside the image
-    and clamped.
-
-    Args:
-        cells: ``(r0, c0, r1, c1)``, exclusive ends, with ``0 <= r0 < r1 <= gh`` and ``0 <= c0 < c1 <= gw``.
-        grid, resized_size, source_size: Geometry, see the module docstring.
-        min_side_tokens: Minimum side in tokens.
-
-    Returns:
-        A Box with ``0 <= x1 < x2 <= W`` and ``0 <= y1 < y2 <= H``.
-    """
-    gh, gw, sw, sh, cell_w, cell_h = _geometry(grid, resized_size, source_size)
-    r0, c0, r1, c1 = cells
-    if not (0 <= r0 < r1 <= gh and 0 <= c0 < c1 <= gw):
-        raise ValueError(f"cells {cells} must satisfy 0 <= r0 < r1 <= {gh} and 0 <= c0 < c1 <= {gw}")
-    _check_min_side_tokens(min_side_tokens)
-    tokens = Fraction(min_side_tokens)
-    x1, x2 = _fit_min_side(math.floor(c0 * cell_w), math.ceil(c1 * cell_w), math.ceil(tokens * cell_w), sw)
-    y1, y2 = _fit_min_side(math.floor(r0 * cell_h), math.ceil(r1 * cell_h), math.ceil(tokens * cell_h), sh)
-    return Box(x1, y1, x2, y2)
-
-
-def box_to_cells(box: Box, grid: Pair, resized_size: Pair, source_size: Pair) -> Cells:
-    """Cell range of every cell that the box overlaps with positive area.
-
-    Args:
-        box: Box in source pixels.
-        grid, resized_size, source_size: Geometry, see the module docstring.
-
-    Returns:
-        ``(r0, c0, r1, c1)`` with exclusive ends, clamped to the grid.
-    """
-    gh, gw, _, _, cell_w, cell_h = _geometry(grid, resized_size, source_size)
-    # Cell c spans [c * cell, (c + 1) * cell); it overlaps [x1, x2) iff (c + 1) * cell > x1 and c * cell < x2.
-    c0, c1 = math.floor(box.x1 / cell_w), math.ceil(box.x2 / cell_w)
-    r0, r1 = math.floor(box.y1 / cell_h), math.ceil(box.y2 / cell_h)
-    return min(r0, gh), min(c0, gw), min(r1, gh), min(c1, gw)
-
-
 def propose_boxes(
     logits: torch.Tensor,
     *,
@@ -398,13 +260,13 @@ def propose_boxes(
         ValueError: When ``logits.numel() != gh * gw`` or a size is not positive. NaN, infinite, constant or empty
             maps never raise.
     """
-    gh, gw = _check_pair("grid", grid, 0)
-    _check_pair("source_size", source_size, 1)
+    gh, gw = check_pair("grid", grid, 0)
+    check_pair("source_size", source_size, 1)
     if logits.numel() != gh * gw:
         raise ValueError(f"logits has {logits.numel()} values but grid {grid} needs {gh * gw}")
     if gh * gw == 0:
         return []
-    _check_pair("resized_size", resized_size, 1)
+    check_pair("resized_size", resized_size, 1)
     if cfg.mode == "peak":
         cells = peak_cells(logits.reshape(gh, gw), cfg, sink_mask)
         return [] if cells is None else [cells_to_box(cells, (gh, gw), resized_size, source_size, cfg.min_side_tokens)]
@@ -415,63 +277,3 @@ def propose_boxes(
     else:
         ranges = component_cells(mask, cfg)
     return [cells_to_box(c, (gh, gw), resized_size, source_size, cfg.min_side_tokens) for c in ranges]
-
-
-def crop(image: Image.Image, box: Box) -> Image.Image:
-    """Crop of the original image; ValueError when ``box`` does not lie inside it."""
-    w, h = image.size
-    if box.x2 > w or box.y2 > h:
-        raise ValueError(f"box {box.as_tuple()} lies outside the {w}x{h} image; use sanitize_box() first")
-    return image.crop(box.as_tuple())
-
-
-def _sanitize_axis(lo: float, hi: float, limit: int, min_side: int) -> Pair | None:
-    lo, hi = min(lo, hi), max(lo, hi)
-    lo_i, hi_i = math.floor(lo), math.ceil(hi)
-    if lo_i == hi_i:
-        # A degenerate (zero-length) coordinate is a point; accept it when it is on the image, borders included.
-        if not 0 <= lo_i <= limit:
-            return None
-    elif hi_i <= 0 or lo_i >= limit:
-        return None
-    return _fit_min_side(max(0, lo_i), min(limit, hi_i), min_side, limit)
-
-
-def sanitize_box(x1: float, y1: float, x2: float, y2: float, source_size: Pair, min_side: int = 1) -> Box | None:
-    """Make a valid Box from untrusted coordinates (tool calls, users).
-
-    Inverted corners are swapped, coordinates are rounded outward and clamped to the image, and each side is grown to
-    ``min_side`` px (capped to the image side) like ``cells_to_box`` does.
-
-    Args:
-        x1, y1, x2, y2: Corners in source pixels, in any order.
-        source_size: ``(W, H)`` of the original image.
-        min_side: Minimum side in pixels.
-
-    Returns:
-        The Box, or None for non-finite coordinates or a box entirely outside the image.
-    """
-    sw, sh = _check_pair("source_size", source_size, 1)
-    _check_int("min_side", min_side, 0)
-    coords = (x1, y1, x2, y2)
-    # Integers are always finite (and math.isfinite overflows on huge ones), so only non-integral reals are checked.
-    if not all(isinstance(v, numbers.Integral) or (isinstance(v, numbers.Real) and math.isfinite(v)) for v in coords):
-        return None
-    xs, ys = _sanitize_axis(x1, x2, sw, min_side), _sanitize_axis(y1, y2, sh, min_side)
-    return None if xs is None or ys is None else Box(xs[0], ys[0], xs[1], ys[1])
-
-
-def box_intersection(a: Sequence[float], b: Sequence[float]) -> float:
-    """Area shared by two ``(x1, y1, x2, y2)`` boxes (exclusive ends); 0 when they do not overlap."""
-    return max(0, min(a[2], b[2]) - max(a[0], b[0])) * max(0, min(a[3], b[3]) - max(a[1], b[1]))
-
-
-def coverage(pred: Box, target: Box) -> float:
-    """Fraction of ``target``'s area inside ``pred``, in [0, 1]."""
-    return box_intersection(pred.as_tuple(), target.as_tuple()) / target.area
-
-
-def iou(a: Box, b: Box) -> float:
-    """Intersection over union of two boxes, in [0, 1]."""
-    inter = box_intersection(a.as_tuple(), b.as_tuple())
-    return inter / (a.area + b.area - inter)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from qzoom_agent import roi as roi_lib
+from qzoom_agent import boxes as box_lib
 from qzoom_agent.backbones import adapter_class_for
 from qzoom_agent.config import QZoomConfig
 from qzoom_agent.model import QZoomModel
@@ -72,7 +72,7 @@ def test_prefix_cache_reuse_matches_from_scratch_forward(family, reuse_src_pos):
     qm = make_model(family, reuse_src_pos=reuse_src_pos)
     a = qm.adapter
     image = make_image()
-    box = roi_lib.Box(60, 40, 260, 200)
+    box = box_lib.Box(60, 40, 260, 200)
     with torch.inference_mode():
         fp = qm._first_pass(image, QUESTION, (16, 64))
         src_visual = fp.visual
@@ -85,8 +85,8 @@ def test_prefix_cache_reuse_matches_from_scratch_forward(family, reuse_src_pos):
 
         # Rebuild the spliced sequence independently and run it from scratch.
         fp2 = qm._first_pass(image, QUESTION, (16, 64))
-        roi_in = a.prepare_image(roi_lib.crop(image, box), min_tokens=16, max_tokens=64)
-        cells = roi_lib.box_to_cells(box, fp2.prompt.image.grid, fp2.prompt.image.resized_size, image.size)
+        roi_in = a.prepare_image(box_lib.crop(image, box), min_tokens=16, max_tokens=64)
+        cells = box_lib.box_to_cells(box, fp2.prompt.image.grid, fp2.prompt.image.resized_size, image.size)
         splice = a.splice_roi(fp2.prompt, fp2.positions, roi_in, cells, reuse_src_pos)
         from qzoom_agent.backbones import VisualFeatures
 

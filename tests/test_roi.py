@@ -1,4 +1,4 @@
-"""Tests for qzoom_agent.roi: relevance map -> crop boxes in source pixels."""
+"""Tests for qzoom_agent.roi (relevance map -> crop boxes) and qzoom_agent.boxes (their source-pixel geometry)."""
 
 from __future__ import annotations
 
@@ -10,21 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from qzoom_agent.roi import (
-    Box,
-    RoiConfig,
-    box_to_cells,
-    cells_to_box,
-    component_cells,
-    coverage,
-    crop,
-    foreground,
-    iou,
-    peak_cells,
-    propose_boxes,
-    qwen_sink_mask,
-    sanitize_box,
-)
+from qzoom_agent.boxes import Box, box_to_cells, cells_to_box, coverage, crop, iou, sanitize_box
+from qzoom_agent.roi import RoiConfig, component_cells, foreground, peak_cells, propose_boxes, qwen_sink_mask
 
 HOT, COLD = 30.0, -30.0
 SHARP = RoiConfig(threshold=0.5, blur=False)

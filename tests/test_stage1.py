@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from qzoom_agent.backbones import ImageInputs
+from qzoom_agent.boxes import Box, box_to_cells
 from qzoom_agent.model import QZoomModel
-from qzoom_agent.roi import Box, box_to_cells
 from qzoom_agent.tiny import make_tiny
 from qzoom_agent.train.stage1 import (
     STAGE_DIR,

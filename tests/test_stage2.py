@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from qzoom_agent.boxes import Box
 from qzoom_agent.model import QZoomModel
-from qzoom_agent.roi import Box
 from qzoom_agent.tiny import make_tiny
 from qzoom_agent.train.judges import exact_judge, make_judge, normalized_judge
 from qzoom_agent.train.stage2 import (

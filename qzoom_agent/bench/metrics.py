@@ -10,7 +10,7 @@ import string
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from ..roi import box_intersection
+from ..boxes import box_intersection
 
 OPTION_LETTERS = "ABCDEFGHIJ"
 SUMMARY_KEYS = (

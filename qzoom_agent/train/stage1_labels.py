@@ -20,7 +20,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..backbones import ImageInputs
-from ..roi import Box, box_to_cells, enclosing_cells, gaussian_blur3
+from ..boxes import Box, box_to_cells
+from ..roi import enclosing_cells, gaussian_blur3
 from .common import eager_attention
 
 IGNORE = -100

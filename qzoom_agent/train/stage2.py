@@ -33,9 +33,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
 from ..bench.zoomworld import DEFAULT_MIX, ZoomWorldSample
+from ..boxes import Box, box_to_cells, crop
 from ..checkpoint import save_adapter
 from ..model import QZoomModel
-from ..roi import Box, box_to_cells, crop
 from .common import DeviceConfig, OptimConfig, atomic_torch_save, decay_groups, load_section, resume_jsonl
 from .common import stage_question as question
 from .judges import Judge, make_judge
