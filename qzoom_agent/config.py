@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+RoiMode = Literal["enclosing", "components", "peak"]  # the box rules of roi.propose_boxes
+
 # Paper defaults (K, T) per released backbone; tiny models pick their own.
 DEFAULT_BRANCH = {
     "Qwen2.5-VL-3B": (24, 3),
@@ -48,7 +50,7 @@ class QZoomConfig(BaseModel):
     sink_min_tokens: int = Field(
         default=256, ge=0, description="Mask the attention-sink corner of the RoI map when it has more tokens."
     )
-    roi_mode: Literal["enclosing", "components", "peak"] | None = Field(
+    roi_mode: RoiMode | None = Field(
         default=None,
         description="One enclosing box (Qwen), connected components (LLaVA) or the peak's neighbourhood "
         "(roi.peak_cells); None: by family.",

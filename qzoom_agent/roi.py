@@ -11,12 +11,13 @@ import math
 import numbers
 from collections import deque
 from dataclasses import dataclass
-from typing import Literal
+from typing import get_args
 
 import torch
 import torch.nn.functional as F
 
 from .boxes import Box, Cells, Pair, cells_to_box, check_int, check_min_side_tokens, check_pair
+from .config import RoiMode
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ class RoiConfig:
     sink_min_tokens: int = 256
     blur: bool = True
     min_side_tokens: float = 1.0
-    mode: Literal["enclosing", "components", "peak"] = "enclosing"
+    mode: RoiMode = "enclosing"
     max_boxes: int = 2
     max_component_area: int = 225
     peak_ratio: float = 0.3
@@ -54,7 +55,7 @@ class RoiConfig:
         if not isinstance(self.blur, bool):
             raise ValueError(f"blur must be True or False, got {self.blur!r}")
         check_min_side_tokens(self.min_side_tokens)
-        if self.mode not in ("enclosing", "components", "peak"):
+        if self.mode not in get_args(RoiMode):
             raise ValueError(f"mode must be 'enclosing' (Qwen), 'components' (LLaVA) or 'peak', got {self.mode!r}")
         if not isinstance(self.peak_ratio, numbers.Real) or not 0.0 < float(self.peak_ratio) <= 1.0:
             raise ValueError(f"peak_ratio must be in (0, 1], got {self.peak_ratio!r}")
