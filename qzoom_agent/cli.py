@@ -144,6 +144,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
               f"the target, <= 16x its area), coverage {m['roi_coverage']:.3f}, IoU {m['roi_iou']:.3f}; "
               f"{m['usable']}/{m['labelled']} pseudo-labels usable; "
               f"adapter in {os.path.join(args.out, 'stage1', 'qzoom')}")
+        for key, label in (("roi_hit_by_family", "family"), ("roi_hit_by_size", "target side in tokens")):
+            print(f"  RoI hit by {label}: " + ", ".join(f"{k} {v['hit']:.2f} ({v['n']})" for k, v in m[key].items()))
         return 0
     if args.stage == "stage2":
         from .train.stage2 import load_stage2_config, run_stage2

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from qzoom_agent.backbones import ImageInputs
 from qzoom_agent.boxes import Box, box_to_cells
+from qzoom_agent.cli import main
 from qzoom_agent.model import QZoomModel
 from qzoom_agent.tiny import make_tiny
 from qzoom_agent.train.stage1 import (
@@ -18,6 +21,8 @@ from qzoom_agent.train.stage1 import (
     load_stage1_config,
     question,
     run_stage1,
+    size_bucket,
+    target_side_tokens,
     twig_inputs,
     twig_loss,
 )
@@ -126,6 +131,11 @@ def test_stage1_trains_only_the_twig_and_resumes(tiny_dir, tmp_path):
     assert all(0 <= r["share_on_target"] <= 1 for r in ranking)
     last = run_stage1(cfg, tmp_path)  # resumes at step 2 with the cached labels and ranking
     assert last["step"] == 4 and 0 <= last["roi_hit"] <= 1 and last["n"] == 2
+    for key in ("roi_hit_by_family", "roi_hit_by_size"):  # the breakdowns account for every question, hits included
+        groups = last[key]
+        assert sum(g["n"] for g in groups.values()) == 2
+        assert sum(g["hit"] * g["n"] for g in groups.values()) == pytest.approx(last["roi_hit"] * 2)
+    assert set(last["roi_hit_by_size"]) <= {"<0.5", "0.5-1", "1-2", ">=2"}
     rows = [json.loads(r) for r in (stage / "metrics.jsonl").read_text().splitlines()]
     assert [r["when"] for r in rows] == ["before", "after", "after"]
 
@@ -170,3 +180,28 @@ def test_shipped_stage1_config_is_valid():
     assert cfg.label_source == "attention" and cfg.heads == "auto" and cfg.total_steps > 0
     box = load_stage1_config(CONFIG.with_name("stage1_zoomworld_tiny_box.yaml"))
     assert box.label_source == "box" and box.rank_weight > 0 and box.cache_features
+
+
+def test_size_buckets_and_target_side_in_tokens():
+    assert [size_bucket(x) for x in (0.0, 0.49, 0.5, 0.99, 1.0, 1.99, 2.0, 50.0)] == [
+        "<0.5", "<0.5", "0.5-1", "0.5-1", "1-2", "1-2", ">=2", ">=2"]
+    assert size_bucket(3.0, edges=(1.0, 4.0)) == "1-4"
+    # a 2000 x 1000 image on a 20 x 40 grid: 50 px a token across, 50 px down
+    assert target_side_tokens([0, 0, 100, 25], (20, 40), (2000, 1000)) == pytest.approx(2.0)
+    assert target_side_tokens([10, 10, 35, 160], (20, 40), (2000, 1000)) == pytest.approx(3.0)  # the taller side
+    # the same box on a coarser grid is fewer tokens
+    assert target_side_tokens([0, 0, 100, 25], (10, 20), (2000, 1000)) == pytest.approx(1.0)
+
+
+def test_cli_prints_the_roi_hit_breakdowns(tiny_dir, tmp_path, capsys):
+    config = tmp_path / "stage1.yaml"
+    config.write_text(yaml.safe_dump({"stage1": {
+        "model": str(tiny_dir), "budget": [16, 64], "size_range": [1024, 1024], "samples": 2, "eval_items": 2,
+        "steps": 1, "batch_size": 2, "warmup_steps": 0, "label_overlays": 0, "label_source": "box"}}))
+    assert main(["train", "stage1", "--config", str(config), "--out", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "RoI hit rate" in out
+    by_family = next(line for line in out.splitlines() if "RoI hit by family" in line)
+    by_size = next(line for line in out.splitlines() if "RoI hit by target side in tokens" in line)
+    assert re.search(r"(read|mcq|relpos|count) \d\.\d\d \(\d\)", by_family)
+    assert re.search(r"(<0\.5|0\.5-1|1-2|>=2) \d\.\d\d \(\d\)", by_size)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,11 +34,11 @@ import torch.nn.functional as F
 from pydantic import ConfigDict, Field, model_validator
 from tqdm import tqdm
 
-from ..bench.metrics import box_coverage, box_iou
+from ..bench.metrics import box_coverage, box_iou, roi_hit
 from ..bench.zoomworld import VARIANTS, ZoomWorldSample, generate, seed_for
 from ..bench.zoomworld_questions import FINE_FAMILIES
 from ..checkpoint import save_adapter
-from ..config import QZoomConfig
+from ..config import QZoomConfig, RoiMode
 from ..model import QZoomModel
 from .common import DeviceConfig, OptimConfig, atomic_torch_save, decay_groups, load_section
 from .common import stage_question as question
@@ -98,7 +99,7 @@ class Stage1Config(OptimConfig):
     aux_weight: float = Field(0.0, ge=0, description="weight of the twig colour probes (train/twig_aux.py: tag "
                               "presence and colour on its visual tokens, the asked colour on its query); ZoomWorld "
                               "labels, needs twig_T >= 2; 0: off, as in the paper")
-    roi_mode: Literal["enclosing", "components", "peak"] | None = Field(
+    roi_mode: RoiMode | None = Field(
         None, description="box rule of the trained adapter and of the evaluation (QZoomConfig.roi_mode); None: by "
         "family (enclosing for Qwen, as in the paper)")
     roi_peak_ratio: float = Field(0.3, gt=0, le=1, description="peak mode's neighbourhood ratio")
@@ -276,29 +277,61 @@ def twig_loss(qz: QZoomModel, x: TwigInputs, labels: torch.Tensor, pos_weight: f
     return loss
 
 
+SIZE_EDGES = (0.5, 1.0, 2.0)  # target side, in global-view tokens, where the RoI hit is broken down
+
+
+def size_bucket(side_tokens: float, edges: tuple[float, ...] = SIZE_EDGES) -> str:
+    """The label of the size bucket ``side_tokens`` falls in.
+
+    Examples:
+        >>> [size_bucket(x) for x in (0.3, 0.5, 1.2, 7.0)]
+        ['<0.5', '0.5-1', '1-2', '>=2']
+    """
+    for i, edge in enumerate(edges):
+        if side_tokens < edge:
+            return f"<{edge:g}" if i == 0 else f"{edges[i - 1]:g}-{edge:g}"
+    return f">={edges[-1]:g}"
+
+
+def target_side_tokens(box: Sequence[float], grid: tuple[int, int], source_size: tuple[int, int]) -> float:
+    """The larger side of ``box`` (source pixels) in tokens of a view that puts ``source_size`` on ``grid``."""
+    (gh, gw), (sw, sh) = grid, source_size
+    return max((box[2] - box[0]) * gw / sw, (box[3] - box[1]) * gh / sh)
+
+
+def _hit_rates(groups: dict[str, list[bool]]) -> dict[str, dict[str, float]]:
+    return {k: {"hit": sum(v) / len(v), "n": len(v)} for k, v in sorted(groups.items())}
+
+
 @torch.inference_mode()
-def evaluate_roi(qz: QZoomModel, cfg: Stage1Config, alphabet: str, n: int) -> dict[str, float]:
+def evaluate_roi(qz: QZoomModel, cfg: Stage1Config, alphabet: str, n: int) -> dict:
     """RoI quality on ``n`` val-split fine questions at the stage's budget (the twig always runs).
 
     Returns:
         ``roi_hit`` (share whose box covers >= 70% of the target with <= 16x its area), ``roi_coverage`` and
-        ``roi_iou`` (means; no box counts 0), ``roi_found`` (share with any box), ``n``.
+        ``roi_iou`` (means; no box counts 0), ``roi_found`` (share with any box), ``n``, and the hit rate broken
+        down by question family (``roi_hit_by_family``) and by the target's larger side in global-view tokens
+        (``roi_hit_by_size``, buckets of :data:`SIZE_EDGES`), each ``{key: {"hit": rate, "n": count}}``. On the
+        bundled base a target under half a token is rarely found: small things are where the twig is blind.
     """
-    hits = cover = ious = found = 0.0
+    cover = ious = found = 0.0
+    by_family: dict[str, list[bool]] = {}
+    by_size: dict[str, list[bool]] = {}
     fine = {f: w for f, w in cfg.families.items() if f in FINE_FAMILIES} or dict.fromkeys(FINE_FAMILIES, 1.0)
     for k in range(n):
         s = generate(VARIANTS[k % 2], seed_for("val", k), alphabet=alphabet, mix=fine, size_range=cfg.size_range)
         p = qz.perceive(s.image, s.question, roi="always", budget=cfg.budget)
         box = p.box.to_json() if p.box else None
         target = list(s.target_box)
-        c = box_coverage(box, target) or 0.0
-        area = ((box[2] - box[0]) * (box[3] - box[1])) / max(1, (target[2] - target[0]) * (target[3] - target[1])) \
-            if box else float("inf")
-        hits += c >= COVERAGE_BAR and area <= AREA_BAR
-        cover += c
+        hit = roi_hit(box, target, coverage=COVERAGE_BAR, max_area=AREA_BAR)
+        by_family.setdefault(s.family, []).append(hit)
+        by_size.setdefault(size_bucket(target_side_tokens(target, p.grid, p.image_size)), []).append(hit)
+        cover += box_coverage(box, target) or 0.0
         ious += box_iou(box, target) or 0.0
         found += box is not None
-    return {"roi_hit": hits / n, "roi_coverage": cover / n, "roi_iou": ious / n, "roi_found": found / n, "n": n}
+    hits = sum(sum(v) for v in by_family.values())
+    return {"roi_hit": hits / n, "roi_coverage": cover / n, "roi_iou": ious / n, "roi_found": found / n, "n": n,
+            "roi_hit_by_family": _hit_rates(by_family), "roi_hit_by_size": _hit_rates(by_size)}
 
 
 def build_model(cfg: Stage1Config) -> QZoomModel:
