@@ -20,7 +20,7 @@ from qzoom_agent.tiny import make_tiny  # noqa: E402
 
 SUMMARY_KEYS = {"accuracy", "accuracy_fine", "accuracy_coarse", "latency_s_mean", "visual_tokens_mean",
                 "forward_passes_mean", "tool_calls_mean", "n", "zooms_mean", "roi_coverage_mean", "roi_hit_fine",
-                "accuracy_by_family"}
+                "accuracy_by_family", "roi_hit_by_family"}
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +122,7 @@ def _recompute(records: list[dict], agents: list[str]) -> dict:
             "roi_hit_fine": None,
             "accuracy_by_family": {f: mean(r["correct"] for r in rows if r["family"] == f)
                                    for f in sorted({r["family"] for r in rows})},
+            "roi_hit_by_family": {},
         }
     return out
 
@@ -284,7 +285,7 @@ def test_qzoom_agents_report_zooms_and_roi_quality(tiny_model, tmp_path, capsys)
     for name in ("qzoom", "qzoom-always", "qzoom-never"):
         assert set(summary[name]) == SUMMARY_KEYS
     never = summary["qzoom-never"]
-    assert never["zooms_mean"] == 0 and never["roi_hit_fine"] is None
+    assert never["zooms_mean"] == 0 and never["roi_hit_fine"] is None and never["roi_hit_by_family"] == {}
     records = _lines(out)
     gate = json.loads((out / "summary.json").read_text())["gate"]
     by = {(r["agent"], r["index"]): r for r in records}
@@ -294,6 +295,11 @@ def test_qzoom_agents_report_zooms_and_roi_quality(tiny_model, tmp_path, capsys)
     always = [r for r in records if r["agent"] == "qzoom-always"]
     assert all((r["gate_score"] is None) == (r["agent"] == "qzoom-never") for r in records)
     assert all(r["visual_tokens"] <= 2 * 64 for r in records)  # each view obeys the cap
+    fine = [r for r in always if r["kind"] == "fine"]
+    expected = {f: sum(metrics.roi_hit(r["bbox"], r["target_box"]) for r in fine if r["family"] == f)
+                / sum(r["family"] == f for r in fine) for f in {r["family"] for r in fine}}
+    assert expected and summary["qzoom-always"]["roi_hit_by_family"] == pytest.approx(expected)
+    assert "RoI hit (box covers" in (out / "summary.md").read_text()  # the fine families' hit rates get a table
     for r in always:  # a forced zoom has a box whenever the map fires; its coverage is scored
         assert (r["bbox"] is None) == (r["zooms"] == 0)
         assert r["bbox"] is None or r["coverage"] == metrics.box_coverage(r["bbox"], r["target_box"])

@@ -143,7 +143,8 @@ def summarize_agent(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     For agents that propose boxes, ``roi_coverage_mean`` is the mean share of the target box covered (fine
     questions with a box) and ``roi_hit_fine`` the share of fine questions whose box covers >= 70% of the target
     within 16x its area (no box is a miss); both are None for agents without boxes. ``accuracy_by_family`` maps
-    each question family present (e.g. read, mcq, color) to its accuracy.
+    each question family present (e.g. read, mcq, color) to its accuracy, and ``roi_hit_by_family`` each fine
+    family to its RoI hit rate (empty for agents without boxes).
 
     Examples:
         >>> rows = [{"correct": True, "kind": "fine", "latency_s": 1.0, "visual_tokens": 4, "forward_passes": 2,
@@ -168,6 +169,7 @@ def summarize_agent(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "roi_coverage_mean": None,
         "roi_hit_fine": None,
         "accuracy_by_family": {},
+        "roi_hit_by_family": {},
     }
     for family in sorted({r["family"] for r in records if r.get("family")}):
         out["accuracy_by_family"][family] = _mean(bool(r["correct"]) for r in records if r.get("family") == family)
@@ -175,6 +177,9 @@ def summarize_agent(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         boxed = [r for r in fine if r.get("coverage") is not None]
         out["roi_coverage_mean"] = _mean(r["coverage"] for r in boxed)
         out["roi_hit_fine"] = _mean(roi_hit(r.get("bbox"), r.get("target_box")) for r in fine)
+        for family in sorted({r["family"] for r in fine if r.get("family")}):
+            out["roi_hit_by_family"][family] = _mean(roi_hit(r.get("bbox"), r.get("target_box"))
+                                                     for r in fine if r.get("family") == family)
     return out
 
 

@@ -57,8 +57,13 @@ def markdown_table(summary: Mapping[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def family_table(summary: Mapping[str, Any]) -> str | None:
-    """Accuracy per question family (columns) and agent (rows) as markdown; None when no family was recorded.
+def family_table(summary: Mapping[str, Any], key: str = "accuracy_by_family") -> str | None:
+    """A per-family figure (columns) for each agent (rows) as markdown; None when no agent has one.
+
+    Args:
+        summary: :func:`metrics.summarize` output.
+        key: the per-agent ``{family: value}`` field, ``accuracy_by_family`` or ``roi_hit_by_family``; agents
+            without values for it are left out.
 
     Examples:
         >>> s = {"agents": {"lowres": {"accuracy_by_family": {"read": 0.25, "color": 1.0}}}}
@@ -67,13 +72,14 @@ def family_table(summary: Mapping[str, Any]) -> str | None:
         |---|---:|---:|
         | lowres | 1.000 | 0.250 |
     """
-    families = sorted({f for stats in summary["agents"].values() for f in stats.get("accuracy_by_family") or {}})
+    families = sorted({f for stats in summary["agents"].values() for f in stats.get(key) or {}})
     if not families:
         return None
     rows = ["| agent | " + " | ".join(families) + " |", "|---|" + "---:|" * len(families)]
     for name, stats in summary["agents"].items():
-        by = stats.get("accuracy_by_family") or {}
-        rows.append(f"| {name} | " + " | ".join(_cell("accuracy", by.get(f)) for f in families) + " |")
+        by = stats.get(key) or {}
+        if by:
+            rows.append(f"| {name} | " + " | ".join(_cell("accuracy", by.get(f)) for f in families) + " |")
     return "\n".join(rows)
 
 

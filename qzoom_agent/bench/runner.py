@@ -303,9 +303,12 @@ def write_summary(cfg: CompareConfig, records: list[dict[str, Any]]) -> dict[str
     (out / SUMMARY_JSON).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     title = f"{cfg.bench}, n={cfg.n}, seed={cfg.seed}, alphabet {cfg.alphabet or zoomworld.DEFAULT_ALPHABET}"
     text = f"# {title}\n\n{report.markdown_table(summary)}\n"
-    families = report.family_table(summary)
-    if families:
-        text += f"\nAccuracy by question family:\n\n{families}\n"
+    for key, caption in (("accuracy_by_family", "Accuracy by question family"),
+                         ("roi_hit_by_family", "RoI hit (box covers >= 70% of the target, <= 16x its area) by fine "
+                                               "question family")):
+        table = report.family_table(summary, key)
+        if table:
+            text += f"\n{caption}:\n\n{table}\n"
     extra = report.findings(summary)
     if extra:
         text += "\n" + "\n".join(extra) + "\n"
