@@ -23,9 +23,9 @@ def parser(description: str, n: int, n_help: str) -> argparse.ArgumentParser:
     return p
 
 
-def load(args: argparse.Namespace, qzoom: str | bool = False) -> tuple[QZoomModel, str]:
-    """Set the thread count and load ``args.model`` (without heads unless ``qzoom`` names an adapter); returns it
-    and its training alphabet."""
+def load(args: argparse.Namespace, qzoom: str | bool | None = False) -> tuple[QZoomModel, str]:
+    """Set the thread count and load ``args.model`` (without heads unless ``qzoom`` names an adapter; None: the
+    heads in the model folder's ``qzoom/``); returns it and its training alphabet."""
     torch.set_num_threads(args.threads)
     qz = QZoomModel.from_pretrained(args.model, qzoom=qzoom)
     return qz, trained_alphabet(resolve_model_path(args.model)) or DEFAULT_ALPHABET

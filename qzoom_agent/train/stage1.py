@@ -299,8 +299,9 @@ def target_side_tokens(box: Sequence[float], grid: tuple[int, int], source_size:
     return max((box[2] - box[0]) * gw / sw, (box[3] - box[1]) * gh / sh)
 
 
-def _hit_rates(groups: dict[str, list[bool]]) -> dict[str, dict[str, float]]:
-    return {k: {"hit": sum(v) / len(v), "n": len(v)} for k, v in sorted(groups.items())}
+def _hit_rates(groups: dict[str, list[bool]], order: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
+    keys = [k for k in order if k in groups] if order is not None else sorted(groups)
+    return {k: {"hit": sum(groups[k]) / len(groups[k]), "n": len(groups[k])} for k in keys}
 
 
 @torch.inference_mode()
@@ -311,7 +312,8 @@ def evaluate_roi(qz: QZoomModel, cfg: Stage1Config, alphabet: str, n: int) -> di
         ``roi_hit`` (share whose box covers >= 70% of the target with <= 16x its area), ``roi_coverage`` and
         ``roi_iou`` (means; no box counts 0), ``roi_found`` (share with any box), ``n``, and the hit rate broken
         down by question family (``roi_hit_by_family``) and by the target's larger side in global-view tokens
-        (``roi_hit_by_size``, buckets of :data:`SIZE_EDGES`), each ``{key: {"hit": rate, "n": count}}``. On the
+        (``roi_hit_by_size``, buckets of :data:`SIZE_EDGES`, smallest first), each ``{key: {"hit": rate, "n":
+        count}}``. On the
         bundled base a target under half a token is rarely found: small things are where the twig is blind.
     """
     cover = ious = found = 0.0
@@ -331,7 +333,8 @@ def evaluate_roi(qz: QZoomModel, cfg: Stage1Config, alphabet: str, n: int) -> di
         found += box is not None
     hits = sum(sum(v) for v in by_family.values())
     return {"roi_hit": hits / n, "roi_coverage": cover / n, "roi_iou": ious / n, "roi_found": found / n, "n": n,
-            "roi_hit_by_family": _hit_rates(by_family), "roi_hit_by_size": _hit_rates(by_size)}
+            "roi_hit_by_family": _hit_rates(by_family),
+            "roi_hit_by_size": _hit_rates(by_size, [size_bucket(0.0)] + [size_bucket(e) for e in SIZE_EDGES])}
 
 
 def build_model(cfg: Stage1Config) -> QZoomModel:
