@@ -12,8 +12,12 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from .images import ImageLoadError
+
+if TYPE_CHECKING:  # the demo pulls in torch and matplotlib: import it only where it runs
+    from .demo import DemoRow
 
 DEFAULT_BASE_CONFIG = "configs/train/zoomworld_tiny.yaml"
 
@@ -104,6 +108,16 @@ def _cmd_zoomworld(args: argparse.Namespace) -> int:
     return 0
 
 
+def demo_line(row: DemoRow, with_heads: bool) -> str:
+    """The answers line the demo prints for one question; a box the gate did not act on is marked as such."""
+    line = f"    truth {row.truth!r} | low-res {row.lowres_answer!r} | oracle view {row.oracle_answer!r}"
+    if with_heads:
+        gate = "off" if row.gate_score is None else f"{row.gate_score:.2f}"
+        unused = "" if row.zoomed or row.box is None else " (not used: the gate skipped the zoom)"
+        line += f" | gate {gate} | box {row.box}{unused} | Q-Zoom {row.qzoom_answer!r} (zoomed={row.zoomed})"
+    return line
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
 
@@ -119,12 +133,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
               "from the oracle view (the true target cropped and enlarged 3x, what a perfect zoom would show)")
     rows, panels = run_demo(model, args.n, variant=args.variant, alphabet=alphabet)
     for row in rows:
-        gate = "off" if row.gate_score is None else f"{row.gate_score:.2f}"
         print(f"[{row.kind}] {row.question.splitlines()[0]}")
-        line = f"    truth {row.truth!r} | low-res {row.lowres_answer!r} | oracle view {row.oracle_answer!r}"
-        if model.heads is not None:
-            line += f" | gate {gate} | box {row.box} | Q-Zoom {row.qzoom_answer!r} (zoomed={row.zoomed})"
-        print(line)
+        print(demo_line(row, with_heads=model.heads is not None))
     print(f"wrote {draw_panels(panels, args.out)}")
     return 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
 import subprocess
@@ -199,3 +200,16 @@ def test_max_tokens_alone_keeps_the_aspect_ratio(tiny_dirs, capsys, tmp_path):
     w, h = fit_to_token_budget(1600, 800, factor=28, min_tokens=64, max_tokens=256)  # the CLI's default floor
     assert (w // 28) == 2 * (h // 28)  # a 2:1 image keeps a 2:1 token grid
     assert rec["visual_tokens"] == (w // 28) * (h // 28) <= 256
+
+
+def test_demo_line_marks_a_box_the_gate_did_not_use():
+    from qzoom_agent.cli import demo_line
+    from qzoom_agent.demo import DemoRow
+
+    row = DemoRow(0, "fine", "What is written on the red tag?", "67", "1", "67", 0.9, [1, 2, 30, 40], "67", True,
+                  [0, 0, 30, 40])
+    assert "box [1, 2, 30, 40] | Q-Zoom '67' (zoomed=True)" in demo_line(row, with_heads=True)
+    skipped = dataclasses.replace(row, gate_score=0.1, zoomed=False, qzoom_answer="1")
+    assert "box [1, 2, 30, 40] (not used: the gate skipped the zoom) | Q-Zoom '1'" in demo_line(skipped, True)
+    assert "not used" not in demo_line(dataclasses.replace(skipped, box=None), True)  # no box, nothing to mark
+    assert "gate" not in demo_line(row, with_heads=False)  # a head-less model prints the answers only
