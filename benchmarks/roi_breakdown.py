@@ -3,8 +3,10 @@
 For ``--n`` val fine questions (ZoomWorld's fine mix, hr and doc alternating) at the adapter's global view, with
 the zoom forced, this reports stage 1's figures (``train/stage1.evaluate_roi``): the RoI hit rate (the box covers
 >= 70% of the target within 16x its area), broken down by question family and by the target's larger side in
-global-view tokens. ``--max-side`` sets the largest image side (1024-4096 px is the test split's range);
-``--families read`` keeps one family, so the size breakdown is not mixed with others.
+global-view tokens, and how often the twig's top token lies on the target (a miss with the top token off the
+target is the twig's ranking; one with it on the target is the box rule's). ``--max-side`` sets the largest image
+side (1024-4096 px is the test split's range); ``--families read`` keeps one family, so the size breakdown is not
+mixed with others.
 
 Run::
 
@@ -41,11 +43,15 @@ def main() -> None:
         print(json.dumps({"model": args.model, "qzoom": args.qzoom, "max_side": args.max_side, **m}))
         return
     print(f"{m['n']} val {args.families or 'fine'} questions, images 1024-{args.max_side} px, "
-          f"view {budget[0]}-{budget[1]} tokens: RoI hit {m['roi_hit']:.3f}, coverage {m['roi_coverage']:.3f}")
-    for key, label in (("roi_hit_by_family", "family"), ("roi_hit_by_size", "target side (tokens)")):
-        print(f"\n| {label} | RoI hit | questions |\n|---|---:|---:|")
-        for k, v in m[key].items():
-            print(f"| {k} | {v['hit']:.3f} | {v['n']} |")
+          f"view {budget[0]}-{budget[1]} tokens: RoI hit {m['roi_hit']:.3f}, coverage {m['roi_coverage']:.3f}, "
+          f"top token on the target {m['roi_top1']:.3f}")
+    top1 = m["roi_top1_by_family"]
+    print("\n| family | RoI hit | top token on the target | questions |\n|---|---:|---:|---:|")
+    for k, v in m["roi_hit_by_family"].items():
+        print(f"| {k} | {v['hit']:.3f} | {top1[k]['hit']:.3f} | {v['n']} |")
+    print("\n| target side (tokens) | RoI hit | questions |\n|---|---:|---:|")
+    for k, v in m["roi_hit_by_size"].items():
+        print(f"| {k} | {v['hit']:.3f} | {v['n']} |")
 
 
 if __name__ == "__main__":

@@ -156,6 +156,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
               f"adapter in {os.path.join(args.out, 'stage1', 'qzoom')}")
         for key, label in (("roi_hit_by_family", "family"), ("roi_hit_by_size", "target side in tokens")):
             print(f"  RoI hit by {label}: " + ", ".join(f"{k} {v['hit']:.2f} ({v['n']})" for k, v in m[key].items()))
+        print(f"  top token on the target {m['roi_top1']:.2f}, by family: "
+              + ", ".join(f"{k} {v['hit']:.2f}" for k, v in m["roi_top1_by_family"].items()))
         return 0
     if args.stage == "stage2":
         from .train.stage2 import load_stage2_config, run_stage2

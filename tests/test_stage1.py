@@ -19,6 +19,7 @@ from qzoom_agent.train.stage1 import (
     STAGE_DIR,
     Stage1Config,
     load_stage1_config,
+    peak_on_target,
     question,
     run_stage1,
     size_bucket,
@@ -135,6 +136,7 @@ def test_stage1_trains_only_the_twig_and_resumes(tiny_dir, tmp_path):
         groups = last[key]
         assert sum(g["n"] for g in groups.values()) == 2
         assert sum(g["hit"] * g["n"] for g in groups.values()) == pytest.approx(last["roi_hit"] * 2)
+    assert 0 <= last["roi_top1"] <= 1 and sum(g["n"] for g in last["roi_top1_by_family"].values()) == 2
     order = ["<0.5", "0.5-1", "1-2", ">=2"]  # smallest first
     assert [k for k in order if k in last["roi_hit_by_size"]] == list(last["roi_hit_by_size"])
     rows = [json.loads(r) for r in (stage / "metrics.jsonl").read_text().splitlines()]
@@ -194,6 +196,21 @@ def test_size_buckets_and_target_side_in_tokens():
     assert target_side_tokens([0, 0, 100, 25], (10, 20), (2000, 1000)) == pytest.approx(1.0)
 
 
+def test_peak_on_target_uses_the_top_kept_token():
+    # a 400 x 200 image on a 20 x 20 grid (a 560 x 560 view): a token is 20 px across and 10 px down
+    geometry = dict(grid=(20, 20), resized_size=(560, 560), source_size=(400, 200))
+    logits = torch.zeros(20, 20)
+    logits[5, 7] = 3.0  # the cell spanning x 140-160, y 50-60
+    assert peak_on_target(logits, (145, 52, 150, 58), **geometry, sink_min_tokens=256)
+    assert peak_on_target(logits.flatten(), (150, 55, 190, 80), **geometry, sink_min_tokens=256)  # flat scores too
+    assert not peak_on_target(logits, (160, 52, 200, 58), **geometry, sink_min_tokens=256)  # the next cell over
+    assert not peak_on_target(logits, (145, 60, 150, 70), **geometry, sink_min_tokens=256)  # the next row
+    logits[0, 0] = 9.0  # higher, but in the sink strip that the box rule masks on a grid over 256 tokens
+    assert peak_on_target(logits, (145, 52, 150, 58), **geometry, sink_min_tokens=256)
+    assert not peak_on_target(logits, (145, 52, 150, 58), **geometry, sink_min_tokens=400)  # no mask: 400 tokens
+    assert peak_on_target(logits, (0, 0, 1, 1), **geometry, sink_min_tokens=400)
+
+
 def test_cli_prints_the_roi_hit_breakdowns(tiny_dir, tmp_path, capsys):
     config = tmp_path / "stage1.yaml"
     config.write_text(yaml.safe_dump({"stage1": {
@@ -206,3 +223,5 @@ def test_cli_prints_the_roi_hit_breakdowns(tiny_dir, tmp_path, capsys):
     by_size = next(line for line in out.splitlines() if "RoI hit by target side in tokens" in line)
     assert re.search(r"(read|mcq|relpos|count) \d\.\d\d \(\d\)", by_family)
     assert re.search(r"(<0\.5|0\.5-1|1-2|>=2) \d\.\d\d \(\d\)", by_size)
+    top1 = next(line for line in out.splitlines() if "top token on the target" in line)
+    assert re.search(r"target \d\.\d\d, by family: (read|mcq|relpos|count) \d\.\d\d", top1)
