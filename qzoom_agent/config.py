@@ -58,6 +58,13 @@ class QZoomConfig(BaseModel):
     roi_peak_ratio: float = Field(
         default=0.3, gt=0.0, le=1.0, description="Peak mode: share of the peak probability a neighbour needs."
     )
+    roi_query: Literal["prompt", "stem"] = Field(
+        default="prompt",
+        description="The twig's query token: the last token of the whole prompt (the paper), or of the prompt "
+        "built from the question's stem, its text before any answer options (query.question_stem). A stem query "
+        "reruns only the question's tokens below K, on the image prefix's cache; the gate and the answer still "
+        "see the whole prompt.",
+    )
     roi_min_side_tokens: float = Field(
         default=1.0, ge=0.0, le=64.0,
         description="Minimum RoI box side in global-view tokens; the box grows around its centre (the paper: one "

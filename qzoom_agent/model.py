@@ -28,6 +28,7 @@ from .engine import DecoderRunner
 from .heads import QZoomHeads
 from .images import load_image
 from .loading import load_backbone, resolve_model_path
+from .query import question_stem
 from .results import Answer, Perception
 
 logger = logging.getLogger(__name__)
@@ -134,10 +135,62 @@ class QZoomModel:
     def _gate(self, fp: _FirstPass) -> float:
         return float(torch.sigmoid(self.heads.gate_logit(fp.hidden_k, fp.rotary, fp.mask))[0])
 
-    def _roi(self, fp: _FirstPass) -> tuple[torch.Tensor, list[box_lib.Box]]:
+    def _query_text(self, question: str, roi_query: str | None) -> str | None:
+        """The RoI query when it differs from ``question`` (an explicit one, or the stem), else None."""
+        if roi_query is not None:
+            if not isinstance(roi_query, str) or not roi_query.strip():
+                raise ValueError(f"roi_query must be a non-empty string, got {roi_query!r}")
+            query = roi_query
+        elif self.config.roi_query == "stem":
+            query = question_stem(question)
+        else:
+            return None
+        return None if query == question else query
+
+    def _query_pass(self, fp: _FirstPass, query: str) -> tuple[torch.Tensor, tuple, torch.Tensor | None, Prompt]:
+        """Layers < K for the prompt built from ``query`` on the same image, for the twig only.
+
+        The tokens up to the end of the image are the first pass's, so their cache below K is reused (in a new
+        cache: the first pass's must stay as it is for the answer); only the query's own tokens run.
+
+        Returns:
+            ``(hidden_k, rotary, mask, prompt)`` for the query prompt, as in :class:`_FirstPass`.
+        """
+        a, k = self.adapter, self.config.twig_K
         img = fp.prompt.image
+        prompt = a.build_prompt(img, query, system=self.system_prompt)
+        positions = a.positions(prompt.input_ids, [img])
+        ids, old = prompt.input_ids, fp.prompt.input_ids
+        p = fp.prompt.image_end
+        shared = (prompt.image_end == p and ids.shape[1] > p and old.shape[1] >= p
+                  and torch.equal(ids[:, :p], old[:, :p]))
+        if not shared:  # a template that puts text before the image: run the query prompt in full
+            hidden = a.embed(ids, fp.visual)
+            rotary = a.rotary(hidden, positions)
+            cache = self.runner.new_cache()
+            mask = self.runner.causal_mask(hidden, cache)
+            hidden_k = self.runner.run(0, k, hidden, rotary, mask, cache, a.image_mask(ids), fp.visual)
+            return hidden_k, rotary, mask, prompt
+        cache = self.runner.new_cache()  # the shared prefix's keys and values below K, not the question's
+        for i in range(k):
+            layer = fp.cache.layers[i]
+            cache.update(layer.keys[..., :p, :], layer.values[..., :p, :], i)
+        tail_ids = ids[:, p:]
+        tail = a.embed(tail_ids, None)
+        rotary = a.rotary(tail, positions)
+        tail_rotary = (rotary[0][:, p:], rotary[1][:, p:])
+        tail_mask = self.runner.causal_mask(tail, cache, layer_idx=0)
+        tail = self.runner.run(0, k, tail, tail_rotary, tail_mask, cache, a.image_mask(tail_ids), None)
+        hidden_k = torch.cat([fp.hidden_k[:, :p], tail], 1)
+        mask = self.runner.causal_mask(hidden_k, self.runner.new_cache())
+        return hidden_k, rotary, mask, prompt
+
+    def _roi(self, fp: _FirstPass, query: str | None = None) -> tuple[torch.Tensor, list[box_lib.Box]]:
+        img = fp.prompt.image
+        hidden_k, rotary, mask, prompt = (fp.hidden_k, fp.rotary, fp.mask, fp.prompt) if query is None else \
+            self._query_pass(fp, query)
         logits = self.heads.roi_logits(
-            self.adapter, fp.hidden_k, fp.rotary, fp.mask, fp.prompt.image_start, fp.prompt.image_end
+            self.adapter, hidden_k, rotary, mask, prompt.image_start, prompt.image_end
         ).reshape(img.grid)
         family_mode = "components" if self.adapter.family == "llava" else "enclosing"
         cfg = roi_lib.RoiConfig(
@@ -165,7 +218,13 @@ class QZoomModel:
 
     @torch.inference_mode()
     def perceive(
-        self, image, question: str, *, roi: RoiWhen = "auto", budget: tuple[int, int] | None = None
+        self,
+        image,
+        question: str,
+        *,
+        roi: RoiWhen = "auto",
+        budget: tuple[int, int] | None = None,
+        roi_query: str | None = None,
     ) -> Perception:
         """One low-resolution prefill to layer K: the gate score, the RoI logits and the box. No decoding.
 
@@ -175,18 +234,21 @@ class QZoomModel:
             roi: ``"auto"`` runs the twig only when the gate fires; ``"always"`` runs it regardless (a zoom tool
                 that was explicitly called); ``"never"`` skips it.
             budget: (min, max) visual tokens of the global view; defaults to the config's.
+            roi_query: the text the twig scores the image for (e.g. a zoom tool's argument); default: the
+                question, or its stem when ``config.roi_query == "stem"``. The gate always reads the question.
 
         Returns:
             A Perception; its ``state`` lets `answer(..., perception=p)` resume without a second prefill.
         """
         self._require_heads("perceive")
         t0 = time.perf_counter()
+        query = self._query_text(question, roi_query)
         image = load_image(image)
         fp = self._first_pass(image, question, budget or (self.config.min_tokens, self.config.max_tokens))
         gate = self._gate(fp)
         logits, boxes = None, []
         if roi == "always" or (roi == "auto" and gate >= self.config.gate_threshold):
-            logits, boxes = self._roi(fp)
+            logits, boxes = self._roi(fp, query)
         img = fp.prompt.image
         return Perception(
             gate, logits, boxes, img.grid, img.resized_size, img.source_size, img.n_tokens,
@@ -204,6 +266,7 @@ class QZoomModel:
         max_new_tokens: int = 32,
         budget: tuple[int, int] | None = None,
         perception: Perception | None = None,
+        roi_query: str | None = None,
     ) -> Answer:
         """Answer one question about one image, zooming when the gate says so.
 
@@ -215,9 +278,11 @@ class QZoomModel:
             max_new_tokens: decoding budget.
             budget: (min, max) visual tokens of the global view; defaults to the config's.
             perception: a `perceive` result for the same image and question to resume from (consumed).
+            roi_query: as in :meth:`perceive` (unused when ``perception`` already holds the box).
         """
         if mode not in ("auto", "never", "always"):
             raise ValueError(f"mode must be 'auto', 'never' or 'always', got {mode!r}")
+        query = self._query_text(question, roi_query)
         if mode != "never":
             self._require_heads(f"mode={mode!r}")
         t0 = time.perf_counter()
@@ -234,7 +299,7 @@ class QZoomModel:
             if perception is not None and perception.roi_logits is not None:
                 logits, boxes = perception.roi_logits, perception.boxes
             else:
-                logits, boxes = self._roi(fp)
+                logits, boxes = self._roi(fp, query)
         if boxes:
             # Components mode (LLaVA) may propose two boxes; one RoI is spliced in, the largest.
             first_logits, next_pos, extra_tokens = self._zoom_prefill(fp, boxes[0])

@@ -52,7 +52,9 @@ class Answer:
         bbox: the zoom box in source pixels, or None.
         visual_tokens: visual tokens processed: the global view plus the RoI crop, if any.
         roi_tokens: visual tokens of the RoI crop (0 when not zoomed); each view obeys the token cap.
-        forward_passes: prefills (the first pass, plus the partial re-prefill when zoomed) plus decode steps.
+        forward_passes: prefills (the first pass, plus the partial re-prefill when zoomed) plus decode steps. A
+            stem or explicit RoI query's own text tokens, rerun below layer K for the twig, are part of the first
+            pass here, like the twig itself; their time is in ``latency_s``.
         generated_tokens: tokens produced, including a final end-of-turn token.
         latency_s: wall time from image to text.
         image_size: (width, height) of the source image.

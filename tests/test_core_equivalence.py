@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from PIL import Image
@@ -218,3 +220,53 @@ def test_roi_min_side_tokens_grows_the_box_around_the_same_peak():
     assert b.x1 <= a.x1 and b.y1 <= a.y1 and b.x2 >= a.x2 and b.y2 >= a.y2
     with pytest.raises(ValueError):
         qm.config.roi_min_side_tokens = -1.0
+
+
+MCQ = QUESTION + "\n(A) 35\n(B) 49\n(C) 39\n(D) 89\nAnswer with the option's letter."
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_stem_query_scores_like_the_stem_asked_alone(family):
+    """A stem query reuses the image prefix below K and gives the twig scores of the stem asked as the question;
+    the gate still reads the whole question."""
+    qm = make_model(family)
+    image = make_image(seed=5)
+    alone = qm.perceive(image, QUESTION, roi="always", budget=(16, 64))
+    explicit = qm.perceive(image, MCQ, roi="always", budget=(16, 64), roi_query=QUESTION)
+    whole = qm.perceive(image, MCQ, roi="always", budget=(16, 64))
+    assert torch.allclose(explicit.roi_logits, alone.roi_logits, atol=1e-5)
+    assert not torch.allclose(whole.roi_logits, alone.roi_logits, atol=1e-3)  # the options move the query token
+    assert explicit.gate_score == pytest.approx(whole.gate_score, abs=1e-6)
+    qm.config.roi_query = "stem"
+    by_config = qm.perceive(image, MCQ, roi="always", budget=(16, 64))
+    assert torch.equal(by_config.roi_logits, explicit.roi_logits) and by_config.boxes == explicit.boxes
+    with pytest.raises(ValueError, match="roi_query"):
+        qm.perceive(image, MCQ, roi="always", budget=(16, 64), roi_query=" ")
+
+
+def test_stem_query_leaves_the_first_pass_cache_alone():
+    """The query pass works on a copy of the cache: the answer resumes from the first pass as without it."""
+    qm = make_model("qwen2_5_vl", roi_threshold=0.3, roi_query="stem")
+    image = make_image(seed=7)
+    plain = qm.perceive(image, MCQ, roi="never", budget=(16, 64))
+    stem = qm.perceive(image, MCQ, roi="always", budget=(16, 64))
+    for i in range(qm.config.twig_K):
+        a, b = plain.state.cache.layers[i], stem.state.cache.layers[i]
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+    fresh = qm.answer(image, MCQ, mode="always", max_new_tokens=6, budget=(16, 64))
+    resumed = qm.answer(image, MCQ, mode="always", max_new_tokens=6, perception=stem)
+    assert resumed.text == fresh.text and resumed.bbox == fresh.bbox == stem.box
+
+
+def test_stem_query_without_a_shared_prefix_runs_in_full():
+    """When the query prompt does not share the first pass's tokens up to the image, it runs from the start."""
+    qm = make_model("qwen2_5_vl")
+    image = make_image(seed=5)
+    alone = qm.perceive(image, QUESTION, roi="always", budget=(16, 64))
+    fp = qm._first_pass(image, MCQ, (16, 64))
+    fp.hidden_k = torch.zeros_like(fp.hidden_k)  # a shared prefix would carry this into the twig ...
+    assert not torch.allclose(qm._roi(fp, QUESTION)[0], alone.roi_logits, atol=1e-3)
+    ids = fp.prompt.input_ids.clone()
+    ids[0, 0] += 1  # ... but now the first pass's tokens no longer match the query prompt's
+    fp.prompt = dataclasses.replace(fp.prompt, input_ids=ids)
+    assert torch.allclose(qm._roi(fp, QUESTION)[0], alone.roi_logits, atol=1e-5)
