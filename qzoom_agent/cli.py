@@ -74,7 +74,7 @@ def _cmd_ask(args: argparse.Namespace) -> int:
         raise UsageError(
             f"--mode {mode} needs Q-Zoom heads and {args.model} has none; pass --qzoom DIR or --mode never"
         )
-    ans = model.answer(image, args.question, mode=mode, max_new_tokens=args.max_new_tokens)
+    ans = model.answer(image, args.question, mode=mode, max_new_tokens=args.max_new_tokens, roi_query=args.roi_query)
     if args.json:
         print(json.dumps(ans.to_json()))
         return 0
@@ -241,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--max-tokens", type=_positive, default=None, help="max visual tokens per image view")
     ask.add_argument("--min-tokens", type=_positive, default=None, help="min visual tokens per image view")
     ask.add_argument("--max-new-tokens", type=_positive, default=32, help="max generated tokens")
+    ask.add_argument("--roi-query", default=None, help="the text the zoom box is found for (default: the question, "
+                     "or its text before any answer options when the adapter says roi_query: stem)")
     ask.add_argument("--json", action="store_true", help="print one JSON object")
     ask.set_defaults(func=_cmd_ask)
 

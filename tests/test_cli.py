@@ -11,6 +11,7 @@ import zlib
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from qzoom_agent.cli import main
@@ -62,6 +63,20 @@ def test_ask_json_on_every_family(tiny_dirs, capsys, tmp_path, family, mode):
         assert 0.0 <= rec["gate_score"] <= 1.0
     assert rec["zoomed"] == (rec["bbox"] is not None)
     assert rec["forward_passes"] >= 1
+
+
+def test_ask_roi_query_finds_the_box_for_that_text(tiny_dirs, capsys, tmp_path):
+    path = tmp_path / "scene.png"
+    Image.fromarray((torch.rand(420, 640, 3, generator=torch.Generator().manual_seed(0)) * 255).byte().numpy()
+                    ).save(path)
+    common = [str(path), "--model", str(tiny_dirs["qwen2_5_vl"]), "--mode", "always", "--max-tokens", "64",
+              "--max-new-tokens", "2"]
+    query = "the green tag"
+    asked = ask_json(capsys, common[0], query, *common[1:])
+    via = ask_json(capsys, common[0], "What is written on it?\n(A) 1\n(B) 2", *common[1:], "--roi-query", query)
+    assert asked["bbox"] is not None and via["bbox"] == asked["bbox"]
+    assert main(["ask", *common[:1], "What is on it?", *common[1:], "--roi-query", " "]) == 2
+    assert "roi_query" in capsys.readouterr().err
 
 
 def test_ask_runs_on_every_real_image(tiny_dirs, capsys, real_data):
