@@ -1,7 +1,7 @@
 """Where does the SD-RPN box miss? Stage 1's RoI evaluation of an adapter, by question family and target size.
 
 For ``--n`` val fine questions (ZoomWorld's fine mix, hr and doc alternating) at the adapter's global view, with
-the zoom forced, this reports stage 1's figures (``train/stage1.evaluate_roi``): the RoI hit rate (the box covers
+the zoom forced, this reports stage 1's figures (``train/stage1_eval.evaluate_roi``): the RoI hit rate (the box covers
 >= 70% of the target within 16x its area), broken down by question family and by the target's larger side in
 global-view tokens, and how often the twig's top token lies on the target (a miss with the top token off the
 target is the twig's ranking; one with it on the target is the box rule's). ``--max-side`` sets the largest image
@@ -21,7 +21,8 @@ from pathlib import Path
 
 import model_args  # benchmarks/model_args.py: run these scripts as python benchmarks/NAME.py
 
-from qzoom_agent.train.stage1 import evaluate_roi, load_stage1_config
+from qzoom_agent.train.stage1 import load_stage1_config
+from qzoom_agent.train.stage1_eval import evaluate_roi
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "train" / "stage1_zoomworld_tiny_box_aux.yaml"
 

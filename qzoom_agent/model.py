@@ -162,8 +162,7 @@ class QZoomModel:
         positions = a.positions(prompt.input_ids, [img])
         ids, old = prompt.input_ids, fp.prompt.input_ids
         p = fp.prompt.image_end
-        shared = (prompt.image_end == p and ids.shape[1] > p and old.shape[1] >= p
-                  and torch.equal(ids[:, :p], old[:, :p]))
+        shared = prompt.image_end == p and ids.shape[1] > p and torch.equal(ids[:, :p], old[:, :p])
         if not shared:  # a template that puts text before the image: run the query prompt in full
             hidden = a.embed(ids, fp.visual)
             rotary = a.rotary(hidden, positions)

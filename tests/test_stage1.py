@@ -19,14 +19,12 @@ from qzoom_agent.train.stage1 import (
     STAGE_DIR,
     Stage1Config,
     load_stage1_config,
-    peak_on_target,
     question,
     run_stage1,
-    size_bucket,
-    target_side_tokens,
     twig_inputs,
     twig_loss,
 )
+from qzoom_agent.train.stage1_eval import peak_on_target, size_bucket, target_side_tokens
 from qzoom_agent.train.stage1_labels import (
     IGNORE,
     LabelRule,

@@ -14,17 +14,15 @@ Steps, each resumable:
    ``label_overlays`` PNGs to inspect. ``label_source: box`` uses the ground-truth boxes instead (the ablation).
 3. **Training.** BCE-with-logits on the valid tokens; only ``heads.twig_layers`` has gradients (the gate and the
    base model are untouched). Checkpoint ``OUT/stage1/checkpoint.pt``; the adapter goes to ``OUT/stage1/qzoom``.
-4. **Evaluation** on ZoomWorld's val split, before and after training: RoI coverage of the target box (share of
-   fine questions whose box covers >= 70% of it with at most 16x its area) and mean IoU.
+4. **Evaluation** on ZoomWorld's val split, before and after training (`stage1_eval`): RoI coverage of the target
+   box (share of fine questions whose box covers >= 70% of it with at most 16x its area) and mean IoU.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import time
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,16 +33,14 @@ import torch.nn.functional as F
 from pydantic import ConfigDict, Field, model_validator
 from tqdm import tqdm
 
-from ..bench.metrics import box_coverage, box_iou, roi_hit
-from ..bench.zoomworld import VARIANTS, ZoomWorldSample, generate, seed_for
+from ..bench.zoomworld import ZoomWorldSample
 from ..bench.zoomworld_questions import FINE_FAMILIES
-from ..boxes import Box, box_to_cells
 from ..checkpoint import save_adapter
 from ..config import QZoomConfig, RoiMode
 from ..model import QZoomModel
-from ..roi import qwen_sink_mask
 from .common import DeviceConfig, OptimConfig, atomic_torch_save, decay_groups, load_section
 from .common import stage_question as question
+from .stage1_eval import COVERAGE_BAR, evaluate_roi
 from .stage1_labels import (
     IGNORE,
     LabelRule,
@@ -63,7 +59,6 @@ LABELS_FILE, CHECKPOINT_FILE, METRICS_FILE, RANKING_FILE = "labels.pt", "checkpo
     "head_ranking.json"
 RANK_OFFSET = 5 * 10**8  # train-split indices of the head-ranking questions: apart from the label questions
 _AUX_NEEDS_T2 = "aux_weight needs twig_T >= 2: with one twig layer the probes would read frozen states"
-COVERAGE_BAR, AREA_BAR = 0.7, 16.0  # an RoI "hits" when it covers >= 70% of the target within 16x its area
 
 
 class Stage1Config(OptimConfig):
@@ -278,96 +273,6 @@ def twig_loss(qz: QZoomModel, x: TwigInputs, labels: torch.Tensor, pos_weight: f
         listwise = -(torch.log_softmax(scores, 0) * target).sum() / target.sum()
         loss = loss + rank_weight * listwise * int(valid.sum())
     return loss
-
-
-SIZE_EDGES = (0.5, 1.0, 2.0)  # target side, in global-view tokens, where the RoI hit is broken down
-
-
-def size_bucket(side_tokens: float, edges: tuple[float, ...] = SIZE_EDGES) -> str:
-    """The label of the size bucket ``side_tokens`` falls in.
-
-    Examples:
-        >>> [size_bucket(x) for x in (0.3, 0.5, 1.2, 7.0)]
-        ['<0.5', '0.5-1', '1-2', '>=2']
-    """
-    for i, edge in enumerate(edges):
-        if side_tokens < edge:
-            return f"<{edge:g}" if i == 0 else f"{edges[i - 1]:g}-{edge:g}"
-    return f">={edges[-1]:g}"
-
-
-def target_side_tokens(box: Sequence[float], grid: tuple[int, int], source_size: tuple[int, int]) -> float:
-    """The larger side of ``box`` (source pixels) in tokens of a view that puts ``source_size`` on ``grid``."""
-    (gh, gw), (sw, sh) = grid, source_size
-    return max((box[2] - box[0]) * gw / sw, (box[3] - box[1]) * gh / sh)
-
-
-def peak_on_target(logits: torch.Tensor, target: Sequence[float], grid: tuple[int, int],
-                   resized_size: tuple[int, int], source_size: tuple[int, int], sink_min_tokens: int) -> bool:
-    """Whether the twig's top-scoring token lies on ``target`` (a cell the box overlaps), with the sink strip
-    masked as the box rule masks it.
-
-    This splits a miss in two: a wrong top token is a selection error (the twig ranked another thing first), a
-    right one that still misses is the box rule's.
-
-    Args:
-        logits: (gh, gw) or (gh * gw,) raw twig scores of the global view.
-        target: (x1, y1, x2, y2) in source pixels.
-        grid, resized_size, source_size: the view's geometry (see :mod:`qzoom_agent.boxes`).
-        sink_min_tokens: as ``QZoomConfig.sink_min_tokens``.
-    """
-    gh, gw = grid
-    keep = qwen_sink_mask(gh, gw, sink_min_tokens)
-    scores = logits.detach().float().cpu().reshape(gh, gw).masked_fill(~keep, -math.inf)
-    row, col = divmod(int(scores.flatten().argmax()), gw)
-    x1, y1 = math.floor(target[0]), math.floor(target[1])
-    box = Box(x1, y1, max(math.ceil(target[2]), x1 + 1), max(math.ceil(target[3]), y1 + 1))
-    r0, c0, r1, c1 = box_to_cells(box, grid, resized_size, source_size)
-    return r0 <= row < r1 and c0 <= col < c1
-
-
-def _hit_rates(groups: dict[str, list[bool]], order: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
-    keys = [k for k in order if k in groups] if order is not None else sorted(groups)
-    return {k: {"hit": sum(groups[k]) / len(groups[k]), "n": len(groups[k])} for k in keys}
-
-
-@torch.inference_mode()
-def evaluate_roi(qz: QZoomModel, cfg: Stage1Config, alphabet: str, n: int) -> dict:
-    """RoI quality on ``n`` val-split fine questions at the stage's budget (the twig always runs).
-
-    Returns:
-        ``roi_hit`` (share whose box covers >= 70% of the target with <= 16x its area), ``roi_coverage`` and
-        ``roi_iou`` (means; no box counts 0), ``roi_found`` (share with any box), ``n``, and the hit rate broken
-        down by question family (``roi_hit_by_family``) and by the target's larger side in global-view tokens
-        (``roi_hit_by_size``, buckets of :data:`SIZE_EDGES`, smallest first), each ``{key: {"hit": rate, "n":
-        count}}``. ``roi_top1`` and ``roi_top1_by_family`` (same layout) give the share whose top-scoring token
-        lies on the target (:func:`peak_on_target`): where it is well below the hit rate's ceiling, the misses
-        are the twig's ranking, not the box rule. On the bundled base a target under half a token is rarely
-        found: small things are where the twig is blind.
-    """
-    cover = ious = found = 0.0
-    by_family: dict[str, list[bool]] = {}
-    by_size: dict[str, list[bool]] = {}
-    top1: dict[str, list[bool]] = {}
-    fine = {f: w for f, w in cfg.families.items() if f in FINE_FAMILIES} or dict.fromkeys(FINE_FAMILIES, 1.0)
-    for k in range(n):
-        s = generate(VARIANTS[k % 2], seed_for("val", k), alphabet=alphabet, mix=fine, size_range=cfg.size_range)
-        p = qz.perceive(s.image, s.question, roi="always", budget=cfg.budget)
-        box = p.box.to_json() if p.box else None
-        target = list(s.target_box)
-        hit = roi_hit(box, target, coverage=COVERAGE_BAR, max_area=AREA_BAR)
-        by_family.setdefault(s.family, []).append(hit)
-        by_size.setdefault(size_bucket(target_side_tokens(target, p.grid, p.image_size)), []).append(hit)
-        top1.setdefault(s.family, []).append(peak_on_target(p.roi_logits, target, p.grid, p.resized_size,
-                                                            p.image_size, qz.config.sink_min_tokens))
-        cover += box_coverage(box, target) or 0.0
-        ious += box_iou(box, target) or 0.0
-        found += box is not None
-    hits = sum(sum(v) for v in by_family.values())
-    return {"roi_hit": hits / n, "roi_coverage": cover / n, "roi_iou": ious / n, "roi_found": found / n, "n": n,
-            "roi_hit_by_family": _hit_rates(by_family),
-            "roi_hit_by_size": _hit_rates(by_size, [size_bucket(0.0)] + [size_bucket(e) for e in SIZE_EDGES]),
-            "roi_top1": sum(sum(v) for v in top1.values()) / n, "roi_top1_by_family": _hit_rates(top1)}
 
 
 def build_model(cfg: Stage1Config) -> QZoomModel:
