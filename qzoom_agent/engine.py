@@ -7,6 +7,9 @@ with masks and rotary embeddings built the way the HF text model builds them, re
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
+
 import torch
 from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask
@@ -14,11 +17,23 @@ from transformers.masking_utils import create_causal_mask
 from .backbones.base import BackboneAdapter, VisualFeatures
 
 
+def cache_keyword(fn: Callable) -> str:
+    """The name ``fn`` takes the KV cache under: ``cache`` from transformers 5.24, ``past_key_values`` before.
+
+    5.24 still accepts the old name but warns on every call, once per decoder layer per forward.
+    """
+    return "cache" if "cache" in inspect.signature(fn).parameters else "past_key_values"
+
+
+_MASK_CACHE = cache_keyword(create_causal_mask)
+
+
 class DecoderRunner:
     """Layer-range execution and decoding for one backbone (batch size 1)."""
 
     def __init__(self, adapter: BackboneAdapter) -> None:
         self.adapter = adapter
+        self._layer_cache = cache_keyword(type(adapter.layers[0]).forward)
 
     def new_cache(self) -> DynamicCache:
         return DynamicCache(config=self.adapter.text_config)
@@ -32,8 +47,8 @@ class DecoderRunner:
             config=self.adapter.text_config,
             inputs_embeds=hidden,
             attention_mask=None,
-            past_key_values=cache,
             layer_idx=layer_idx,
+            **{_MASK_CACHE: cache},
         )
 
     def run(
@@ -66,8 +81,8 @@ class DecoderRunner:
                 hidden,
                 attention_mask=mask,
                 position_embeddings=rotary,
-                past_key_values=cache,
                 use_cache=cache is not None,
+                **{self._layer_cache: cache},
             )
             hidden = self.adapter.inject(i, hidden, visual_mask, visual)
         return hidden

@@ -270,3 +270,21 @@ def test_stem_query_without_a_shared_prefix_runs_in_full():
     ids[0, 0] += 1  # ... but now the first pass's tokens no longer match the query prompt's
     fp.prompt = dataclasses.replace(fp.prompt, input_ids=ids)
     assert torch.allclose(qm._roi(fp, QUESTION)[0], alone.roi_logits, atol=1e-5)
+
+
+def test_cache_keyword_follows_the_signature():
+    from qzoom_agent.engine import cache_keyword
+
+    def new_style(hidden, cache=None, use_cache=False): ...
+    def old_style(hidden, past_key_values=None, use_cache=False): ...
+    assert cache_keyword(new_style) == "cache"
+    assert cache_keyword(old_style) == "past_key_values"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_decoding_passes_the_cache_under_the_installed_name(family, recwarn):
+    """No deprecation warning for the KV-cache argument from the layers or the mask (transformers renamed it)."""
+    qm = make_model(family, roi_threshold=0.3)
+    qm.answer(make_image(seed=3), QUESTION, mode="always", max_new_tokens=3, budget=(16, 64))
+    renamed = [w for w in recwarn if "past_key_values" in str(w.message)]
+    assert not renamed, str(renamed[0].message)
