@@ -6,6 +6,8 @@ If the vision tower's output at a dot's token does not say the dot's colour, no 
 features of the tokens that hold one dot's centre (one colour only) and of tag tokens, in two places: the vision
 tower's output and the language model's input to layer K (what the Q-Zoom heads read). It fits a linear
 classifier of the colour on train tokens and reports its accuracy on val tokens (chance: one over the colours).
+A second probe asks only whether a token holds a dot at all: dot-centre tokens against as many tokens of the same
+scene that hold no dot centre and no tag (chance 0.5). A box around the right cluster needs at least that much.
 
 Run::
 
@@ -34,8 +36,12 @@ PLACES = ("vision", "layer_K")
 
 @torch.no_grad()
 def collect(qz: QZoomModel, split: str, n: int, alphabet: str, max_side: int) -> dict[str, dict]:
-    """``{"dot" | "tag": {"x": {place: (M, D) features}, "y": (M,) colour indices}}`` over ``n`` count scenes."""
-    rows: dict[str, dict] = {kind: {"x": {p: [] for p in PLACES}, "y": []} for kind in ("dot", "tag")}
+    """``{"dot" | "tag" | "presence": {"x": {place: (M, D) features}, "y": (M,) labels}}`` over ``n`` count scenes.
+
+    Labels are colour indices for "dot" and "tag", and 1 (a dot's centre) or 0 (no dot, no tag) for "presence".
+    """
+    rows: dict[str, dict] = {kind: {"x": {p: [] for p in PLACES}, "y": []} for kind in ("dot", "tag", "presence")}
+    rng = np.random.default_rng(len(split) * 1000 + n)
     for k in tqdm(range(n), desc=f"{split} features", mininterval=2.0):
         s = generate(VARIANTS[k % 2], seed_for(split, k), alphabet=alphabet, mix={"count": 1.0},
                      size_range=(1024, max_side))
@@ -53,7 +59,11 @@ def collect(qz: QZoomModel, split: str, n: int, alphabet: str, max_side: int) ->
         t = scene_targets(s, (0, 0, *s.image.size), (gh, gw))
         tags = [(int(i), int(t.colour.ravel()[i])) for i in np.flatnonzero((t.present.ravel() == 1)
                                                                            & (t.colour.ravel() >= 0))]
-        for kind, items in (("dot", dots), ("tag", tags)):
+        taken = set(colours) | {i for i, _ in tags}
+        free = [i for i in range(gh * gw) if i not in taken]
+        blank = rng.choice(free, size=min(len(colours), len(free)), replace=False).tolist() if free else []
+        presence = [(i, 1) for i in colours] + [(int(i), 0) for i in blank]
+        for kind, items in (("dot", dots), ("tag", tags), ("presence", presence)):
             for i, colour in items:
                 for place in PLACES:
                     rows[kind]["x"][place].append(feats[place][i])
@@ -63,11 +73,15 @@ def collect(qz: QZoomModel, split: str, n: int, alphabet: str, max_side: int) ->
 
 
 def probe_accuracy(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor,
-                   steps: int = 300) -> float:
-    """Val accuracy of a linear classifier (inputs standardised on train, Adam with a little weight decay)."""
+                   classes: int = len(COLOURS), steps: int = 300) -> float:
+    """Val accuracy of a linear classifier (inputs standardised on train, Adam with a little weight decay).
+
+    Args:
+        x_train, x_val: (M, D) features; y_train, y_val: (M,) labels in ``0 .. classes-1``.
+    """
     torch.manual_seed(0)
     mean, std = x_train.mean(0), x_train.std(0) + 1e-5
-    lin = torch.nn.Linear(x_train.shape[1], len(COLOURS))
+    lin = torch.nn.Linear(x_train.shape[1], classes)
     opt = torch.optim.Adam(lin.parameters(), lr=1e-2, weight_decay=1e-4)
     for _ in range(steps):
         opt.zero_grad()
@@ -85,9 +99,10 @@ def main() -> None:
     qz, alphabet = model_args.load(args, qzoom=None)  # the model's own heads set K (base weights are the same)
     train = collect(qz, "train", args.n, alphabet, args.max_side)
     val = collect(qz, "val", args.n_val, alphabet, args.max_side)
+    classes = {"dot": len(COLOURS), "tag": len(COLOURS), "presence": 2}
     result = {kind: {place: probe_accuracy(train[kind]["x"][place], train[kind]["y"], val[kind]["x"][place],
-                                           val[kind]["y"]) for place in PLACES} for kind in ("dot", "tag")}
-    counts = {kind: {"train": len(train[kind]["y"]), "val": len(val[kind]["y"])} for kind in ("dot", "tag")}
+                                           val[kind]["y"], classes[kind]) for place in PLACES} for kind in classes}
+    counts = {kind: {"train": len(train[kind]["y"]), "val": len(val[kind]["y"])} for kind in classes}
     if args.json:
         print(json.dumps({"model": args.model, "K": qz.config.twig_K, "max_side": args.max_side,
                           "chance": 1 / len(COLOURS),
@@ -96,8 +111,9 @@ def main() -> None:
     print(f"colour of the object at a token, linear probe, val accuracy (chance {1 / len(COLOURS):.3f}); "
           f"images 1024-{args.max_side} px at {BUDGET[0]}-{BUDGET[1]} tokens, K = {qz.config.twig_K}")
     print("\n| tokens | train / val tokens | " + " | ".join(PLACES) + " |\n|---|---:|" + "---:|" * len(PLACES))
-    for kind in ("dot", "tag"):
-        print(f"| {kind} | {counts[kind]['train']} / {counts[kind]['val']} | "
+    labels = {"dot": "dot colour", "tag": "tag colour", "presence": "dot or nothing (chance 0.500)"}
+    for kind, label in labels.items():
+        print(f"| {label} | {counts[kind]['train']} / {counts[kind]['val']} | "
               + " | ".join(f"{result[kind][place]:.3f}" for place in PLACES) + " |")
 
 
