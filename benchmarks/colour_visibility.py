@@ -105,7 +105,7 @@ def main() -> None:
     counts = {kind: {"train": len(train[kind]["y"]), "val": len(val[kind]["y"])} for kind in classes}
     if args.json:
         print(json.dumps({"model": args.model, "K": qz.config.twig_K, "max_side": args.max_side,
-                          "chance": 1 / len(COLOURS),
+                          "chance": {kind: 1 / c for kind, c in classes.items()},
                           "accuracy": result, "tokens": counts}))
         return
     print(f"colour of the object at a token, linear probe, val accuracy (chance {1 / len(COLOURS):.3f}); "

@@ -18,9 +18,10 @@ from .backbones.base import BackboneAdapter, VisualFeatures
 
 
 def cache_keyword(fn: Callable) -> str:
-    """The name ``fn`` takes the KV cache under: ``cache`` from transformers 5.24, ``past_key_values`` before.
+    """The name ``fn`` takes the KV cache under: ``cache`` in recent transformers 5.x, ``past_key_values`` before.
 
-    5.24 still accepts the old name but warns on every call, once per decoder layer per forward.
+    Versions with the new name (5.24 among them) still accept the old one, but warn on every call: once per
+    decoder layer per forward.
     """
     return "cache" if "cache" in inspect.signature(fn).parameters else "past_key_values"
 
