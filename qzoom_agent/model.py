@@ -123,14 +123,27 @@ class QZoomModel:
         img_in = a.prepare_image(image, min_tokens=budget[0], max_tokens=budget[1])
         prompt = a.build_prompt(img_in, question, system=self.system_prompt)
         visual = a.encode_image([img_in])
-        hidden = a.embed(prompt.input_ids, visual)
         positions = a.positions(prompt.input_ids, [img_in])
+        hidden_k, rotary, mask, cache = self._below_k(prompt.input_ids, positions, visual)
+        return _FirstPass(image, prompt, visual, positions, rotary, mask, cache, hidden_k, budget)
+
+    def _below_k(self, ids: torch.Tensor, positions: torch.Tensor, visual) -> tuple:
+        """Layers 0..K-1 over a whole prompt on a new cache.
+
+        Args:
+            ids: (1, S) prompt ids; positions: their position ids (family layout); visual: the image's features.
+
+        Returns:
+            ``(hidden_k, rotary, mask, cache)``: (1, S, D) input of layer K, the rotary pair, the causal mask and
+            the cache holding layers < K.
+        """
+        a = self.adapter
+        hidden = a.embed(ids, visual)
         rotary = a.rotary(hidden, positions)
         cache = self.runner.new_cache()
         mask = self.runner.causal_mask(hidden, cache)
-        visual_mask = a.image_mask(prompt.input_ids)
-        hidden_k = self.runner.run(0, self.config.twig_K, hidden, rotary, mask, cache, visual_mask, visual)
-        return _FirstPass(image, prompt, visual, positions, rotary, mask, cache, hidden_k, budget)
+        hidden_k = self.runner.run(0, self.config.twig_K, hidden, rotary, mask, cache, a.image_mask(ids), visual)
+        return hidden_k, rotary, mask, cache
 
     def _gate(self, fp: _FirstPass) -> float:
         return float(torch.sigmoid(self.heads.gate_logit(fp.hidden_k, fp.rotary, fp.mask))[0])
@@ -164,11 +177,7 @@ class QZoomModel:
         p = fp.prompt.image_end
         shared = prompt.image_end == p and ids.shape[1] > p and torch.equal(ids[:, :p], old[:, :p])
         if not shared:  # a template that puts text before the image: run the query prompt in full
-            hidden = a.embed(ids, fp.visual)
-            rotary = a.rotary(hidden, positions)
-            cache = self.runner.new_cache()
-            mask = self.runner.causal_mask(hidden, cache)
-            hidden_k = self.runner.run(0, k, hidden, rotary, mask, cache, a.image_mask(ids), fp.visual)
+            hidden_k, rotary, mask, _ = self._below_k(ids, positions, fp.visual)
             return hidden_k, rotary, mask, prompt
         cache = self.runner.new_cache()  # the shared prefix's keys and values below K, not the question's
         for i in range(k):

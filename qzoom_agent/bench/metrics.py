@@ -13,6 +13,8 @@ from typing import Any
 from ..boxes import box_intersection
 
 OPTION_LETTERS = "ABCDEFGHIJ"
+# An RoI "hits" its target when it covers >= 70% of it within 16x its area (the issue's SD-RPN bar).
+ROI_COVERAGE, ROI_MAX_AREA = 0.7, 16.0
 SUMMARY_KEYS = (
     "accuracy", "accuracy_fine", "accuracy_coarse", "latency_s_mean", "visual_tokens_mean", "forward_passes_mean",
     "tool_calls_mean", "n",
@@ -183,7 +185,8 @@ def summarize_agent(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def roi_hit(box: BoxLike | None, target: BoxLike | None, coverage: float = 0.7, max_area: float = 16.0) -> bool:
+def roi_hit(box: BoxLike | None, target: BoxLike | None, coverage: float = ROI_COVERAGE,
+            max_area: float = ROI_MAX_AREA) -> bool:
     """Whether ``box`` covers at least ``coverage`` of ``target`` with at most ``max_area`` times its area.
 
     Examples:

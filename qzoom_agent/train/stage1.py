@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from pydantic import ConfigDict, Field, model_validator
 from tqdm import tqdm
 
+from ..bench.metrics import ROI_COVERAGE
 from ..bench.zoomworld import ZoomWorldSample
 from ..bench.zoomworld_questions import FINE_FAMILIES
 from ..checkpoint import save_adapter
@@ -40,7 +41,7 @@ from ..config import QZoomConfig, RoiMode
 from ..model import QZoomModel
 from .common import DeviceConfig, OptimConfig, atomic_torch_save, decay_groups, load_section
 from .common import stage_question as question
-from .stage1_eval import COVERAGE_BAR, evaluate_roi
+from .stage1_eval import evaluate_roi
 from .stage1_labels import (
     IGNORE,
     LabelRule,
@@ -199,7 +200,7 @@ def make_labels(qz: QZoomModel, cfg: Stage1Config, alphabet: str, heads: dict[in
                 labels = pseudo_labels(select_heads(att.maps, heads), cfg.rule, sink)
             target = box_labels(tuple(s.target_box), img).bool()
             fg = labels == 1
-            hit = bool(fg.any()) and float((fg & target).sum()) >= COVERAGE_BAR * float(target.sum())
+            hit = bool(fg.any()) and float((fg & target).sum()) >= ROI_COVERAGE * float(target.sum())
             records.append({"index": i, "answer": answer, "labels": labels.to(torch.int8), "grid": img.grid,
                             "skipped": bool((labels == IGNORE).all()), "target_hit": hit})
             bar.update(1)

@@ -23,7 +23,6 @@ from ..roi import qwen_sink_mask
 if TYPE_CHECKING:
     from .stage1 import Stage1Config
 
-COVERAGE_BAR, AREA_BAR = 0.7, 16.0  # an RoI "hits" when it covers >= 70% of the target within 16x its area
 
 SIZE_EDGES = (0.5, 1.0, 2.0)  # target side, in global-view tokens, where the RoI hit is broken down
 
@@ -101,7 +100,7 @@ def evaluate_roi(qz: QZoomModel, cfg: Stage1Config, alphabet: str, n: int) -> di
         p = qz.perceive(s.image, s.question, roi="always", budget=cfg.budget)
         box = p.box.to_json() if p.box else None
         target = list(s.target_box)
-        hit = roi_hit(box, target, coverage=COVERAGE_BAR, max_area=AREA_BAR)
+        hit = roi_hit(box, target)
         by_family.setdefault(s.family, []).append(hit)
         by_size.setdefault(size_bucket(target_side_tokens(target, p.grid, p.image_size)), []).append(hit)
         top1.setdefault(s.family, []).append(peak_on_target(p.roi_logits, target, p.grid, p.resized_size,
