@@ -20,6 +20,8 @@ from PIL import Image
 
 Cells = tuple[int, int, int, int]  # (r0, c0, r1, c1), r1/c1 exclusive
 Pair = tuple[int, int]  # (gh, gw) grids, (width, height) sizes
+# An RoI "hits" its target when it covers >= 70% of it within 16x its area (the SD-RPN bar of this project).
+ROI_COVERAGE, ROI_MAX_AREA = 0.7, 16.0
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,9 @@ class Box:
 
     def to_json(self) -> list[int]:
         return [self.x1, self.y1, self.x2, self.y2]
+
+
+BoxLike = Box | Sequence[float]  # a Box or (x1, y1, x2, y2) in source pixels
 
 
 def check_min_side_tokens(value: object) -> None:
@@ -202,12 +207,53 @@ def box_intersection(a: Sequence[float], b: Sequence[float]) -> float:
     return max(0, min(a[2], b[2]) - max(a[0], b[0])) * max(0, min(a[3], b[3]) - max(a[1], b[1]))
 
 
-def coverage(pred: Box, target: Box) -> float:
-    """Fraction of ``target``'s area inside ``pred``, in [0, 1]."""
-    return box_intersection(pred.as_tuple(), target.as_tuple()) / target.area
+def _xyxy(box: BoxLike) -> Sequence[float]:
+    return box.as_tuple() if isinstance(box, Box) else box
 
 
-def iou(a: Box, b: Box) -> float:
-    """Intersection over union of two boxes, in [0, 1]."""
-    inter = box_intersection(a.as_tuple(), b.as_tuple())
-    return inter / (a.area + b.area - inter)
+def _area(box: Sequence[float]) -> float:
+    return max(0.0, box[2] - box[0]) * max(0.0, box[3] - box[1])
+
+
+def iou(a: BoxLike | None, b: BoxLike | None) -> float | None:
+    """Intersection over union of two boxes (:class:`Box` or ``(x1, y1, x2, y2)``); None when either is missing or
+    both are empty.
+
+    Examples:
+        >>> iou((0, 0, 10, 10), (5, 0, 15, 10))
+        0.3333333333333333
+        >>> iou(Box(0, 0, 10, 10), (20, 20, 30, 30)), iou(None, (0, 0, 1, 1))
+        (0.0, None)
+    """
+    if a is None or b is None:
+        return None
+    a, b = _xyxy(a), _xyxy(b)
+    inter = box_intersection(a, b)
+    union = _area(a) + _area(b) - inter
+    return inter / union if union > 0 else None
+
+
+def coverage(pred: BoxLike | None, target: BoxLike | None) -> float | None:
+    """Fraction of ``target``'s area inside ``pred``, in [0, 1]; None when either is missing or the target is empty.
+
+    Examples:
+        >>> coverage((0, 0, 100, 100), (10, 10, 20, 20)), coverage(Box(0, 0, 15, 100), Box(10, 10, 20, 20))
+        (1.0, 0.5)
+    """
+    if pred is None or target is None or _area(_xyxy(target)) <= 0:
+        return None
+    pred, target = _xyxy(pred), _xyxy(target)
+    return box_intersection(pred, target) / _area(target)
+
+
+def roi_hit(box: BoxLike | None, target: BoxLike | None, min_coverage: float = ROI_COVERAGE,
+            max_area: float = ROI_MAX_AREA) -> bool:
+    """Whether ``box`` covers at least ``min_coverage`` of ``target`` with at most ``max_area`` times its area: the
+    bar an RoI is held to everywhere (stage 1's labels and evaluation, ``compare``'s ``roi_hit`` columns).
+
+    Examples:
+        >>> roi_hit((0, 0, 40, 40), (10, 10, 30, 30)), roi_hit((0, 0, 100, 100), (10, 10, 20, 20))
+        (True, False)
+    """
+    c = coverage(box, target)
+    return c is not None and c >= min_coverage and _area(_xyxy(box)) <= max_area * _area(_xyxy(target))

@@ -14,30 +14,23 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
+from .checks import UsageError, int_at_least, one_line
 from .images import ImageLoadError
 
 if TYPE_CHECKING:  # the demo pulls in torch and matplotlib: import it only where it runs
     from .demo import DemoRow
 
-DEFAULT_BASE_CONFIG = "configs/train/zoomworld_tiny.yaml"
-
-
-class UsageError(ValueError):
-    """A user-facing problem with the command's input."""
+DEFAULT_BASE_CONFIG = "configs/recipes/zoomworld_tiny/base.yaml"
 
 
 def _int_at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse type for integers >= ``minimum``."""
-    kind = "a positive" if minimum == 1 else f"an integer >= {minimum}, not a"
+    """An argparse type for integers >= ``minimum`` (`checks.int_at_least`)."""
 
     def parse(text: str) -> int:
         try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {kind} integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected {kind} integer, got {value}")
-        return value
+            return int_at_least(text, minimum, "the value")
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
 
     return parse
 
@@ -101,7 +94,7 @@ def _cmd_make_tiny(args: argparse.Namespace) -> int:
 
 
 def _cmd_zoomworld(args: argparse.Namespace) -> int:
-    from .bench.zoomworld import export_folder
+    from .zoomworld import export_folder
 
     out = export_folder(args.variant, args.split, args.n, args.out, start=args.start, alphabet=args.alphabet)
     print(out)
@@ -140,96 +133,62 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .train.common import CheckpointMismatchError, read_config
-    from .train.joint import load_answer_config, run_joint
-    from .train.warmup import load_train_config, run_warmup
+    if args.stage == "base":  # the bundled model's own recipe, apart from the product's stages
+        from .recipes.zoomworld_tiny.cli import cmd_train_base
 
-    if args.stage == "stage1":
-        from .train.stage1 import load_stage1_config, run_stage1
+        return cmd_train_base(args)
+    if args.config == DEFAULT_BASE_CONFIG:
+        raise UsageError(f"train {args.stage} needs --config (e.g. configs/train/{args.stage}_zoomworld_tiny.yaml)")
+    return _TRAIN_STAGES[args.stage](args)
 
-        if args.config == DEFAULT_BASE_CONFIG:
-            raise UsageError("train stage1 needs --config (e.g. configs/train/stage1_zoomworld_tiny.yaml)")
-        m = run_stage1(load_stage1_config(args.config), args.out, max_steps=args.steps)
-        print(f"stage 1 (SD-RPN twig) at step {m['step']}: RoI hit rate {m['roi_hit']:.3f} (box covers >= 70% of "
-              f"the target, <= 16x its area), coverage {m['roi_coverage']:.3f}, IoU {m['roi_iou']:.3f}; "
-              f"{m['usable']}/{m['labelled']} pseudo-labels usable; "
-              f"adapter in {os.path.join(args.out, 'stage1', 'qzoom')}")
-        for key, label in (("roi_hit_by_family", "family"), ("roi_hit_by_size", "target side in tokens")):
-            print(f"  RoI hit by {label}: " + ", ".join(f"{k} {v['hit']:.2f} ({v['n']})" for k, v in m[key].items()))
-        print(f"  top token on the target {m['roi_top1']:.2f}, by family: "
-              + ", ".join(f"{k} {v['hit']:.2f}" for k, v in m["roi_top1_by_family"].items()))
-        return 0
-    if args.stage == "stage2":
-        from .train.stage2 import load_stage2_config, run_stage2
 
-        if args.config == DEFAULT_BASE_CONFIG:
-            raise UsageError("train stage2 needs --config (e.g. configs/train/stage2_zoomworld_tiny.yaml)")
-        m = run_stage2(load_stage2_config(args.config), args.out, max_steps=args.steps)
-        print(f"stage 2 (post-SFT) at step {m['step']}: {m['hard']} hard cases of {m['mined']}; val accuracy "
-              f"direct {m['acc_never']:.3f}, zoomed {m['acc_always']:.3f}, gated {m['acc_auto']:.3f}; "
-              f"model in {os.path.join(args.out, 'stage2', 'model')}")
-        return 0
-    if args.stage == "stage3":
-        from .train.stage3 import load_stage3_config, run_stage3
+def _train_stage1(args: argparse.Namespace) -> int:
+    from .train.stage1 import load_stage1_config, run_stage1
 
-        if args.config == DEFAULT_BASE_CONFIG:
-            raise UsageError("train stage3 needs --config (e.g. configs/train/stage3_zoomworld_tiny.yaml)")
-        m = run_stage3(load_stage3_config(args.config), args.out, max_steps=args.steps)
-        auc = "n/a" if m["gate_auc"] is None else f"{m['gate_auc']:.3f}"
-        print(f"stage 3 (gate) at step {m['step']}: AUC {auc} for 'zoom helps' ({m['zoom_helps']} of "
-              f"{m['gate_scored']}), coarse skipped {m['coarse_skipped']:.3f}, fine zoomed {m['fine_zoomed']:.3f}; "
-              f"{m['transition']} transitions, {m['kept']} kept; "
-              f"adapter in {os.path.join(args.out, 'stage3', 'qzoom')}")
-        return 0
-    if args.stage != "base":
-        raise UsageError(f"unknown training stage {args.stage!r}")
-    if args.steps is not None and args.phase in ("all", "export"):
-        raise UsageError("--steps needs a single --phase (1 to 4): each phase has its own schedule")
-    if args.from_phase is not None and args.phase != "export":
-        raise UsageError("--from-phase goes with --phase export")
-    if args.phase == "export":
-        from .loading import BUNDLED_MODELS
-        from .train.export import export_model, latest_model
-
-        src = latest_model(args.out, args.from_phase)
-        _, _, alphabet = load_answer_config(args.config)
-        dst = export_model(src, args.to or BUNDLED_MODELS["zoomworld-tiny"], alphabet=alphabet)
-        size = sum(f.stat().st_size for f in dst.iterdir()) / 2**20
-        print(f"exported {src} to {dst} ({size:.1f} MiB, alphabet {alphabet})")
-        return 0
-    try:
-        if args.phase in ("1", "all"):
-            sizes, cfg = load_train_config(args.config)
-            m = run_warmup(cfg, args.out, sizes=sizes, max_steps=args.steps)
-            aligned, free = m.get("char_acc_aligned", float("nan")), m.get("char_acc_free", float("nan"))
-            print(f"phase 1 (vision warm-up) at step {m.get('step')}: held-out char accuracy aligned {aligned:.3f}, "
-                  f"free-placed {free:.3f}")
-        for phase, what in ((2, "answer training"), (3, "native-scale tiles")):
-            if args.phase not in (str(phase), "all"):
-                continue
-            sizes, cfg, alphabet = load_answer_config(args.config, phase)
-            m = run_joint(cfg, args.out, alphabet=alphabet, sizes=sizes, max_steps=args.steps, phase=phase)
-            print(f"phase {phase} ({what}) at step {m.get('step')}: held-out oracle-crop reading "
-                  f"{m.get('oracle_read_acc', float('nan')):.3f}, native-tile reading "
-                  f"{m.get('tile_read_acc', float('nan')):.3f}, coarse {m.get('coarse_acc', float('nan')):.3f}")
-        if args.phase == "4" or (args.phase == "all" and "grounding" in read_config(args.config)):
-            from .train.grounding import load_grounding_config, run_grounding
-
-            sizes, cfg, alphabet = load_grounding_config(args.config)
-            m = run_grounding(cfg, args.out, alphabet=alphabet, sizes=sizes, max_steps=args.steps)
-            print(f"phase 4 (grounding) at step {m.get('step')}: held-out zoom box hit {m['ground_hit']:.3f} "
-                  f"(calls {m['ground_call_rate']:.3f}), fine answers {m['ground_fine_acc']:.3f}; plain path: "
-                  f"oracle-crop reading {m['oracle_read_acc']:.3f}, coarse {m['coarse_acc']:.3f}")
-    except CheckpointMismatchError as err:
-        raise UsageError(str(err)) from None
+    cfg = load_stage1_config(args.config)
+    aux = None
+    if cfg.aux_weight > 0:  # the only auxiliary loss there is: ZoomWorld's colour probes
+        from .recipes.zoomworld_tiny.twig_aux import TwigAuxProbe as aux
+    m = run_stage1(cfg, args.out, max_steps=args.steps, aux=aux)
+    print(f"stage 1 (SD-RPN twig) at step {m['step']}: RoI hit rate {m['roi_hit']:.3f} (box covers >= 70% of "
+          f"the target, <= 16x its area), coverage {m['roi_coverage']:.3f}, IoU {m['roi_iou']:.3f}; "
+          f"{m['usable']}/{m['labelled']} pseudo-labels usable; "
+          f"adapter in {os.path.join(args.out, 'stage1', 'qzoom')}")
+    for key, label in (("roi_hit_by_family", "family"), ("roi_hit_by_size", "target side in tokens")):
+        print(f"  RoI hit by {label}: " + ", ".join(f"{k} {v['hit']:.2f} ({v['n']})" for k, v in m[key].items()))
+    print(f"  top token on the target {m['roi_top1']:.2f}, by family: "
+          + ", ".join(f"{k} {v['hit']:.2f}" for k, v in m["roi_top1_by_family"].items()))
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="qzoom-agent", description="Q-Zoom adaptive perception for vision-language models.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+def _train_stage2(args: argparse.Namespace) -> int:
+    from .train.stage2 import load_stage2_config, run_stage2
 
+    m = run_stage2(load_stage2_config(args.config), args.out, max_steps=args.steps)
+    print(f"stage 2 (post-SFT) at step {m['step']}: {m['hard']} hard cases of {m['mined']}; val accuracy "
+          f"direct {m['acc_never']:.3f}, zoomed {m['acc_always']:.3f}, gated {m['acc_auto']:.3f}; "
+          f"model in {os.path.join(args.out, 'stage2', 'model')}")
+    return 0
+
+
+def _train_stage3(args: argparse.Namespace) -> int:
+    from .train.stage3 import load_stage3_config, run_stage3
+
+    m = run_stage3(load_stage3_config(args.config), args.out, max_steps=args.steps)
+    auc = "n/a" if m["gate_auc"] is None else f"{m['gate_auc']:.3f}"
+    print(f"stage 3 (gate) at step {m['step']}: AUC {auc} for 'zoom helps' ({m['zoom_helps']} of "
+          f"{m['gate_scored']}), coarse skipped {m['coarse_skipped']:.3f}, fine zoomed {m['fine_zoomed']:.3f}; "
+          f"{m['transition']} transitions, {m['kept']} kept; "
+          f"adapter in {os.path.join(args.out, 'stage3', 'qzoom')}")
+    return 0
+
+
+_TRAIN_STAGES: dict[str, Callable[[argparse.Namespace], int]] = {
+    "stage1": _train_stage1, "stage2": _train_stage2, "stage3": _train_stage3,
+}
+
+
+def _add_ask(sub: argparse._SubParsersAction) -> None:
     ask = sub.add_parser("ask", help="answer one question about one image, zooming when the gate says so")
     ask.add_argument("image", help="image file (JPEG, PNG, WebP, TIFF, GIF, ...)")
     ask.add_argument("question", help="the question")
@@ -246,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--json", action="store_true", help="print one JSON object")
     ask.set_defaults(func=_cmd_ask)
 
+
+def _add_make_tiny(sub: argparse._SubParsersAction) -> None:
     tiny = sub.add_parser("make-tiny", help="write a tiny random model of a family, loadable offline")
     tiny.add_argument("out_dir", help="output directory")
     tiny.add_argument("--family", choices=["qwen2_5_vl", "qwen3_vl", "llava"], default="qwen2_5_vl")
@@ -255,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--no-heads", action="store_true", help="do not write Q-Zoom heads (copied from the base)")
     tiny.set_defaults(func=_cmd_make_tiny)
 
+
+def _add_zoomworld(sub: argparse._SubParsersAction) -> None:
     zw = sub.add_parser("zoomworld", help="write ZoomWorld images, questions and boxes to a folder (resumable)")
     zw.add_argument("--variant", choices=["hr", "doc"], required=True, help="photo-like clutter or page layouts")
     zw.add_argument("--split", choices=["train", "val", "test"], required=True, help="seed range to draw from")
@@ -264,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     zw.add_argument("--alphabet", default="ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789", help="glyph characters (A-Z0-9)")
     zw.set_defaults(func=_cmd_zoomworld)
 
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
     demo = sub.add_parser("demo", help="answer a few ZoomWorld test questions and draw boxes and heat maps")
     demo.add_argument("--model", default="zoomworld-tiny", help="model directory or bundled model name")
     demo.add_argument("--n", type=_positive, default=4, help="number of questions")
@@ -271,22 +236,32 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="qzoom-demo.png", help="PNG with boxes and RoI heat maps")
     demo.set_defaults(func=_cmd_demo)
 
-    train = sub.add_parser("train", help="train zoomworld-tiny (stage 'base'); resumable from OUT")
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    train = sub.add_parser("train", help="train Q-Zoom heads (stage1-3) or the bundled zoomworld-tiny (base); "
+                           "resumable from OUT")
     train.add_argument("stage", choices=["base", "stage1", "stage2", "stage3"], help="what to train")
     train.add_argument("--config", default=DEFAULT_BASE_CONFIG, help="training YAML")
     train.add_argument("--out", required=True, help="run folder; an interrupted run there resumes")
     train.add_argument("--phase", choices=["1", "2", "3", "4", "all", "export"], default="all",
-                       help="which phase(s) of the recipe ('all' runs phase 4 when the YAML has a 'grounding:' "
-                            "section); 'export' ships the latest phase's model as fp16")
-    train.add_argument("--to", default=None, help="export destination (default: the bundled zoomworld-tiny)")
+                       help="base only: which phase(s) of the recipe ('all' runs phase 4 when the YAML has a "
+                            "'grounding:' section); 'export' ships the latest phase's model as fp16")
+    train.add_argument("--to", default=None, help="base export destination (default: the bundled zoomworld-tiny)")
     train.add_argument("--from-phase", type=int, choices=[1, 2, 3, 4], default=None,
                        help="export this phase's model (default: the latest of phases 1-3; 4 is the grounded policy)")
     train.add_argument("--steps", type=_positive, default=None, help="stop this phase at this step (resume later)")
     train.set_defaults(func=_cmd_train)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``qzoom-agent`` parser: one subcommand per job; errors raise `UsageError` instead of exiting."""
     from .bench.runner import add_compare_parser
 
-    add_compare_parser(sub)
+    parser = _Parser(prog="qzoom-agent", description="Q-Zoom adaptive perception for vision-language models.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for add in (_add_ask, _add_make_tiny, _add_zoomworld, _add_demo, _add_train, add_compare_parser):
+        add(sub)
     return parser
 
 
@@ -303,7 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except expected as err:
         if os.environ.get("QZOOM_DEBUG"):
             raise
-        print(f"qzoom-agent: error: {_one_line(err)}", file=sys.stderr)
+        print(f"qzoom-agent: error: {one_line(err) or type(err).__name__}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("qzoom-agent: interrupted", file=sys.stderr)
@@ -311,13 +286,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as err:  # an unexpected failure still gets one line; QZOOM_DEBUG=1 shows the traceback
         if os.environ.get("QZOOM_DEBUG"):
             raise
-        print(f"qzoom-agent: internal error: {type(err).__name__}: {_one_line(err)} (QZOOM_DEBUG=1 for details)",
+        print(f"qzoom-agent: internal error: {type(err).__name__}: {one_line(err)} (QZOOM_DEBUG=1 for details)",
               file=sys.stderr)
         return 1
-
-
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split()) or type(err).__name__
 
 
 if __name__ == "__main__":

@@ -15,6 +15,19 @@ DEFAULT_BRANCH = {
     "Qwen3-VL-4B": (24, 3),
     "LLaVA-1.5-7B": (15, 3),
 }
+MIN_TOKENS_FLOOR = 256  # a budget of b visual tokens means (min(256, b), b)
+
+
+def budget_for(tokens: int) -> tuple[int, int]:
+    """The ``(min_tokens, max_tokens)`` of a view at ``tokens`` visual tokens: at most ``tokens``, and at least
+    256 of them when the image allows (fewer when ``tokens`` itself is below 256). Comparison agents and the
+    stage-3 ladder use it, so "the plain model at 1024 tokens" means one thing everywhere.
+
+    Examples:
+        >>> budget_for(4096), budget_for(64)
+        ((256, 4096), (64, 64))
+    """
+    return min(MIN_TOKENS_FLOOR, tokens), tokens
 
 
 class QZoomConfig(BaseModel):

@@ -17,10 +17,10 @@ import torch
 from PIL import Image
 
 from .bench.oracle import ORACLE_TOKENS, oracle_view
-from .bench.zoomworld import DEFAULT_ALPHABET
-from .bench.zoomworld import sample as zoomworld_sample
 from .loading import resolve_model_path, trained_alphabet
 from .model import QZoomModel
+from .zoomworld import DEFAULT_ALPHABET
+from .zoomworld import sample as zoomworld_sample
 
 logger = logging.getLogger(__name__)
 

@@ -14,6 +14,8 @@ from collections.abc import Iterator
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from .checks import one_line
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_IMAGE_PIXELS = 250_000_000
@@ -26,11 +28,6 @@ _PIL_GLOBALS_LOCK = threading.Lock()
 
 class ImageLoadError(ValueError):
     """An image could not be loaded; ``str(err)`` is a single line meant to be shown to the user."""
-
-
-def _one_line(text: object) -> str:
-    # Paths or PIL messages containing newlines must not break the one-line message contract.
-    return " ".join(str(text).split())
 
 
 def max_image_pixels(max_pixels: int | None = None) -> int:
@@ -55,7 +52,7 @@ def max_image_pixels(max_pixels: int | None = None) -> int:
     except ValueError:
         limit = None
     if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
-        raise ImageLoadError(f"{source} must be a positive integer, got {_one_line(repr(value))}")
+        raise ImageLoadError(f"{source} must be a positive integer, got {one_line(repr(value))}")
     return limit
 
 
@@ -112,7 +109,7 @@ def _open_source(source: str | os.PathLike | bytes | bytearray, label: str) -> t
         except PermissionError:
             raise ImageLoadError(f"cannot read image file (permission denied): {label}") from None
         except OSError as err:
-            raise ImageLoadError(f"cannot read image file: {label} ({_one_line(err.strerror or err)})") from None
+            raise ImageLoadError(f"cannot read image file: {label} ({one_line(err.strerror or err)})") from None
     try:
         with _pil_limits(None):
             return Image.open(handle), handle
@@ -122,7 +119,7 @@ def _open_source(source: str | os.PathLike | bytes | bytearray, label: str) -> t
     except (OSError, SyntaxError, ValueError, EOFError) as err:
         # A recognised signature followed by a broken header.
         handle.close()
-        raise ImageLoadError(f"truncated or corrupt image file: {label} ({_one_line(err)})") from None
+        raise ImageLoadError(f"truncated or corrupt image file: {label} ({one_line(err)})") from None
 
 
 def _high_bit_depth_to_rgb(image: Image.Image) -> Image.Image:
@@ -167,7 +164,7 @@ def _to_rgb(image: Image.Image, label: str) -> Image.Image:
     try:
         return image.convert("RGB")
     except (ValueError, OSError) as err:
-        raise ImageLoadError(f"unsupported image mode {mode!r}: {label} ({_one_line(err)})") from None
+        raise ImageLoadError(f"unsupported image mode {mode!r}: {label} ({one_line(err)})") from None
 
 
 def _decode(image: Image.Image, limit: int, label: str, *, owned: bool) -> Image.Image:
@@ -197,7 +194,7 @@ def _decode(image: Image.Image, limit: int, label: str, *, owned: bool) -> Image
     except MemoryError:
         raise ImageLoadError(f"not enough memory to decode {image.width}x{image.height} image: {label}") from None
     except (OSError, SyntaxError, ValueError, EOFError, IndexError) as err:
-        raise ImageLoadError(f"truncated or corrupt image file: {label} ({_one_line(err)})") from None
+        raise ImageLoadError(f"truncated or corrupt image file: {label} ({one_line(err)})") from None
 
     in_place = owned or first is not image
     try:
@@ -207,7 +204,7 @@ def _decode(image: Image.Image, limit: int, label: str, *, owned: bool) -> Image
         else:
             oriented = ImageOps.exif_transpose(first)  # a copy even when there is nothing to rotate
     except Exception as err:  # a broken EXIF block must not make a decodable image unusable
-        logger.warning("ignoring unreadable EXIF orientation in %s: %s", label, _one_line(err))
+        logger.warning("ignoring unreadable EXIF orientation in %s: %s", label, one_line(err))
         oriented = first if in_place else first.copy()
     return _to_rgb(oriented, label)
 
@@ -235,7 +232,7 @@ def load_image(source: str | os.PathLike | bytes | Image.Image, *, max_pixels: i
     if isinstance(source, (bytes, bytearray)):
         label = f"<{len(source)} bytes>"
     elif isinstance(source, (str, os.PathLike)):
-        label = _one_line(os.fspath(source))
+        label = one_line(os.fspath(source))
     else:
         raise TypeError(f"load_image expects a path, bytes or PIL.Image.Image, got {type(source).__name__}")
     image, handle = _open_source(source, label)

@@ -54,6 +54,27 @@ def resolve_model_path(name: str | Path) -> Path:
     return path
 
 
+def resolve_device(device: str = "auto", dtype: str = "auto") -> tuple[str, torch.dtype]:
+    """The concrete ``(device, dtype)`` of a run: ``auto`` picks CUDA when it is available, else the CPU, and an
+    ``auto`` dtype is fp32 on the CPU and bf16 on an accelerator.
+
+    Args:
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ...
+        dtype: ``"auto"`` or a torch dtype name such as ``"float32"`` or ``"bfloat16"``.
+
+    Examples:
+        >>> resolve_device("cpu")
+        ('cpu', torch.float32)
+        >>> resolve_device("cpu", "bfloat16")
+        ('cpu', torch.bfloat16)
+    """
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        return device, torch.float32 if device == "cpu" else torch.bfloat16
+    return device, getattr(torch, dtype)
+
+
 def _image_processor(cls: type[BackboneAdapter], path: Path, config):
     default = cls.default_image_processor(config)
     if (path / "preprocessor_config.json").is_file():

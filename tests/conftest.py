@@ -54,9 +54,9 @@ def real_data() -> Path:
 def tiny_phase1(tmp_path_factory) -> Path:
     """A run folder whose ``phase1/`` holds a 2-step warm-up of a tiny model (vision 32x2, LM 32x2, MLP 64; digits),
     shared read-only by the training tests: copy it before training into it."""
-    from qzoom_agent.train.dense_crops import DenseCropConfig
-    from qzoom_agent.train.warmup import WarmupConfig, run_warmup
-    from qzoom_agent.train.zoomworld_tiny import ZoomWorldTinySizes
+    from qzoom_agent.recipes.zoomworld_tiny.dense_crops import DenseCropConfig
+    from qzoom_agent.recipes.zoomworld_tiny.model import ZoomWorldTinySizes
+    from qzoom_agent.recipes.zoomworld_tiny.warmup import WarmupConfig, run_warmup
 
     out = tmp_path_factory.mktemp("phase1run")
     cfg = WarmupConfig(steps=2, batch_size=2, warmup_steps=1, checkpoint_every=2, eval_every=2, eval_images=2,

@@ -11,11 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-zoomworld = pytest.importorskip("qzoom_agent.bench.zoomworld")
+zoomworld = pytest.importorskip("qzoom_agent.zoomworld")
 
+from qzoom_agent import boxes, scoring  # noqa: E402
 from qzoom_agent.bench import metrics  # noqa: E402
-from qzoom_agent.bench.agents import AgentResult, budget_for, parse_budgets  # noqa: E402
+from qzoom_agent.bench.agents import AgentResult  # noqa: E402
+from qzoom_agent.bench.registry import parse_budgets  # noqa: E402
 from qzoom_agent.bench.runner import add_compare_parser, question_indices  # noqa: E402
+from qzoom_agent.config import budget_for  # noqa: E402
 from qzoom_agent.tiny import make_tiny  # noqa: E402
 
 SUMMARY_KEYS = {"accuracy", "accuracy_fine", "accuracy_coarse", "latency_s_mean", "visual_tokens_mean",
@@ -56,7 +59,7 @@ def _lines(out: Path) -> list[dict]:
     ("'diamond'!", "diamond"), ("A-3", "a-3"), ("", ""),
 ])
 def test_normalize(text, expected):
-    assert metrics.normalize(text) == expected
+    assert scoring.normalize(text) == expected
 
 
 OPTIONS = ["7K", "7X", "QQ", "A1"]
@@ -82,15 +85,15 @@ OPTIONS = ["7K", "7X", "QQ", "A1"]
     ("E", "B", OPTIONS, False),
 ])
 def test_is_correct(pred, answer, options, expected):
-    assert metrics.is_correct(pred, answer, options) is expected
+    assert scoring.is_correct(pred, answer, options) is expected
 
 
 def test_box_geometry():
-    assert metrics.box_iou((0, 0, 10, 10), (0, 0, 10, 10)) == 1.0
-    assert metrics.box_iou((0, 0, 10, 10), (20, 20, 30, 30)) == 0.0
-    assert metrics.box_iou((0, 0, 10, 10), (5, 0, 15, 10)) == pytest.approx(1 / 3)
-    assert metrics.box_coverage((0, 0, 15, 100), (10, 10, 20, 20)) == 0.5
-    assert metrics.box_coverage(None, (0, 0, 1, 1)) is None and metrics.box_iou((0, 0, 1, 1), None) is None
+    assert boxes.iou((0, 0, 10, 10), (0, 0, 10, 10)) == 1.0
+    assert boxes.iou((0, 0, 10, 10), (20, 20, 30, 30)) == 0.0
+    assert boxes.iou((0, 0, 10, 10), (5, 0, 15, 10)) == pytest.approx(1 / 3)
+    assert boxes.coverage((0, 0, 15, 100), (10, 10, 20, 20)) == 0.5
+    assert boxes.coverage(None, (0, 0, 1, 1)) is None and boxes.iou((0, 0, 1, 1), None) is None
 
 
 def test_budgets_and_agent_result():
@@ -145,7 +148,7 @@ def test_run_writes_everything(tiny_model, tmp_path, capsys):
     assert summary == {"agents": _recompute(records, agents)}
     assert json.loads((out / "summary.json").read_text()) == summary
     for rec in records:
-        assert rec["correct"] is metrics.is_correct(rec["answer"], rec["truth"], rec["options"])
+        assert rec["correct"] is scoring.is_correct(rec["answer"], rec["truth"], rec["options"])
         assert rec["kind"] in ("fine", "coarse") and rec["variant"] == "hr" and rec["zooms"] == 0
         assert rec["target_box"] is not None and rec["bbox"] is None and rec["iou"] is None
     run = json.loads((out / "run.json").read_text())
@@ -296,13 +299,13 @@ def test_qzoom_agents_report_zooms_and_roi_quality(tiny_model, tmp_path, capsys)
     assert all((r["gate_score"] is None) == (r["agent"] == "qzoom-never") for r in records)
     assert all(r["visual_tokens"] <= 2 * 64 for r in records)  # each view obeys the cap
     fine = [r for r in always if r["kind"] == "fine"]
-    expected = {f: sum(metrics.roi_hit(r["bbox"], r["target_box"]) for r in fine if r["family"] == f)
+    expected = {f: sum(boxes.roi_hit(r["bbox"], r["target_box"]) for r in fine if r["family"] == f)
                 / sum(r["family"] == f for r in fine) for f in {r["family"] for r in fine}}
     assert expected and summary["qzoom-always"]["roi_hit_by_family"] == pytest.approx(expected)
     assert "RoI hit (box covers" in (out / "summary.md").read_text()  # the fine families' hit rates get a table
     for r in always:  # a forced zoom has a box whenever the map fires; its coverage is scored
         assert (r["bbox"] is None) == (r["zooms"] == 0)
-        assert r["bbox"] is None or r["coverage"] == metrics.box_coverage(r["bbox"], r["target_box"])
+        assert r["bbox"] is None or r["coverage"] == boxes.coverage(r["bbox"], r["target_box"])
 
 
 def test_pareto_and_matched_accuracy(tiny_model, tmp_path, capsys):
@@ -347,9 +350,10 @@ def test_missing_model(tmp_path, capsys):
 def test_doctests():
     import doctest
 
-    from qzoom_agent.bench import agents, report
+    from qzoom_agent import checks, config, loading
+    from qzoom_agent.bench import registry, report
 
-    for module in (metrics, agents, report):
+    for module in (metrics, registry, report, scoring, boxes, config, checks, loading):
         result = doctest.testmod(module)
         assert result.attempted > 0 and result.failed == 0, module.__name__
 

@@ -20,12 +20,12 @@ from qzoom_agent.tools.deepeyes import (
 )
 
 from qzoom_agent.backbones.qwen2_5_vl import Qwen2_5_VLAdapter
-from qzoom_agent.bench import agents as agents_lib
+from qzoom_agent.bench import registry
 from qzoom_agent.bench.deepeyes_agent import TOOL_ZOOM, DeepEyesAgent, policy_messages
-from qzoom_agent.bench.zoomworld import generate
 from qzoom_agent.model import QZoomModel
-from qzoom_agent.train.joint_eval import inference_model
-from qzoom_agent.train.zoomworld_tiny import build_zoomworld_tiny
+from qzoom_agent.recipes.zoomworld_tiny.joint_eval import inference_model
+from qzoom_agent.recipes.zoomworld_tiny.model import build_zoomworld_tiny
+from qzoom_agent.zoomworld import generate
 
 torch.set_num_threads(2)
 
@@ -117,14 +117,14 @@ def test_agent_loop_zooms_through_the_tool_then_answers(tiny_model, monkeypatch)
 
 def test_agent_runs_the_real_model_and_is_registered(tiny_model):
     s = generate("doc", 3_000_000_011, alphabet="0123456789", size_range=(1024, 1536))
-    ctx = agents_lib.AgentContext(model=tiny_model)
-    agent = agents_lib.make_agent("deepeyes@64", ctx)
-    assert isinstance(agent, DeepEyesAgent) and agents_lib.agent_tokens("deepeyes@64", {}) == 64
+    ctx = registry.AgentContext(model=tiny_model)
+    agent = registry.make_agent("deepeyes@64", ctx)
+    assert isinstance(agent, DeepEyesAgent) and registry.agent_tokens("deepeyes@64", {}) == 64
     agent.max_new_tokens = 4
     res = agent.run(s.image, s.question)
     assert res.forward_passes >= 1 and res.visual_tokens >= 1 and isinstance(res.answer, str)
-    assert agents_lib.make_agent("deepeyes", ctx).budget == (256, 576)
-    assert "deepeyes@N" in agents_lib.known_agents()
+    assert registry.make_agent("deepeyes", ctx).budget == (256, 576)
+    assert "deepeyes@N" in registry.known_agents()
 
 
 def test_policy_messages_render_image_and_error_turns(tiny_model):

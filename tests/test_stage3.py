@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from qzoom_agent.bench.metrics import auc
 from qzoom_agent.model import QZoomModel
+from qzoom_agent.scoring import auc
 from qzoom_agent.tiny import make_tiny
 from qzoom_agent.train.stage3 import STAGE_DIR, Stage3Config, load_stage3_config, run_stage3
 from qzoom_agent.train.stage3_labels import EASY, TRANSITION, GateSample, agree, balance, classify, pick
@@ -89,7 +89,7 @@ def test_stage3_trains_only_the_gate(tmp_path):
 
 
 def test_zoom_rungs_top_the_ladder_with_forced_zoom_answers(tmp_path):
-    from qzoom_agent.bench.agents import budget_for
+    from qzoom_agent.config import budget_for
     from qzoom_agent.train.common import stage_question
     from qzoom_agent.train.stage3 import answer_at_budgets
 

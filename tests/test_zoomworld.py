@@ -16,12 +16,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from qzoom_agent.bench.zoomworld import (
-    ASPECT_BOUNDS,
+from qzoom_agent.cli import main
+from qzoom_agent.zoomworld import (
     DEFAULT_ALPHABET,
     FAMILIES,
     FINE_FAMILIES,
-    SIZE_RANGE,
     SPLITS,
     export_folder,
     generate,
@@ -29,8 +28,8 @@ from qzoom_agent.bench.zoomworld import (
     seed_for,
     to_dataset,
 )
-from qzoom_agent.bench.zoomworld_render import PALETTE, layout_glyphs, text_colour
-from qzoom_agent.cli import main
+from qzoom_agent.zoomworld.render import PALETTE, layout_glyphs, text_colour
+from qzoom_agent.zoomworld.samples import ASPECT_BOUNDS, SIZE_RANGE
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = (448, 896)  # small canvases keep most tests fast; a few tests use the default 1024-4096 px
@@ -139,7 +138,7 @@ def test_same_seed_same_bytes_and_records(variant):
 
 
 def test_fresh_process_gives_the_same_bytes():
-    code = ("import hashlib, io, json; from qzoom_agent.bench.zoomworld import sample; s = sample('hr', 'test', 3); "
+    code = ("import hashlib, io, json; from qzoom_agent.zoomworld import sample; s = sample('hr', 'test', 3); "
             "b = io.BytesIO(); s.image.save(b, format='PNG'); "
             "print(hashlib.sha256(b.getvalue()).hexdigest(), json.dumps(s.to_json(), sort_keys=True))")
     env = {**os.environ, "PYTHONPATH": str(REPO)}

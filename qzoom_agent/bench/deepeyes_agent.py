@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from ..backbones import ImageInputs
+from ..config import budget_for
 from ..images import load_image
 from ..tools.deepeyes import (
     MAX_TURNS,
@@ -27,7 +28,7 @@ from ..tools.deepeyes import (
     to_source_box,
     zoom_tool_schema,
 )
-from .agents import AgentResult, budget_for
+from .agents import AgentResult
 from .oracle import ORACLE_TOKENS, ORACLE_ZOOM
 
 if TYPE_CHECKING:

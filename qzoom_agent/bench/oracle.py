@@ -2,7 +2,7 @@
 
 The target box (known to the benchmark, never to a real agent) with one box size of context on each side,
 enlarged 3x and then encoded at <= 256 visual tokens. Training uses the same crop with random context and
-enlargement (``train.answer_data``).
+enlargement (``recipes.zoomworld_tiny.answer_data``).
 """
 
 from __future__ import annotations

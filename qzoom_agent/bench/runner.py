@@ -4,8 +4,8 @@ Questions: ``--seed S --n N`` draws ``random.Random(S).sample(range(T), N)`` que
 size of ZoomWorld's TEST split, so every seed gives held-out questions and the same seed always the same ones
 (a larger N with the same seed extends the list: the first N' indices are the same).
 
-Timing follows DESIGN "Measuring": batch size 1; one unrecorded warm-up question per agent (from the val split);
-then, for each question, every agent in turn before the next question, so machine drift cancels.
+Timing: batch size 1; one unrecorded warm-up question per agent (from the val split); then, for each question,
+every agent in turn before the next question, so machine drift cancels and costs are compared side by side.
 
 Output in ``--out DIR``:
     results.jsonl  one line per (question, agent), written and flushed as it goes; an interrupted run resumes,
@@ -28,8 +28,11 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from . import agents as agents_lib
-from . import metrics, report, zoomworld
+from .. import boxes, scoring, zoomworld
+from ..checks import int_at_least
+from ..config import budget_for
+from . import metrics, registry, report
+from .agents import Agent, AgentResult
 
 logger = logging.getLogger(__name__)
 
@@ -68,12 +71,12 @@ class CompareConfig:
     seed: int
     out: str
     model: str = "zoomworld-tiny"
-    lowres_tokens: int = agents_lib.DEFAULT_LOWRES_TOKENS
-    highres_tokens: int = agents_lib.DEFAULT_HIGHRES_TOKENS
+    lowres_tokens: int = registry.DEFAULT_LOWRES_TOKENS
+    highres_tokens: int = registry.DEFAULT_HIGHRES_TOKENS
     max_new_tokens: int = 8
     device: str = "auto"
     alphabet: str = ""
-    qzoom_tokens: int = agents_lib.DEFAULT_QZOOM_TOKENS
+    qzoom_tokens: int = registry.DEFAULT_QZOOM_TOKENS
 
     @property
     def variant(self) -> str:
@@ -99,11 +102,6 @@ def parse_bench(text: str) -> str:
     return text
 
 
-def _check_positive(name: str, value: int) -> None:
-    if value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value}")
-
-
 def config_from_args(args: argparse.Namespace) -> CompareConfig:
     """Validate the parsed `compare` options.
 
@@ -113,19 +111,19 @@ def config_from_args(args: argparse.Namespace) -> CompareConfig:
     bench = parse_bench(args.bench)
     names = [a.strip() for a in str(args.agents).split(",") if a.strip()]
     if args.budgets is not None:
-        names += [f"plain@{b}" for b in agents_lib.parse_budgets(args.budgets)]
+        names += [f"plain@{b}" for b in registry.parse_budgets(args.budgets)]
     if not names:
         raise ValueError("no agents given; pass --agents lowres,highres or --budgets 256,1024")
     for name in names:
-        agents_lib.check_agent_name(name)
+        registry.check_agent_name(name)
     repeated = sorted({a for a in names if names.count(a) > 1})
     if repeated:
         raise ValueError(f"agents repeat: {', '.join(repeated)}; list each agent once")
-    _check_positive("--n", args.n)
+    int_at_least(args.n, 1, "--n")
     if args.n > split_size():
         raise ValueError(f"--n {args.n} exceeds the {split_size()} questions of the test split")
     for opt in ("lowres_tokens", "highres_tokens", "max_new_tokens", "qzoom_tokens"):
-        _check_positive("--" + opt.replace("_", "-"), getattr(args, opt))
+        int_at_least(getattr(args, opt), 1, "--" + opt.replace("_", "-"))
     alphabet = args.alphabet or ""
     if alphabet:
         zoomworld.check_alphabet(alphabet)
@@ -173,9 +171,9 @@ def prepare_run_dir(cfg: CompareConfig, model_path: Path) -> dict[str, Any]:
 
 
 def _budget_of(cfg: CompareConfig, name: str) -> list[int] | None:
-    tokens = agents_lib.agent_tokens(name, {"lowres": cfg.lowres_tokens, "highres": cfg.highres_tokens,
+    tokens = registry.agent_tokens(name, {"lowres": cfg.lowres_tokens, "highres": cfg.highres_tokens,
                                             "qzoom": cfg.qzoom_tokens})
-    return list(agents_lib.budget_for(tokens)) if tokens else None
+    return list(budget_for(tokens)) if tokens else None
 
 
 def load_results(path: Path) -> list[dict[str, Any]]:
@@ -209,35 +207,32 @@ def load_results(path: Path) -> list[dict[str, Any]]:
 
 
 # ---- running ---------------------------------------------------------------------------------------------------
-def _record(cfg: CompareConfig, s: zoomworld.ZoomWorldSample, name: str, res: agents_lib.AgentResult) -> dict:
+def _record(cfg: CompareConfig, s: zoomworld.ZoomWorldSample, name: str, res: AgentResult) -> dict:
     target = list(s.target_box) if s.target_box is not None else None
     return {
         "index": s.index, "seed": s.seed, "run_seed": cfg.seed, "split": s.split, "variant": s.variant,
         "family": s.family, "kind": s.kind, "agent": name, "question": s.question, "answer": res.answer,
-        "truth": s.answer, "options": s.options, "correct": metrics.is_correct(res.answer, s.answer, s.options),
+        "truth": s.answer, "options": s.options, "correct": scoring.is_correct(res.answer, s.answer, s.options),
         "latency_s": res.latency_s, "visual_tokens": res.visual_tokens, "forward_passes": res.forward_passes,
         "generated_tokens": res.generated_tokens, "tool_calls": res.tool_calls, "zooms": res.zooms,
         "gate_score": res.gate_score, "bbox": res.bbox, "target_box": target,
-        "iou": metrics.box_iou(res.bbox, target), "coverage": metrics.box_coverage(res.bbox, target),
+        "iou": boxes.iou(res.bbox, target), "coverage": boxes.coverage(res.bbox, target),
     }
 
 
 def _load_model(cfg: CompareConfig):
-    import torch
     from transformers.utils import logging as hf_logging
 
+    from ..loading import resolve_device
     from ..model import QZoomModel
 
     hf_logging.disable_progress_bar()
-    device = cfg.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    device, dtype = resolve_device(cfg.device)
     logger.info("loading %s on %s", cfg.model, device)
     return QZoomModel.from_pretrained(cfg.model, device=device, dtype=dtype)
 
 
-def _extra(agent: agents_lib.Agent, s: zoomworld.ZoomWorldSample) -> dict[str, Any]:
+def _extra(agent: Agent, s: zoomworld.ZoomWorldSample) -> dict[str, Any]:
     """Keyword arguments beyond (image, question): the target box, for reference agents that declare they use it."""
     return {"target_box": tuple(s.target_box)} if getattr(agent, "uses_target_box", False) else {}
 
@@ -246,10 +241,10 @@ def _run_pending(cfg: CompareConfig, pending: list[tuple[int, list[str]]], path:
     """Warm every agent up, then run the pending (question, agents) pairs interleaved, appending to ``path``."""
     from tqdm import tqdm
 
-    ctx = agents_lib.AgentContext(_load_model(cfg), cfg.lowres_tokens, cfg.highres_tokens, cfg.max_new_tokens,
+    ctx = registry.AgentContext(_load_model(cfg), cfg.lowres_tokens, cfg.highres_tokens, cfg.max_new_tokens,
                                   cfg.qzoom_tokens)
     names = [a for a in cfg.agents if any(a in todo for _, todo in pending)]
-    runners = {name: agents_lib.make_agent(name, ctx) for name in names}
+    runners = {name: registry.make_agent(name, ctx) for name in names}
     warm = zoomworld.sample(cfg.variant, WARMUP_SPLIT, WARMUP_INDEX, alphabet=cfg.alphabet)
     for agent in runners.values():
         agent.run(warm.image, warm.question, **_extra(agent, warm))  # warm-up: not recorded
@@ -328,17 +323,17 @@ def add_compare_parser(subparsers: Any) -> argparse.ArgumentParser:
                               "against cost. Rerun with the same --out and arguments to resume.")
     p.add_argument("--bench", required=True, help="zoomworld:hr or zoomworld:doc")
     p.add_argument("--agents", default="lowres,highres",
-                   help=f"comma-separated agents: {', '.join(agents_lib.known_agents())} (default: lowres,highres)")
+                   help=f"comma-separated agents: {', '.join(registry.known_agents())} (default: lowres,highres)")
     p.add_argument("--n", type=int, default=100, help="number of test questions (default 100)")
     p.add_argument("--seed", type=int, default=0, help="picks the test questions (default 0)")
     p.add_argument("--out", required=True, help="output directory; rerun with the same arguments to resume")
     p.add_argument("--budgets", default=None, help="also run plain@B for each budget, e.g. 256,576,1024,2048,4096")
     p.add_argument("--model", default="zoomworld-tiny", help="model directory or bundled model name")
-    p.add_argument("--lowres-tokens", type=int, default=agents_lib.DEFAULT_LOWRES_TOKENS,
+    p.add_argument("--lowres-tokens", type=int, default=registry.DEFAULT_LOWRES_TOKENS,
                    help="visual tokens of the lowres agent (default 256)")
-    p.add_argument("--highres-tokens", type=int, default=agents_lib.DEFAULT_HIGHRES_TOKENS,
+    p.add_argument("--highres-tokens", type=int, default=registry.DEFAULT_HIGHRES_TOKENS,
                    help="visual tokens of the highres agent (default 4096)")
-    p.add_argument("--qzoom-tokens", type=int, default=agents_lib.DEFAULT_QZOOM_TOKENS,
+    p.add_argument("--qzoom-tokens", type=int, default=registry.DEFAULT_QZOOM_TOKENS,
                    help="global-view visual tokens of the qzoom agents (default 576)")
     p.add_argument("--max-new-tokens", type=int, default=8, help="max generated tokens per answer (default 8)")
     p.add_argument("--alphabet", default=None,

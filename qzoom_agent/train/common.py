@@ -1,4 +1,5 @@
-"""What the training phases share: optimiser settings and schedule, parameter groups, and resumable run state."""
+"""What the Q-Zoom training stages share: optimiser and device settings, parameter groups, YAML sections, atomic
+writes and resumable caches."""
 
 from __future__ import annotations
 
@@ -7,21 +8,17 @@ import math
 import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from ..bench.zoomworld import VARIANTS, ZoomWorldSample, generate, seed_for
-from .dense_probe import DenseProbe
-
-
-class CheckpointMismatchError(ValueError):
-    """A run folder holds a checkpoint written under a different config."""
+from ..checks import one_line
+from ..loading import resolve_device
+from ..zoomworld import VARIANTS, ZoomWorldSample, generate, seed_for
 
 
 class OptimConfig(BaseModel):
@@ -55,13 +52,8 @@ class DeviceConfig(BaseModel):
     dtype: str = Field("auto", pattern="^(auto|float32|bfloat16|float16)$", description="weight dtype")
 
     def resolve(self) -> tuple[str, torch.dtype]:
-        """The concrete (device, dtype)."""
-        device = self.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if self.dtype == "auto":
-            return device, torch.float32 if device == "cpu" else torch.bfloat16
-        return device, getattr(torch, self.dtype)
+        """The concrete (device, dtype) (`loading.resolve_device`)."""
+        return resolve_device(self.device, self.dtype)
 
 
 @contextmanager
@@ -88,67 +80,6 @@ def decay_groups(params: Iterable[nn.Parameter], weight_decay: float, lr: float 
     ]
 
 
-@dataclass(kw_only=True)
-class RunState:
-    """Optimiser, schedule, probe and counters of a run; subclasses say which weights are trained and saved.
-
-    The data stream of every phase is a pure function of ``step``, so ``step`` is all the stream state to save.
-    """
-
-    weights_key: ClassVar[str] = "model"  # checkpoint key of the trained weights
-
-    probe: DenseProbe
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    step: int = 0
-    train_seconds: float = 0.0
-    running: dict[str, float] = field(default_factory=dict)
-
-    def weights(self) -> nn.Module:
-        """The module whose parameters this phase trains (and checkpoints)."""
-        raise NotImplementedError
-
-    @property
-    def params(self) -> list[nn.Parameter]:
-        """The trained parameters."""
-        return [p for group in self.optimizer.param_groups for p in group["params"]]
-
-    def apply(self, loss: torch.Tensor, grad_clip: float) -> None:
-        """One optimiser step on ``loss``: backward, clip, AdamW, schedule, and count the step."""
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.params, grad_clip)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.step += 1
-
-    def state(self, key: str) -> dict[str, Any]:
-        """Checkpoint contents: trained weights, probe, optimiser, schedule, counters and the torch RNG."""
-        return {
-            "format": 1, "config_key": key, "step": self.step, "train_seconds": self.train_seconds,
-            "running": dict(self.running), self.weights_key: self.weights().state_dict(),
-            "probe": self.probe.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
-        }
-
-    def save(self, path: Path, key: str) -> None:
-        """Write the checkpoint atomically: a crash leaves the previous one intact."""
-        atomic_torch_save(self.state(key), path)
-
-    def restore(self, path: Path, key: str) -> None:
-        """Load a checkpoint written under the same config ``key``."""
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if state.get("config_key") != key:
-            raise CheckpointMismatchError(f"{path} was written under a different config; resume with the same "
-                                          "config or use a new --out")
-        self.weights().load_state_dict(state[self.weights_key])
-        self.probe.load_state_dict(state["probe"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        self.step, self.train_seconds, self.running = state["step"], state["train_seconds"], state["running"]
-
-
 def atomic_torch_save(obj: Any, path: Path) -> None:
     """``torch.save`` to a temp file, synced, then renamed over ``path``: a crash leaves the previous file."""
     tmp = path.with_name(path.name + ".tmp")
@@ -170,7 +101,7 @@ def read_config(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any
     try:
         data = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as err:
-        raise ValueError(f"cannot read training config {path}: {' '.join(str(err).split())}") from err
+        raise ValueError(f"cannot read training config {path}: {one_line(err)}") from err
     if not isinstance(data, dict):
         raise ValueError(f"training config {path} must be a mapping of sections")
     parent = data.pop("extends", None)
@@ -182,19 +113,21 @@ def read_config(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any
     return {**read_config(base, (*_seen, path.resolve())), **data}
 
 
-def load_section(path: str | Path, section: str, cls: type[BaseModel]) -> Any:
-    """Validate the ``section:`` mapping of a training YAML as ``cls``.
+def load_section(path: str | Path, section: str, cls: type[BaseModel], example: str | None = None) -> Any:
+    """Validate the ``section:`` mapping of a training YAML as ``cls``; ``example``, a config file the error
+    message points to.
 
     Raises:
         ValueError: one line naming the file and what is wrong.
     """
     data = read_config(path)
     if not isinstance(data.get(section), dict):
-        raise ValueError(f"{path} needs a '{section}:' mapping (see configs/train/{section}_zoomworld_tiny.yaml)")
+        hint = f" (see {example})" if example else ""
+        raise ValueError(f"{path} needs a '{section}:' mapping{hint}")
     try:
         return cls(**data[section])
     except ValueError as err:
-        raise ValueError(f"invalid {section} config {path}: {' '.join(str(err).split())}") from err
+        raise ValueError(f"invalid {section} config {path}: {one_line(err)}") from err
 
 
 def stage_question(cfg: Any, alphabet: str, split: str, index: int) -> ZoomWorldSample:
@@ -217,20 +150,3 @@ def resume_jsonl(path: Path) -> list[dict]:
             break
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return rows
-
-
-def read_metrics(path: Path) -> list[dict]:
-    """The rows of a metrics JSONL file; [] when it does not exist yet."""
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def keep_metrics_until(path: Path, step: int) -> None:
-    """Drop rows logged after the checkpoint being resumed (they will be logged again), atomically."""
-    rows = read_metrics(path)
-    kept = [r for r in rows if r["step"] <= step]
-    if len(kept) != len(rows):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, path)

@@ -1,7 +1,7 @@
 """Answer judges for hard-sample mining: is a prediction right for a question?
 
 ``make_judge(spec)``: ``"exact"`` (identical after stripping whitespace), ``"normalized"`` (the benchmark's own
-rule, `bench.metrics.is_correct`: normalised match, option letters for multiple choice) or ``"llm:DIR"`` (any
+rule, `scoring.is_correct`: normalised match, option letters for multiple choice) or ``"llm:DIR"`` (any
 local chat model with a chat template, asked for a yes/no verdict; loaded from ``DIR``, never downloaded).
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from ..bench.metrics import is_correct
+from ..scoring import is_correct
 
 
 class Judge(Protocol):
@@ -26,7 +26,7 @@ def exact_judge(question: str, prediction: str, reference: str, options: Sequenc
 
 
 def normalized_judge(question: str, prediction: str, reference: str, options: Sequence[str] | None = None) -> bool:
-    """The benchmark's scoring rule (`bench.metrics.is_correct`)."""
+    """The benchmark's scoring rule (`scoring.is_correct`)."""
     return is_correct(prediction, reference, options)
 
 

@@ -23,35 +23,36 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
-from pydantic import ConfigDict, Field, model_validator
+from torch import nn
 from tqdm import tqdm
 
-from ..bench.metrics import ROI_COVERAGE
-from ..bench.zoomworld import ZoomWorldSample
-from ..bench.zoomworld_questions import FINE_FAMILIES
+from ..boxes import ROI_COVERAGE
 from ..checkpoint import save_adapter
-from ..config import QZoomConfig, RoiMode
+from ..config import QZoomConfig
 from ..model import QZoomModel
-from .common import DeviceConfig, OptimConfig, atomic_torch_save, decay_groups, load_section
+from ..zoomworld import ZoomWorldSample
+from .common import atomic_torch_save, decay_groups
 from .common import stage_question as question
+from .stage1_config import AUX_NEEDS_T2, Stage1Config, load_stage1_config
 from .stage1_eval import evaluate_roi
 from .stage1_labels import (
     IGNORE,
-    LabelRule,
     box_labels,
     head_agreement,
     pseudo_labels,
     response_attention,
     select_heads,
 )
-from .twig_aux import TwigAuxProbe, TwigAuxTargets, aux_targets
+
+__all__ = ["Stage1Config", "TwigAuxiliary", "load_stage1_config", "run_stage1"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,85 +60,6 @@ STAGE_DIR = "stage1"
 LABELS_FILE, CHECKPOINT_FILE, METRICS_FILE, RANKING_FILE = "labels.pt", "checkpoint.pt", "metrics.jsonl", \
     "head_ranking.json"
 RANK_OFFSET = 5 * 10**8  # train-split indices of the head-ranking questions: apart from the label questions
-_AUX_NEEDS_T2 = "aux_weight needs twig_T >= 2: with one twig layer the probes would read frozen states"
-
-
-class Stage1Config(OptimConfig):
-    """Stage-1 settings (``configs/train/stage1_*.yaml``)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    model: str = Field("zoomworld-tiny", description="base model directory or bundled name")
-    runtime: DeviceConfig = Field(default_factory=DeviceConfig, description="device and dtype")
-    seed: int = Field(0, ge=0, description="torch seed of the head initialisation (the gate's output layer)")
-    twig_K: int | None = Field(None, ge=1, description="branch layer; None: mid-depth (QZoomConfig.for_backbone)")
-    twig_T: int | None = Field(None, ge=1, description="head layers; None: up to 3")
-    budget: tuple[int, int] = Field((256, 576), description="(min, max) visual tokens of the global view")
-    samples: int = Field(1500, ge=1, description="training questions to label (ZoomWorld train split)")
-    families: dict[str, float] = Field(default_factory=lambda: {f: 1.0 for f in FINE_FAMILIES},
-                                       description="ZoomWorld question families of the labelled questions")
-    size_range: tuple[int, int] = Field((1024, 2048), description="ZoomWorld canvas side range (px)")
-    alphabet: str | None = Field(None, description="tag characters; None: the model's training alphabet")
-    label_source: Literal["attention", "box"] = Field("attention", description="self-distilled or ground truth")
-    heads: dict[int, list[int]] | Literal["auto"] = Field("auto", description="{layer: [heads]} or auto-ranked")
-    top_heads: int = Field(3, ge=1, description="pairs averaged when heads is auto")
-    sink_heads: dict[int, list[int]] | None = Field(None, description="{layer: [heads]} whose attention marks sinks")
-    rank_samples: int = Field(64, ge=1, description="questions used to rank the heads")
-    rule: LabelRule = Field(default_factory=LabelRule, description="pseudo-label coefficients")
-    max_new_tokens: int = Field(8, ge=1, description="decoding budget of the answers the labels come from")
-    label_overlays: int = Field(8, ge=0, description="PNG overlays of the first labels")
-    epochs: float = Field(2.0, gt=0, description="passes over the labelled questions (sets steps when steps=0)")
-    eval_items: int = Field(100, ge=1, description="val questions of the before/after evaluation")
-    save_every: int = Field(100, ge=1, description="labels cached every this many samples")
-    checkpoint_every: int = Field(200, ge=1, description="steps between checkpoints")
-    threads: int = Field(2, ge=1, description="torch CPU threads")
-    pos_weight: float = Field(1.0, gt=0, description="BCE weight of foreground tokens (1: the paper's plain BCE); "
-                              "raise it when a target covers a few tokens of hundreds")
-    rank_weight: float = Field(0.0, ge=0, description="weight of an added listwise loss (softmax cross-entropy over "
-                               "the view's tokens, foreground as the target); 0: BCE only, as in the paper")
-    aux_weight: float = Field(0.0, ge=0, description="weight of the twig colour probes (train/twig_aux.py: tag "
-                              "presence and colour on its visual tokens, the asked colour on its query); ZoomWorld "
-                              "labels, needs twig_T >= 2; 0: off, as in the paper")
-    roi_mode: RoiMode | None = Field(
-        None, description="box rule of the trained adapter and of the evaluation (QZoomConfig.roi_mode); None: by "
-        "family (enclosing for Qwen, as in the paper)")
-    roi_peak_ratio: float = Field(0.3, gt=0, le=1, description="peak mode's neighbourhood ratio")
-    roi_min_side: float = Field(1.0, ge=0, le=64, description="minimum box side in global-view tokens "
-                                "(QZoomConfig.roi_min_side_tokens); 1: the paper's 28 px on Qwen2.5")
-    roi_tokens: tuple[int, int] | None = Field(None, description="(min, max) visual tokens of the RoI crop in the "
-                                               "adapter (QZoomConfig.roi_min/max_tokens); None: the global budget")
-    cache_features: bool = Field(True, description="keep each question's frozen layer-K inputs in memory after "
-                                 "its first epoch (about 1.5 MB each at 576 tokens): later epochs skip the scene "
-                                 "rendering and the frozen prefill")
-    steps: int = Field(0, ge=0, description="optimiser steps; 0: epochs * samples / batch_size")
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_steps: int = Field(20, ge=0)
-    batch_size: int = Field(8, ge=1, description="questions per optimiser step")
-
-    @model_validator(mode="after")
-    def _check(self) -> Stage1Config:
-        if self.budget[0] > self.budget[1] or self.budget[0] < 1:
-            raise ValueError(f"budget must be (min, max) with 1 <= min <= max, got {self.budget}")
-        if self.roi_tokens is not None and not 1 <= self.roi_tokens[0] <= self.roi_tokens[1]:
-            raise ValueError(f"roi_tokens must be (min, max) with 1 <= min <= max, got {self.roi_tokens}")
-        if self.aux_weight > 0 and self.twig_T == 1:
-            raise ValueError(_AUX_NEEDS_T2)
-        if set(self.families) - set(FINE_FAMILIES) - {"color", "shape"} or sum(self.families.values()) <= 0:
-            raise ValueError(f"families must weight ZoomWorld families with a positive sum, got {self.families}")
-        return self
-
-    @property
-    def total_steps(self) -> int:
-        return self.steps or max(1, round(self.epochs * self.samples / self.batch_size))
-
-    def lr_factor(self, step: int) -> float:  # the schedule spans total_steps, not the raw ``steps`` field
-        return OptimConfig.lr_factor(self.model_copy(update={"steps": self.total_steps}), step)
-
-
-def load_stage1_config(path: str | Path) -> Stage1Config:
-    """Read the ``stage1:`` section of a YAML file; raises ValueError naming the file on bad content."""
-    return load_section(path, "stage1", Stage1Config)
 
 
 # ---- step 1: heads ---------------------------------------------------------------------------------------------
@@ -295,10 +217,145 @@ def build_model(cfg: Stage1Config) -> QZoomModel:
     return qz
 
 
-def run_stage1(cfg: Stage1Config, out_dir: str | Path, *, max_steps: int | None = None) -> dict:
-    """Run (or resume) stage 1 in ``out_dir/stage1``; returns the final metrics row."""
+class TwigAuxiliary(Protocol):
+    """An extra loss on the twig's own hidden state, trained beside the twig with weight ``aux_weight`` and thrown
+    away after: the place for what a dataset knows beyond boxes. ZoomWorld's colour probes
+    (``recipes/zoomworld_tiny/twig_aux.py``) are one; any ``nn.Module`` with these two methods is another.
+    """
+
+    def targets(self, sample: ZoomWorldSample, grid: tuple[int, int]) -> Any:
+        """What the loss needs of ``sample`` seen whole on a ``grid`` of merged tokens (cached per question)."""
+        ...
+
+    def loss(self, states: torch.Tensor, image_start: int, image_end: int, targets: Any) -> torch.Tensor:
+        """Scalar loss on the twig state ``states`` (1, L, D) with the visual tokens at ``image_start:image_end``."""
+        ...
+
+    def parameters(self) -> Iterator[nn.Parameter]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> Any: ...
+
+
+AuxFactory = Callable[[int], TwigAuxiliary]  # the model's hidden size -> a fresh auxiliary module
+
+
+@dataclass
+class _TwigRun:
+    """The trainable part of stage 1: the twig's layers, the optional auxiliary module, AdamW and its schedule."""
+
+    twig: nn.Module
+    aux: TwigAuxiliary | None
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    step: int = 0
+    seconds: float = 0.0
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return [*self.twig.parameters(), *([] if self.aux is None else self.aux.parameters())]
+
+    def save(self, path: Path) -> None:
+        atomic_torch_save({"twig": self.twig.state_dict(), "optimizer": self.optimizer.state_dict(),
+                           "scheduler": self.scheduler.state_dict(), "step": self.step, "seconds": self.seconds,
+                           **({"aux": self.aux.state_dict()} if self.aux is not None else {})}, path)
+
+    def restore(self, path: Path) -> None:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        self.twig.load_state_dict(state["twig"])
+        if (self.aux is not None) != ("aux" in state):
+            raise ValueError(f"{path} was written with aux_weight {'> 0' if 'aux' in state else '0'}; resume with the "
+                             "same setting or use another --out")
+        if self.aux is not None:
+            self.aux.load_state_dict(state["aux"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.seconds = state["step"], state["seconds"]
+
+
+def _twig_run(qz: QZoomModel, cfg: Stage1Config, aux: AuxFactory | None) -> _TwigRun:
+    """Unfreeze the twig alone (the gate and the base stay frozen) and build its optimiser."""
+    twig = qz.heads.twig_layers
+    qz.heads.requires_grad_(False)
+    twig.requires_grad_(True)
+    qz.heads.train()
+    module = None
+    if cfg.aux_weight > 0 and aux is not None:
+        if qz.heads.T < 2:
+            raise ValueError(AUX_NEEDS_T2)
+        module = aux(qz.adapter.hidden_size).to(qz.adapter.device)
+    params = [*twig.parameters(), *([] if module is None else module.parameters())]
+    optimizer = torch.optim.AdamW(decay_groups(params, cfg.weight_decay, cfg.lr), lr=cfg.lr, betas=cfg.betas)
+    return _TwigRun(twig, module, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, cfg.lr_factor))
+
+
+def train_twig(qz: QZoomModel, cfg: Stage1Config, alphabet: str, usable: list[dict], run: _TwigRun, ckpt: Path,
+               stop: int) -> float | None:
+    """Train the twig on the ``usable`` label records from ``run.step`` to ``stop``, checkpointing to ``ckpt``;
+    returns the smoothed loss (None when no step ran)."""
+    features: dict[int, TwigInputs] = {}  # question index -> frozen first pass (cache_features)
+    targets: dict[int, Any] = {}  # question index -> auxiliary targets (aux_weight > 0)
+
+    def batch_at(k: int) -> list[tuple[int, ZoomWorldSample | None, torch.Tensor]]:
+        recs = [usable[(k * cfg.batch_size + j) % len(usable)] for j in range(cfg.batch_size)]
+        return [(r["index"], None if r["index"] in features and (run.aux is None or r["index"] in targets)
+                 else question(cfg, alphabet, "train", r["index"]), r["labels"].long()) for r in recs]
+
+    running = None
+    with ThreadPoolExecutor(max_workers=1) as pool, tqdm(total=stop, initial=run.step, desc="stage 1: twig",
+                                                          dynamic_ncols=True, mininterval=2.0) as bar:
+        pending = pool.submit(batch_at, run.step) if run.step < stop else None
+        while pending is not None:
+            tick = time.perf_counter()
+            batch = pending.result()
+            pending = pool.submit(batch_at, run.step + 1) if run.step + 1 < stop else None
+            run.optimizer.zero_grad(set_to_none=True)
+            valid = sum(int((lab != IGNORE).sum()) for _, _, lab in batch)
+            loss_sum = aux_sum = 0.0
+            for index, s, lab in batch:
+                x = features.get(index) or twig_inputs(qz, s, cfg.budget)
+                if cfg.cache_features:
+                    features[index] = x
+                states = qz.heads.twig_states(x.hidden_k, x.rotary, x.mask)
+                # mean over the batch's valid tokens
+                loss = twig_loss(qz, x, lab, cfg.pos_weight, cfg.rank_weight, states) / max(1, valid)
+                loss_sum += float(loss.detach())
+                if run.aux is not None:
+                    if index not in targets:
+                        targets[index] = run.aux.targets(s, x.grid)
+                    extra = run.aux.loss(states, x.image_start, x.image_end, targets[index]) / len(batch)
+                    aux_sum += float(extra.detach())
+                    loss = loss + cfg.aux_weight * extra
+                loss.backward()
+            torch.nn.utils.clip_grad_norm_(run.params, cfg.grad_clip)
+            run.optimizer.step()
+            run.scheduler.step()
+            run.step += 1
+            run.seconds += time.perf_counter() - tick
+            running = loss_sum if running is None else 0.95 * running + 0.05 * loss_sum
+            bar.update(1)
+            bar.set_postfix(bce=f"{running:.3f}", **({"aux": f"{aux_sum:.3f}"} if run.aux is not None else {}))
+            if run.step % cfg.checkpoint_every == 0 or run.step == stop:
+                run.save(ckpt)
+    return running
+
+
+def run_stage1(cfg: Stage1Config, out_dir: str | Path, *, max_steps: int | None = None,
+               aux: AuxFactory | None = None) -> dict:
+    """Run (or resume) stage 1 in ``out_dir/stage1``; returns the final metrics row.
+
+    Args:
+        cfg: the stage's settings.
+        out_dir: the run folder.
+        max_steps: stop at this step (the schedule still spans the whole run; resume later).
+        aux: with ``cfg.aux_weight`` > 0, builds the auxiliary loss on the twig's state from the hidden size.
+    """
     from ..loading import resolve_model_path, trained_alphabet
 
+    if cfg.aux_weight > 0 and aux is None:  # fail before any work: nothing is written
+        raise ValueError("aux_weight > 0 needs an auxiliary loss on the twig: pass run_stage1(aux=...) (the CLI "
+                         "passes ZoomWorld's colour probes), or set aux_weight: 0")
     torch.set_num_threads(cfg.threads)
     stage = Path(out_dir) / STAGE_DIR
     stage.mkdir(parents=True, exist_ok=True)
@@ -320,82 +377,15 @@ def run_stage1(cfg: Stage1Config, out_dir: str | Path, *, max_steps: int | None 
     if not usable:
         raise RuntimeError("every pseudo-label was skipped (no focused attention); check the heads or the model")
 
-    twig = qz.heads.twig_layers
-    qz.heads.requires_grad_(False)
-    twig.requires_grad_(True)
-    qz.heads.train()
-    probe = None
-    if cfg.aux_weight > 0:
-        if qz.heads.T < 2:
-            raise ValueError(_AUX_NEEDS_T2)
-        probe = TwigAuxProbe(qz.adapter.hidden_size).to(qz.adapter.device)
-    params = [p for p in twig.parameters()] + ([] if probe is None else list(probe.parameters()))
-    optimizer = torch.optim.AdamW(decay_groups(params, cfg.weight_decay, cfg.lr), lr=cfg.lr, betas=cfg.betas)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cfg.lr_factor)
-    ckpt, step, seconds = stage / CHECKPOINT_FILE, 0, 0.0
+    run = _twig_run(qz, cfg, aux)
+    ckpt = stage / CHECKPOINT_FILE
     if ckpt.exists():
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        twig.load_state_dict(state["twig"])
-        if (probe is not None) != ("aux" in state):
-            raise ValueError(f"{ckpt} was written with aux_weight {'> 0' if 'aux' in state else '0'}; resume with the "
-                             "same setting or use another --out")
-        if probe is not None:
-            probe.load_state_dict(state["aux"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step, seconds = state["step"], state["seconds"]
-    total = cfg.total_steps
-    stop = min(total, max_steps if max_steps is not None else total)
-
-    features: dict[int, TwigInputs] = {}  # question index -> frozen first pass (cache_features)
-    aux: dict[int, TwigAuxTargets] = {}  # question index -> probe targets (aux_weight > 0)
-
-    def batch_at(k: int) -> list[tuple[int, ZoomWorldSample | None, torch.Tensor]]:
-        recs = [usable[(k * cfg.batch_size + j) % len(usable)] for j in range(cfg.batch_size)]
-        return [(r["index"], None if r["index"] in features and (probe is None or r["index"] in aux)
-                 else question(cfg, alphabet, "train", r["index"]), r["labels"].long()) for r in recs]
-
-    running = None
-    with ThreadPoolExecutor(max_workers=1) as pool, tqdm(total=stop, initial=step, desc="stage 1: twig",
-                                                          dynamic_ncols=True, mininterval=2.0) as bar:
-        pending = pool.submit(batch_at, step) if step < stop else None
-        while pending is not None:
-            tick = time.perf_counter()
-            batch = pending.result()
-            pending = pool.submit(batch_at, step + 1) if step + 1 < stop else None
-            optimizer.zero_grad(set_to_none=True)
-            valid = sum(int((lab != IGNORE).sum()) for _, _, lab in batch)
-            loss_sum = aux_sum = 0.0
-            for index, s, lab in batch:
-                x = features.get(index) or twig_inputs(qz, s, cfg.budget)
-                if cfg.cache_features:
-                    features[index] = x
-                states = qz.heads.twig_states(x.hidden_k, x.rotary, x.mask)
-                # mean over the batch's valid tokens
-                loss = twig_loss(qz, x, lab, cfg.pos_weight, cfg.rank_weight, states) / max(1, valid)
-                loss_sum += float(loss.detach())
-                if probe is not None:
-                    if index not in aux:
-                        aux[index] = aux_targets(s, x.grid)
-                    extra = probe.loss(states, x.image_start, x.image_end, aux[index]) / len(batch)
-                    aux_sum += float(extra.detach())
-                    loss = loss + cfg.aux_weight * extra
-                loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            seconds += time.perf_counter() - tick
-            running = loss_sum if running is None else 0.95 * running + 0.05 * loss_sum
-            bar.update(1)
-            bar.set_postfix(bce=f"{running:.3f}", **({"aux": f"{aux_sum:.3f}"} if probe is not None else {}))
-            if step % cfg.checkpoint_every == 0 or step == stop:
-                atomic_torch_save({"twig": twig.state_dict(), "optimizer": optimizer.state_dict(),
-                                   "scheduler": scheduler.state_dict(), "step": step, "seconds": seconds,
-                                   **({"aux": probe.state_dict()} if probe is not None else {})}, ckpt)
+        run.restore(ckpt)
+    stop = min(cfg.total_steps, max_steps if max_steps is not None else cfg.total_steps)
+    running = train_twig(qz, cfg, alphabet, usable, run, ckpt, stop)
     qz.heads.eval()
-    after = {"when": "after", "step": step, "train_seconds": round(seconds, 1), "bce": running, **label_stats,
-             **evaluate_roi(qz, cfg, alphabet, cfg.eval_items)}
+    after = {"when": "after", "step": run.step, "train_seconds": round(run.seconds, 1), "bce": running,
+             **label_stats, **evaluate_roi(qz, cfg, alphabet, cfg.eval_items)}
     with open(metrics_path, "a") as f:
         f.write(json.dumps(after) + "\n")
     save_adapter(qz.heads, qz.config, stage / "qzoom", base_model=str(cfg.model))

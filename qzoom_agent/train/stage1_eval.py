@@ -9,20 +9,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 
-from ..bench.metrics import box_coverage, box_iou, roi_hit
-from ..bench.zoomworld import VARIANTS, generate, seed_for
-from ..bench.zoomworld_questions import FINE_FAMILIES
-from ..boxes import box_to_cells, sanitize_box
+from ..boxes import box_to_cells, coverage, iou, roi_hit, sanitize_box
 from ..model import QZoomModel
 from ..roi import qwen_sink_mask
-
-if TYPE_CHECKING:
-    from .stage1 import Stage1Config
-
+from ..zoomworld import VARIANTS, generate, seed_for
+from ..zoomworld.questions import FINE_FAMILIES
+from .stage1_config import Stage1Config
 
 SIZE_EDGES = (0.5, 1.0, 2.0)  # target side, in global-view tokens, where the RoI hit is broken down
 
@@ -105,8 +100,8 @@ def evaluate_roi(qz: QZoomModel, cfg: Stage1Config, alphabet: str, n: int) -> di
         by_size.setdefault(size_bucket(target_side_tokens(target, p.grid, p.image_size)), []).append(hit)
         top1.setdefault(s.family, []).append(peak_on_target(p.roi_logits, target, p.grid, p.resized_size,
                                                             p.image_size, qz.config.sink_min_tokens))
-        cover += box_coverage(box, target) or 0.0
-        ious += box_iou(box, target) or 0.0
+        cover += coverage(box, target) or 0.0
+        ious += iou(box, target) or 0.0
         found += box is not None
     hits = sum(sum(v) for v in by_family.values())
     return {"roi_hit": hits / n, "roi_coverage": cover / n, "roi_iou": ious / n, "roi_found": found / n, "n": n,

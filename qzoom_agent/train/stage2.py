@@ -32,10 +32,10 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
-from ..bench.zoomworld import DEFAULT_MIX, ZoomWorldSample
 from ..boxes import Box, box_to_cells, crop
 from ..checkpoint import save_adapter
 from ..model import QZoomModel
+from ..zoomworld import DEFAULT_MIX, ZoomWorldSample
 from .common import DeviceConfig, OptimConfig, atomic_torch_save, decay_groups, load_section, resume_jsonl
 from .common import stage_question as question
 from .judges import Judge, make_judge
@@ -87,7 +87,7 @@ class Stage2Config(OptimConfig):
 
 def load_stage2_config(path: str | Path) -> Stage2Config:
     """Read the ``stage2:`` section of a YAML file; raises ValueError naming the file on bad content."""
-    return load_section(path, "stage2", Stage2Config)
+    return load_section(path, "stage2", Stage2Config, "configs/train/stage2_zoomworld_tiny.yaml")
 
 
 def mine(qz: QZoomModel, cfg: Stage2Config, alphabet: str, judge: Judge, path: Path) -> list[dict]:

@@ -34,11 +34,11 @@ import torch.nn.functional as F
 from pydantic import ConfigDict, Field, model_validator
 from tqdm import tqdm
 
-from ..bench.agents import budget_for
-from ..bench.metrics import auc, is_correct
-from ..bench.zoomworld import DEFAULT_MIX, ZoomWorldSample
 from ..checkpoint import save_adapter
+from ..config import budget_for
 from ..model import QZoomModel
+from ..scoring import auc, is_correct
+from ..zoomworld import DEFAULT_MIX, ZoomWorldSample
 from .common import DeviceConfig, OptimConfig, atomic_torch_save, decay_groups, load_section, resume_jsonl
 from .common import stage_question as question
 from .stage3_labels import GateSample, agree, balance, classify, pick
@@ -107,7 +107,7 @@ class Stage3Config(OptimConfig):
 
 def load_stage3_config(path: str | Path) -> Stage3Config:
     """Read the ``stage3:`` section of a YAML file; raises ValueError naming the file on bad content."""
-    return load_section(path, "stage3", Stage3Config)
+    return load_section(path, "stage3", Stage3Config, "configs/train/stage3_zoomworld_tiny.yaml")
 
 
 def answer_at_budgets(qz: QZoomModel, cfg: Stage3Config, alphabet: str, path: Path) -> list[dict]:

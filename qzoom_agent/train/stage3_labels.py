@@ -19,7 +19,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..bench.metrics import normalize
+from ..scoring import normalize
 
 UNSTABLE, HALLUCINATED, NON_MONOTONIC, TRANSITION, EASY = "unstable", "hallucinated", "non_monotonic", \
     "transition", "easy"
