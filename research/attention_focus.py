@@ -20,7 +20,7 @@ from __future__ import annotations
 import collections
 import json
 
-import model_args  # research/model_args.py: run these scripts as python benchmarks/NAME.py
+import model_args  # research/model_args.py: run these scripts as python research/NAME.py
 import torch
 from tqdm import tqdm
 

@@ -1,7 +1,7 @@
 """Reading diagnostics: how a model reads held-out dense crops, split by tag length and by tags per crop.
 
-Dense crops (1-3 free-placed tags, 16-56 px glyphs; `train.answer_data.dense_example`) come from the held-out
-crop range, never a training seed. A model that reads a tag as an unordered bag of glyphs does well on
+Dense crops (1-3 free-placed tags, 16-56 px glyphs; the recipe's ``answer_data.dense_example``) come from the
+held-out crop range, never a training seed. A model that reads a tag as an unordered bag of glyphs does well on
 1-character tags and near chance on longer ones; one that cannot bind the asked colour to its tag fails when the
 crop holds several tags. Run::
 
@@ -14,7 +14,7 @@ import collections
 import json
 import random
 
-import model_args  # research/model_args.py: run these scripts as python benchmarks/NAME.py
+import model_args  # research/model_args.py: run these scripts as python research/NAME.py
 from tqdm import tqdm
 
 from qzoom_agent.model import QZoomModel

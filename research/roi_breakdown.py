@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import model_args  # research/model_args.py: run these scripts as python benchmarks/NAME.py
+import model_args  # research/model_args.py: run these scripts as python research/NAME.py
 
 from qzoom_agent.train.stage1 import load_stage1_config
 from qzoom_agent.train.stage1_eval import evaluate_roi

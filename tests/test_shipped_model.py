@@ -2,7 +2,7 @@
 
 The slice is 50 test-split questions per variant (compare's seed 0), never a training or validation seed. A code
 change that breaks the model (loading, prompts, resizing, decoding) drops these numbers and fails here. The floors
-sit a few questions below the accuracy measured when the model was shipped (see the README), so CPU/BLAS
+sit a few questions below the accuracy measured when the model was shipped (see docs/zoomworld-tiny.md), so CPU/BLAS
 differences that flip a borderline answer do not fail CI.
 """
 
@@ -22,7 +22,7 @@ N_PER_VARIANT = 50
 # and 14/24 tag reads among them. The floors sit about 4 and 3 questions lower, far above what a model that ignores the
 # image reaches (fine ~0.2 from relpos/mcq guessing, reads ~0: a tag holds 1-3 digits). Coarse questions carry no
 # floor: this model answers nearly every colour question "red" (3/28 on the slice at 256 tokens), so a floor there
-# could not tell a working model from a broken one (README, "What limits it").
+# could not tell a working model from a broken one (docs/zoomworld-tiny.md, "What limits it").
 FLOOR_ORACLE_FINE = 0.42  # share of fine questions answered from the oracle view
 FLOOR_ORACLE_READ = 0.42  # share of "What is written on the <colour> tag?" questions read from the oracle view
 # The shipped Q-Zoom heads on the same slice, gated at a 576-token global view, against the same view without zoom:

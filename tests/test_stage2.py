@@ -105,3 +105,19 @@ def test_stage2_changes_only_the_llm_layers(tiny, tmp_path, lora):
 def test_shipped_stage2_config_is_valid():
     cfg = load_stage2_config(CONFIG)
     assert cfg.judge == "normalized" and cfg.lora is None
+
+
+def test_stage2_resumed_run_equals_an_uninterrupted_one(tiny, tmp_path):
+    cfg = Stage2Config(model=str(tiny), qzoom=str(tiny / "qzoom"), budget=BUDGET, samples=4,
+                       size_range=(1024, 1024), eval_items=1, steps=3, batch_size=2, warmup_steps=1, lr=1e-2,
+                       max_new_tokens=2, checkpoint_every=1)
+    for run in ("whole", "split"):
+        _mined(tmp_path / run / STAGE_DIR, 4)
+    run_stage2(cfg, tmp_path / "whole")
+    assert run_stage2(cfg, tmp_path / "split", max_steps=1)["step"] == 1
+    assert run_stage2(cfg, tmp_path / "split")["step"] == 3  # from the step-1 checkpoint: weights and AdamW state
+    a = QZoomModel.from_pretrained(tmp_path / "whole" / STAGE_DIR / "model").adapter.model.state_dict()
+    b = QZoomModel.from_pretrained(tmp_path / "split" / STAGE_DIR / "model").adapter.model.state_dict()
+    base = QZoomModel.from_pretrained(tiny).adapter.model.state_dict()
+    assert any(not torch.equal(a[k], base[k]) for k in a)  # it trained
+    assert all(torch.equal(a[k], b[k]) for k in a)

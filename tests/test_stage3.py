@@ -135,3 +135,25 @@ def test_doctests():
     for module in (stage3, stage3_labels):
         result = doctest.testmod(module)
         assert result.attempted > 0 and result.failed == 0, module.__name__
+
+
+def test_stage3_resumed_run_equals_an_uninterrupted_one(tmp_path):
+    base = make_tiny(tmp_path / "model", "qwen2_5_vl")
+    (base / "zoomworld.json").write_text(json.dumps({"alphabet": "0123456789"}))
+    cfg = Stage3Config(model=str(base), qzoom=str(base / "qzoom"), budgets=[16, 32, 48, 64], samples=4,
+                       size_range=(1024, 1024), eval_tokens=32, eval_items=1, steps=3, batch_size=2,
+                       warmup_steps=1, max_new_tokens=2, checkpoint_every=1)
+    patterns = [[False, False, True, True], [False, True, True, True], [True] * 4, [True] * 4]
+    rows = [{"index": i, "kind": "fine", "answers": ["7" if c else "x" for c in p], "correct": p}
+            for i, p in enumerate(patterns)]
+    for run in ("whole", "split"):
+        (tmp_path / run / STAGE_DIR).mkdir(parents=True)
+        (tmp_path / run / STAGE_DIR / "answers.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run_stage3(cfg, tmp_path / "whole")
+    assert run_stage3(cfg, tmp_path / "split", max_steps=2)["step"] == 2
+    assert run_stage3(cfg, tmp_path / "split")["step"] == 3
+    a = QZoomModel.from_pretrained(base, qzoom=tmp_path / "whole" / STAGE_DIR / "qzoom").heads.state_dict()
+    b = QZoomModel.from_pretrained(base, qzoom=tmp_path / "split" / STAGE_DIR / "qzoom").heads.state_dict()
+    start = QZoomModel.from_pretrained(base).heads.state_dict()
+    assert any(not torch.equal(a[k], start[k]) for k in a)  # it trained
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ from ..model import QZoomModel
 from ..zoomworld import ZoomWorldSample
 from .common import atomic_torch_save, decay_groups
 from .common import stage_question as question
+from .loop import StageLoop
 from .stage1_config import AUX_NEEDS_T2, Stage1Config, load_stage1_config
 from .stage1_eval import evaluate_roi
 from .stage1_labels import (
@@ -241,41 +241,9 @@ class TwigAuxiliary(Protocol):
 AuxFactory = Callable[[int], TwigAuxiliary]  # the model's hidden size -> a fresh auxiliary module
 
 
-@dataclass
-class _TwigRun:
-    """The trainable part of stage 1: the twig's layers, the optional auxiliary module, AdamW and its schedule."""
-
-    twig: nn.Module
-    aux: TwigAuxiliary | None
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    step: int = 0
-    seconds: float = 0.0
-
-    @property
-    def params(self) -> list[nn.Parameter]:
-        return [*self.twig.parameters(), *([] if self.aux is None else self.aux.parameters())]
-
-    def save(self, path: Path) -> None:
-        atomic_torch_save({"twig": self.twig.state_dict(), "optimizer": self.optimizer.state_dict(),
-                           "scheduler": self.scheduler.state_dict(), "step": self.step, "seconds": self.seconds,
-                           **({"aux": self.aux.state_dict()} if self.aux is not None else {})}, path)
-
-    def restore(self, path: Path) -> None:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        self.twig.load_state_dict(state["twig"])
-        if (self.aux is not None) != ("aux" in state):
-            raise ValueError(f"{path} was written with aux_weight {'> 0' if 'aux' in state else '0'}; resume with the "
-                             "same setting or use another --out")
-        if self.aux is not None:
-            self.aux.load_state_dict(state["aux"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step, self.seconds = state["step"], state["seconds"]
-
-
-def _twig_run(qz: QZoomModel, cfg: Stage1Config, aux: AuxFactory | None) -> _TwigRun:
-    """Unfreeze the twig alone (the gate and the base stay frozen) and build its optimiser."""
+def twig_loop(qz: QZoomModel, cfg: Stage1Config, aux: AuxFactory | None) -> tuple[StageLoop, TwigAuxiliary | None]:
+    """Unfreeze the twig alone (the gate and the base stay frozen) and build its optimiser and, with
+    ``cfg.aux_weight`` > 0, the auxiliary module trained beside it."""
     twig = qz.heads.twig_layers
     qz.heads.requires_grad_(False)
     twig.requires_grad_(True)
@@ -287,58 +255,56 @@ def _twig_run(qz: QZoomModel, cfg: Stage1Config, aux: AuxFactory | None) -> _Twi
         module = aux(qz.adapter.hidden_size).to(qz.adapter.device)
     params = [*twig.parameters(), *([] if module is None else module.parameters())]
     optimizer = torch.optim.AdamW(decay_groups(params, cfg.weight_decay, cfg.lr), lr=cfg.lr, betas=cfg.betas)
-    return _TwigRun(twig, module, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, cfg.lr_factor))
+
+    def weights() -> dict[str, Any]:
+        return {"twig": twig.state_dict(), **({"aux": module.state_dict()} if module is not None else {})}
+
+    def load_weights(state: dict[str, Any]) -> None:
+        if (module is not None) != ("aux" in state):
+            raise ValueError(f"written with aux_weight {'> 0' if 'aux' in state else '0'}; "
+                             "resume with the same setting or use another --out")
+        twig.load_state_dict(state["twig"])
+        if module is not None:
+            module.load_state_dict(state["aux"])
+
+    loop = StageLoop(params, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, cfg.lr_factor), weights,
+                     load_weights, cfg.grad_clip)
+    return loop, module
 
 
-def train_twig(qz: QZoomModel, cfg: Stage1Config, alphabet: str, usable: list[dict], run: _TwigRun, ckpt: Path,
-               stop: int) -> float | None:
-    """Train the twig on the ``usable`` label records from ``run.step`` to ``stop``, checkpointing to ``ckpt``;
-    returns the smoothed loss (None when no step ran)."""
+def train_twig(qz: QZoomModel, cfg: Stage1Config, alphabet: str, usable: list[dict], loop: StageLoop,
+               aux: TwigAuxiliary | None, ckpt: Path, stop: int) -> float | None:
+    """Train the twig on the ``usable`` label records from ``loop.step`` to ``stop``; returns the smoothed loss."""
     features: dict[int, TwigInputs] = {}  # question index -> frozen first pass (cache_features)
     targets: dict[int, Any] = {}  # question index -> auxiliary targets (aux_weight > 0)
 
     def batch_at(k: int) -> list[tuple[int, ZoomWorldSample | None, torch.Tensor]]:
         recs = [usable[(k * cfg.batch_size + j) % len(usable)] for j in range(cfg.batch_size)]
-        return [(r["index"], None if r["index"] in features and (run.aux is None or r["index"] in targets)
+        return [(r["index"], None if r["index"] in features and (aux is None or r["index"] in targets)
                  else question(cfg, alphabet, "train", r["index"]), r["labels"].long()) for r in recs]
 
-    running = None
-    with ThreadPoolExecutor(max_workers=1) as pool, tqdm(total=stop, initial=run.step, desc="stage 1: twig",
-                                                          dynamic_ncols=True, mininterval=2.0) as bar:
-        pending = pool.submit(batch_at, run.step) if run.step < stop else None
-        while pending is not None:
-            tick = time.perf_counter()
-            batch = pending.result()
-            pending = pool.submit(batch_at, run.step + 1) if run.step + 1 < stop else None
-            run.optimizer.zero_grad(set_to_none=True)
-            valid = sum(int((lab != IGNORE).sum()) for _, _, lab in batch)
-            loss_sum = aux_sum = 0.0
-            for index, s, lab in batch:
-                x = features.get(index) or twig_inputs(qz, s, cfg.budget)
-                if cfg.cache_features:
-                    features[index] = x
-                states = qz.heads.twig_states(x.hidden_k, x.rotary, x.mask)
-                # mean over the batch's valid tokens
-                loss = twig_loss(qz, x, lab, cfg.pos_weight, cfg.rank_weight, states) / max(1, valid)
-                loss_sum += float(loss.detach())
-                if run.aux is not None:
-                    if index not in targets:
-                        targets[index] = run.aux.targets(s, x.grid)
-                    extra = run.aux.loss(states, x.image_start, x.image_end, targets[index]) / len(batch)
-                    aux_sum += float(extra.detach())
-                    loss = loss + cfg.aux_weight * extra
-                loss.backward()
-            torch.nn.utils.clip_grad_norm_(run.params, cfg.grad_clip)
-            run.optimizer.step()
-            run.scheduler.step()
-            run.step += 1
-            run.seconds += time.perf_counter() - tick
-            running = loss_sum if running is None else 0.95 * running + 0.05 * loss_sum
-            bar.update(1)
-            bar.set_postfix(bce=f"{running:.3f}", **({"aux": f"{aux_sum:.3f}"} if run.aux is not None else {}))
-            if run.step % cfg.checkpoint_every == 0 or run.step == stop:
-                run.save(ckpt)
-    return running
+    def step_loss(batch: list[tuple[int, ZoomWorldSample | None, torch.Tensor]]) -> dict[str, float]:
+        valid = sum(int((lab != IGNORE).sum()) for _, _, lab in batch)
+        loss_sum = aux_sum = 0.0
+        for index, s, lab in batch:
+            x = features.get(index) or twig_inputs(qz, s, cfg.budget)
+            if cfg.cache_features:
+                features[index] = x
+            states = qz.heads.twig_states(x.hidden_k, x.rotary, x.mask)
+            # mean over the batch's valid tokens
+            loss = twig_loss(qz, x, lab, cfg.pos_weight, cfg.rank_weight, states) / max(1, valid)
+            loss_sum += float(loss.detach())
+            if aux is not None:
+                if index not in targets:
+                    targets[index] = aux.targets(s, x.grid)
+                extra = aux.loss(states, x.image_start, x.image_end, targets[index]) / len(batch)
+                aux_sum += float(extra.detach())
+                loss = loss + cfg.aux_weight * extra
+            loss.backward()
+        return {"bce": loss_sum, **({"aux": aux_sum} if aux is not None else {})}
+
+    return loop.run(stop, batch_at, step_loss, checkpoint=ckpt, checkpoint_every=cfg.checkpoint_every,
+                    desc="stage 1: twig")
 
 
 def run_stage1(cfg: Stage1Config, out_dir: str | Path, *, max_steps: int | None = None,
@@ -377,14 +343,14 @@ def run_stage1(cfg: Stage1Config, out_dir: str | Path, *, max_steps: int | None 
     if not usable:
         raise RuntimeError("every pseudo-label was skipped (no focused attention); check the heads or the model")
 
-    run = _twig_run(qz, cfg, aux)
+    loop, module = twig_loop(qz, cfg, aux)
     ckpt = stage / CHECKPOINT_FILE
     if ckpt.exists():
-        run.restore(ckpt)
+        loop.restore(ckpt)
     stop = min(cfg.total_steps, max_steps if max_steps is not None else cfg.total_steps)
-    running = train_twig(qz, cfg, alphabet, usable, run, ckpt, stop)
+    running = train_twig(qz, cfg, alphabet, usable, loop, module, ckpt, stop)
     qz.heads.eval()
-    after = {"when": "after", "step": run.step, "train_seconds": round(run.seconds, 1), "bce": running,
+    after = {"when": "after", "step": loop.step, "train_seconds": round(loop.seconds, 1), "bce": running,
              **label_stats, **evaluate_roi(qz, cfg, alphabet, cfg.eval_items)}
     with open(metrics_path, "a") as f:
         f.write(json.dumps(after) + "\n")

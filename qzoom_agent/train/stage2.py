@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import time
 from pathlib import Path
 
 import torch
@@ -36,9 +35,10 @@ from ..boxes import Box, box_to_cells, crop
 from ..checkpoint import save_adapter
 from ..model import QZoomModel
 from ..zoomworld import DEFAULT_MIX, ZoomWorldSample
-from .common import DeviceConfig, OptimConfig, atomic_torch_save, decay_groups, load_section, resume_jsonl
+from .common import DeviceConfig, OptimConfig, decay_groups, load_section, resume_jsonl
 from .common import stage_question as question
 from .judges import Judge, make_judge
+from .loop import StageLoop
 
 logger = logging.getLogger(__name__)
 
@@ -182,6 +182,36 @@ def _merge_lora(module: torch.nn.Module) -> None:
             setattr(parent, name.rpartition(".")[2], child.get_base_layer())
 
 
+def sft_loop(qz: QZoomModel, cfg: Stage2Config, total: int) -> StageLoop:
+    """Open the LLM decoder layers (or LoRA in them) and build their optimiser over a ``total``-step schedule."""
+    params = _trainable(qz, cfg)
+    optimizer = torch.optim.AdamW(decay_groups(params, cfg.weight_decay, cfg.lr), lr=cfg.lr, betas=cfg.betas)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cfg.model_copy(update={"steps": total}).lr_factor)
+    trained = {n: p for n, p in qz.adapter.layers.named_parameters() if p.requires_grad}
+
+    def load_weights(state: dict) -> None:
+        with torch.no_grad():
+            for n, p in trained.items():
+                p.copy_(state["params"][n])
+
+    return StageLoop(params, optimizer, scheduler, lambda: {"params": {n: p.detach() for n, p in trained.items()}},
+                     load_weights, cfg.grad_clip)
+
+
+def save_model(qz: QZoomModel, cfg: Stage2Config, out: Path) -> None:
+    """The tuned model as an HF folder at ``out``, with its Q-Zoom heads in ``out/qzoom`` and the base's ZoomWorld
+    alphabet when it has one."""
+    from ..loading import resolve_model_path
+
+    qz.adapter.model.save_pretrained(out)
+    qz.adapter.tokenizer.save_pretrained(out)
+    qz.adapter.image_processor.save_pretrained(out)
+    meta = resolve_model_path(cfg.model) / "zoomworld.json"
+    if meta.is_file():
+        shutil.copy(meta, out / meta.name)
+    save_adapter(qz.heads, qz.config, out / "qzoom", base_model=str(out))
+
+
 def run_stage2(cfg: Stage2Config, out_dir: str | Path, *, max_steps: int | None = None) -> dict:
     """Run (or resume) stage 2 in ``out_dir/stage2``; returns the final metrics row."""
     from ..loading import resolve_model_path, trained_alphabet
@@ -205,60 +235,34 @@ def run_stage2(cfg: Stage2Config, out_dir: str | Path, *, max_steps: int | None 
     if not hard:
         raise RuntimeError(f"no hard case (direct right, RoI wrong) among {len(rows)} questions; nothing to tune")
 
-    params = _trainable(qz, cfg)
-    optimizer = torch.optim.AdamW(decay_groups(params, cfg.weight_decay, cfg.lr), lr=cfg.lr, betas=cfg.betas)
     total = cfg.steps or max(1, cfg.epochs * len(hard) // cfg.batch_size)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cfg.model_copy(update={"steps": total}).lr_factor)
-    ckpt, step, seconds = stage / CHECKPOINT_FILE, 0, 0.0
-    trained = {n: p for n, p in qz.adapter.layers.named_parameters() if p.requires_grad}
+    loop, ckpt = sft_loop(qz, cfg, total), stage / CHECKPOINT_FILE
     if ckpt.exists():
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        with torch.no_grad():
-            for n, p in trained.items():
-                p.copy_(state["params"][n])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step, seconds = state["step"], state["seconds"]
+        loop.restore(ckpt)
+
+    def batch_at(k: int) -> list[tuple[dict, ZoomWorldSample]]:
+        rows = [hard[(k * cfg.batch_size + j) % len(hard)] for j in range(cfg.batch_size)]
+        return [(r, question(cfg, alphabet, "train", r["index"])) for r in rows]
+
+    def step_loss(batch: list[tuple[dict, ZoomWorldSample]]) -> dict[str, float]:
+        loss_sum = 0.0
+        for r, s in batch:
+            loss = roi_answer_loss(qz, s, r["box"], s.answer, cfg.budget, qz.config.reuse_src_pos)
+            (loss / cfg.batch_size).backward()
+            loss_sum += float(loss.detach()) / cfg.batch_size
+        return {"ce": loss_sum}
+
     stop = min(total, max_steps if max_steps is not None else total)
     qz.adapter.model.train()
-    running = None
-    with tqdm(total=stop, initial=step, desc="stage 2: post-SFT", dynamic_ncols=True, mininterval=2.0) as bar:
-        while step < stop:
-            tick = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum = 0.0
-            for j in range(cfg.batch_size):
-                r = hard[(step * cfg.batch_size + j) % len(hard)]
-                s = question(cfg, alphabet, "train", r["index"])
-                loss = roi_answer_loss(qz, s, r["box"], s.answer, cfg.budget, qz.config.reuse_src_pos)
-                (loss / cfg.batch_size).backward()
-                loss_sum += float(loss.detach()) / cfg.batch_size
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            seconds += time.perf_counter() - tick
-            running = loss_sum if running is None else 0.95 * running + 0.05 * loss_sum
-            bar.update(1)
-            bar.set_postfix(ce=f"{running:.3f}")
-            if step % cfg.checkpoint_every == 0 or step == stop:
-                atomic_torch_save({"params": {n: p.detach() for n, p in trained.items()},
-                            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                            "step": step, "seconds": seconds}, ckpt)
+    running = loop.run(stop, batch_at, step_loss, checkpoint=ckpt, checkpoint_every=cfg.checkpoint_every,
+                       desc="stage 2: post-SFT")
     qz.adapter.model.eval()
     if cfg.lora is not None:
         _merge_lora(qz.adapter.layers)
     qz.adapter.model.requires_grad_(False)
-    after = {"when": "after", "step": step, "train_seconds": round(seconds, 1), "ce": running, **stats,
+    after = {"when": "after", "step": loop.step, "train_seconds": round(loop.seconds, 1), "ce": running, **stats,
              **evaluate_answers(qz, cfg, alphabet, judge, cfg.eval_items)}
     with open(metrics_path, "a") as f:
         f.write(json.dumps(after) + "\n")
-    out = stage / "model"
-    qz.adapter.model.save_pretrained(out)
-    qz.adapter.tokenizer.save_pretrained(out)
-    qz.adapter.image_processor.save_pretrained(out)
-    meta = resolve_model_path(cfg.model) / "zoomworld.json"
-    if meta.is_file():
-        shutil.copy(meta, out / meta.name)
-    save_adapter(qz.heads, qz.config, out / "qzoom", base_model=str(out))
+    save_model(qz, cfg, stage / "model")
     return after

@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import time
 from pathlib import Path
 
 import torch
@@ -39,8 +38,9 @@ from ..config import budget_for
 from ..model import QZoomModel
 from ..scoring import auc, is_correct
 from ..zoomworld import DEFAULT_MIX, ZoomWorldSample
-from .common import DeviceConfig, OptimConfig, atomic_torch_save, decay_groups, load_section, resume_jsonl
+from .common import DeviceConfig, OptimConfig, decay_groups, load_section, resume_jsonl
 from .common import stage_question as question
+from .loop import StageLoop
 from .stage3_labels import GateSample, agree, balance, classify, pick
 
 logger = logging.getLogger(__name__)
@@ -171,6 +171,58 @@ def evaluate_gate(qz: QZoomModel, cfg: Stage3Config, alphabet: str, n: int) -> d
             "fine_zoomed": sum(fine_zoom) / max(1, len(fine_zoom)), "n": n}
 
 
+def gate_labels(qz: QZoomModel, cfg: Stage3Config, alphabet: str, stage: Path) -> tuple[list[GateSample], dict]:
+    """The ladder's answers (cached in ``stage``), categorised and balanced: the kept samples and the counts of
+    each category (also written to ``label_stats.json``).
+
+    Raises:
+        RuntimeError: no question improves with resolution, so the gate has nothing to learn.
+    """
+    samples = categorise(answer_at_budgets(qz, cfg, alphabet, stage / ANSWERS_FILE))
+    kept = balance(samples, cfg.seed)
+    stats = {c: sum(s.category == c for s in samples) for c in
+             ("easy", "transition", "non_monotonic", "unstable", "hallucinated")}
+    stats["kept"] = len(kept)
+    (stage / STATS_FILE).write_text(json.dumps(stats, indent=1) + "\n")
+    logger.info("stage 3 labels: %s", stats)
+    if not any(s.category == "transition" for s in kept):
+        raise RuntimeError(f"no question improves with resolution ({stats}); stage 3 has nothing to learn")
+    return kept, stats
+
+
+def batch_items(cfg: Stage3Config, kept: list[GateSample], k: int) -> list[tuple[int, int, int]]:
+    """(question index, rung index, label) of step ``k``: a seeded pass order and pick per epoch."""
+    out = []
+    for j in range(cfg.batch_size):
+        epoch, pos = divmod(k * cfg.batch_size + j, len(kept))
+        order = list(range(len(kept)))
+        random.Random(f"{cfg.seed}/{epoch}").shuffle(order)
+        sample = kept[order[pos]]
+        choice = pick(sample, random.Random(f"{cfg.seed}/{epoch}/{sample.index}"), cfg.positive_rate)
+        if choice is not None:
+            out.append((sample.index, *choice))
+    return out
+
+
+def gate_loop(qz: QZoomModel, cfg: Stage3Config, total: int) -> StageLoop:
+    """Unfreeze the gate alone (its layers and head) and build its optimiser over a ``total``-step schedule."""
+    layers, head = qz.heads.high_res_layers, qz.heads.high_res_head
+    qz.heads.requires_grad_(False)
+    params = [*layers.parameters(), *head.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    qz.heads.train()
+    optimizer = torch.optim.AdamW(decay_groups(params, cfg.weight_decay, cfg.lr), lr=cfg.lr, betas=cfg.betas)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cfg.model_copy(update={"steps": total}).lr_factor)
+
+    def load_weights(state: dict) -> None:
+        layers.load_state_dict(state["layers"])
+        head.load_state_dict(state["head"])
+
+    return StageLoop(params, optimizer, scheduler, lambda: {"layers": layers.state_dict(), "head": head.state_dict()},
+                     load_weights, cfg.grad_clip)
+
+
 def run_stage3(cfg: Stage3Config, out_dir: str | Path, *, max_steps: int | None = None) -> dict:
     """Run (or resume) stage 3 in ``out_dir/stage3``; returns the final metrics row."""
     from ..loading import resolve_model_path, trained_alphabet
@@ -186,77 +238,29 @@ def run_stage3(cfg: Stage3Config, out_dir: str | Path, *, max_steps: int | None 
     if not metrics_path.exists():
         before = {"when": "before", "step": 0, **evaluate_gate(qz, cfg, alphabet, cfg.eval_items)}
         metrics_path.write_text(json.dumps(before) + "\n")
-    rows = answer_at_budgets(qz, cfg, alphabet, stage / ANSWERS_FILE)
-    samples = categorise(rows)
-    kept = balance(samples, cfg.seed)
-    stats = {c: sum(s.category == c for s in samples) for c in
-             ("easy", "transition", "non_monotonic", "unstable", "hallucinated")}
-    stats["kept"] = len(kept)
-    (stage / STATS_FILE).write_text(json.dumps(stats, indent=1) + "\n")
-    logger.info("stage 3 labels: %s", stats)
-    if not any(s.category == "transition" for s in kept):
-        raise RuntimeError(f"no question improves with resolution ({stats}); stage 3 has nothing to learn")
+    kept, stats = gate_labels(qz, cfg, alphabet, stage)
 
-    gate = [qz.heads.high_res_layers, qz.heads.high_res_head]
-    qz.heads.requires_grad_(False)
-    params = [p for module in gate for p in module.parameters()]
-    for p in params:
-        p.requires_grad_(True)
-    qz.heads.train()
     total = cfg.steps or max(1, cfg.epochs * len(kept) // cfg.batch_size)
-    schedule = cfg.model_copy(update={"steps": total})
-    optimizer = torch.optim.AdamW(decay_groups(params, cfg.weight_decay, cfg.lr), lr=cfg.lr, betas=cfg.betas)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule.lr_factor)
-    ckpt, step, seconds = stage / CHECKPOINT_FILE, 0, 0.0
+    loop, ckpt = gate_loop(qz, cfg, total), stage / CHECKPOINT_FILE
     if ckpt.exists():
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        for module, key in zip(gate, ("layers", "head"), strict=True):
-            module.load_state_dict(state[key])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step, seconds = state["step"], state["seconds"]
+        loop.restore(ckpt)
+
+    def batch_at(k: int) -> list[tuple[ZoomWorldSample, int, int]]:
+        return [(question(cfg, alphabet, "train", index), b, label) for index, b, label in batch_items(cfg, kept, k)]
+
+    def step_loss(batch: list[tuple[ZoomWorldSample, int, int]]) -> dict[str, float]:
+        loss_sum = 0.0
+        for s, b, label in batch:
+            loss = gate_loss(qz, s, budget_for(cfg.rungs[b][0]), label) / max(1, len(batch))
+            loss.backward()
+            loss_sum += float(loss.detach())
+        return {"bce": loss_sum}
+
     stop = min(total, max_steps if max_steps is not None else total)
-
-    def items(k: int) -> list[tuple[int, int, int]]:
-        """(question index, budget index, label) of step ``k``: a seeded pass order and pick per epoch."""
-        out = []
-        for j in range(cfg.batch_size):
-            flat = k * cfg.batch_size + j
-            epoch, pos = divmod(flat, len(kept))
-            order = list(range(len(kept)))
-            random.Random(f"{cfg.seed}/{epoch}").shuffle(order)
-            sample = kept[order[pos]]
-            choice = pick(sample, random.Random(f"{cfg.seed}/{epoch}/{sample.index}"), cfg.positive_rate)
-            if choice is not None:
-                out.append((sample.index, *choice))
-        return out
-
-    running = None
-    with tqdm(total=stop, initial=step, desc="stage 3: gate", dynamic_ncols=True, mininterval=2.0) as bar:
-        while step < stop:
-            tick = time.perf_counter()
-            batch = items(step)
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum = 0.0
-            for index, b, label in batch:
-                s = question(cfg, alphabet, "train", index)
-                loss = gate_loss(qz, s, budget_for(cfg.rungs[b][0]), label) / max(1, len(batch))
-                loss.backward()
-                loss_sum += float(loss.detach())
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            seconds += time.perf_counter() - tick
-            running = loss_sum if running is None else 0.95 * running + 0.05 * loss_sum
-            bar.update(1)
-            bar.set_postfix(bce=f"{running:.3f}")
-            if step % cfg.checkpoint_every == 0 or step == stop:
-                atomic_torch_save({"layers": gate[0].state_dict(), "head": gate[1].state_dict(),
-                            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                            "step": step, "seconds": seconds}, ckpt)
+    running = loop.run(stop, batch_at, step_loss, checkpoint=ckpt, checkpoint_every=cfg.checkpoint_every,
+                       desc="stage 3: gate")
     qz.heads.eval()
-    after = {"when": "after", "step": step, "train_seconds": round(seconds, 1), "bce": running, **stats,
+    after = {"when": "after", "step": loop.step, "train_seconds": round(loop.seconds, 1), "bce": running, **stats,
              **evaluate_gate(qz, cfg, alphabet, cfg.eval_items)}
     with open(metrics_path, "a") as f:
         f.write(json.dumps(after) + "\n")

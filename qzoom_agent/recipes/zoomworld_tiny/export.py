@@ -20,7 +20,7 @@ import torch
 from ...loading import ZOOMWORLD_META, load_backbone
 
 # The latest base phase that wrote a model is shipped. Phase 4 (grounding) is exported only when asked for: its
-# DeepEyes policy has not yet earned its place as the bundled model (see the README).
+# DeepEyes policy has not yet earned its place as the bundled model (docs/zoomworld-tiny.md).
 PHASE_ORDER = ("phase3", "phase2", "phase1")
 
 

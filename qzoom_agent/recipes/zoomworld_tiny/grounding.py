@@ -5,7 +5,7 @@ with plain answer examples so the model still answers directly without the polic
 figures, on ZoomWorld's VAL split through the same `DeepEyesAgent` that ``compare`` runs:
 
 * ``ground_hit``: share of fine questions whose first zoom box covers >= 70% of the target within 16x its area
-  (the issue's grounding bar, at a 576-token global view);
+  (the grounding bar, at a 576-token global view);
 * ``ground_call_rate`` and ``ground_fine_acc``: share of fine questions with a zoom call, and answered right;
 * ``ground_dx`` and ``ground_dy``: how far the box centre lands from the target's, per axis (image fractions);
 * ``oracle_read_acc`` and ``coarse_acc``: the plain path (`joint_eval`), which phase 4 must not lose.

@@ -9,7 +9,7 @@ Three kinds of example, drawn per index from a seeded stream (a pure function of
   (`tool_response_view`); then the policy answers.
 * ``direct``: a coarse question under the same system prompt, answered without a call.
 * ``answer``: a phase-2/3 answer example (`answer_data`) without the system prompt, so that without it the model
-  keeps answering directly (measured, it still loses some oracle-view reading: README, "Grounding").
+  keeps answering directly (measured, it still loses some oracle-view reading: docs/zoomworld-tiny.md, "Grounding").
 
 The call text and the answers (each with ``<|im_end|>``) are supervised; prompts and tool turns are not.
 """

@@ -4,7 +4,7 @@ Phase 2 (the ``answer:`` section) starts from ``OUT/phase1/model`` and phase 1's
 fine reading at native scale on scene tiles) continues from ``OUT/phase2`` with its own data mix and schedule.
 In both, every parameter trains on the answer loss (per-example mean
 cross-entropy over the answer and ``<|im_end|>``, averaged over the batch) plus the probe's dense loss on dense
-crops, weighted ``aux_weight`` until ``aux_until`` of the run and 0 after (``docs/ZOOMWORLD-TRAINING.md``, item 4),
+crops, weighted ``aux_weight`` until ``aux_until`` of the run and 0 after (``docs/zoomworld-tiny.md``),
 plus, with ``focus_weight`` > 0, the focus loss on the attention of ``focus_layers`` (`focus`).
 
 Usage::

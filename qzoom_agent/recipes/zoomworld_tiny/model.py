@@ -1,9 +1,9 @@
 """The ``zoomworld-tiny`` model: Qwen2.5-VL's real architecture at about 3.6 M parameters, trained from scratch.
 
-Config A of ``docs/ZOOMWORLD-TRAINING.md``: a 128-wide, 4-block vision tower (patch 14, 2x2 merge, temporal
-patch 2, window attention) feeding a 256-wide, 4-layer language model with M-RoPE, on the project's character
-tokenizer. Weights start at std ``1/sqrt(width)``: with HF's default 0.02 the measured image features collapsed to
-one shared vector and almost no gradient reached the vision tower.
+The size measured first (``docs/zoomworld-tiny.md``, "Where the recipe started"): a 128-wide, 4-block vision
+tower (patch 14, 2x2 merge, temporal patch 2, window attention) feeding a 256-wide, 4-layer language model with
+M-RoPE, on the project's character tokenizer. Weights start at std ``1/sqrt(width)``: with HF's default 0.02 the
+measured image features collapsed to one shared vector and almost no gradient reached the vision tower.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Phase 1 of ``qzoom-agent train base`` for ``zoomworld-tiny``: dense per-token warm-up of the vision tower.
 
 Why: trained only through answers, a from-scratch Qwen2.5-VL tower never learns glyphs at arbitrary sub-patch
-offsets (``docs/ZOOMWORLD-TRAINING.md``). Here a throw-away linear probe on the merged vision tokens predicts, per
+offsets (``docs/zoomworld-tiny.md``). Here a throw-away linear probe on the merged vision tokens predicts, per
 28 px token, whether a tag covers it, which glyph is centred in it and the tag's colour, on dense crops whose
 placement and size follow a curriculum (`dense_crops`). Only the vision tower and the probe train.
 
