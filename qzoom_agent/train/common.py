@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import yaml
@@ -19,6 +20,8 @@ from torch import nn
 from ..checks import one_line
 from ..loading import resolve_device
 from ..zoomworld import VARIANTS, ZoomWorldSample, generate, seed_for
+
+T = TypeVar("T")
 
 
 class OptimConfig(BaseModel):
@@ -68,6 +71,20 @@ def eager_attention(module: nn.Module, on: bool = True) -> Iterator[None]:
     finally:
         if on:
             module.set_attn_implementation(previous)
+
+
+def prefetched(make: Callable[[int], T], start: int, stop: int) -> Iterator[tuple[int, Callable[[], T]]]:
+    """Steps ``start .. stop - 1``, each with a ``fetch`` that returns ``make(step)``. The next step's item is made
+    in a worker thread while the caller works on this one (rendering with Pillow and training with torch both
+    release the GIL), so ``make`` must be a pure function of the step that touches no trained weights. ``fetch``
+    waits for the item: a caller that starts its clock before calling it counts the wait as step time.
+    """
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(make, start) if start < stop else None
+        for step in range(start, stop):
+            current = pending
+            pending = pool.submit(make, step + 1) if step + 1 < stop else None
+            yield step, current.result
 
 
 def decay_groups(params: Iterable[nn.Parameter], weight_decay: float, lr: float | None = None) -> list[dict]:

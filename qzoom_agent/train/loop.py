@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -19,10 +18,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .common import atomic_torch_save
+from .common import atomic_torch_save, prefetched
 
 Batch = TypeVar("Batch")
-_EMA = 0.95  # smoothing of the loss shown on the progress bar and returned
+_EMA, _NEW = 0.95, 0.05  # smoothing of the loss shown on the progress bar and returned: old and new weights
 
 
 @dataclass
@@ -85,13 +84,10 @@ class StageLoop(Generic[Batch]):
         Returns:
             The smoothed loss, or None when no step ran.
         """
-        with ThreadPoolExecutor(max_workers=1) as pool, tqdm(total=stop, initial=self.step, desc=desc,
-                                                              dynamic_ncols=True, mininterval=2.0) as bar:
-            pending = pool.submit(batch_at, self.step) if self.step < stop else None
-            while pending is not None:
+        with tqdm(total=stop, initial=self.step, desc=desc, dynamic_ncols=True, mininterval=2.0) as bar:
+            for _, fetch in prefetched(batch_at, self.step, stop):
                 tick = time.perf_counter()
-                batch = pending.result()
-                pending = pool.submit(batch_at, self.step + 1) if self.step + 1 < stop else None
+                batch = fetch()
                 self.optimizer.zero_grad(set_to_none=True)
                 figures = step_loss(batch)
                 torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
@@ -100,7 +96,7 @@ class StageLoop(Generic[Batch]):
                 self.step += 1
                 self.seconds += time.perf_counter() - tick
                 name, loss = next(iter(figures.items()))
-                self.running = loss if self.running is None else _EMA * self.running + (1 - _EMA) * loss
+                self.running = loss if self.running is None else _EMA * self.running + _NEW * loss
                 bar.update(1)
                 bar.set_postfix({name: f"{self.running:.3f}", **{k: f"{v:.3f}" for k, v in list(figures.items())[1:]}})
                 if self.step % checkpoint_every == 0 or self.step == stop:

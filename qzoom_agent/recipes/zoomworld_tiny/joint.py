@@ -24,7 +24,6 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -32,7 +31,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ...backbones import BackboneAdapter
-from ...train.common import eager_attention
+from ...train.common import eager_attention, prefetched
 from .answer_config import FOCUS_LAYERS, KEEP_LAYERS, PHASES, AnswerConfig
 from .answer_data import IGNORE, AnswerBatch, make_batch
 from .dense_probe import dense_losses
@@ -225,14 +224,11 @@ def run_joint(cfg: AnswerConfig, out_dir: str | Path, *, alphabet: str, sizes: Z
             return make_batch_at(run, step)
         return make_batch(run.adapter, cfg.data, alphabet, step * cfg.batch_size, cfg.batch_size)
 
-    with ThreadPoolExecutor(max_workers=1) as pool, tqdm(total=stop, initial=run.step, desc=f"phase {number} answers",
-                                                          dynamic_ncols=True, mininterval=2.0) as bar:
-        # the next batch renders in a worker thread while this one trains
-        pending = pool.submit(batch_at, run.step) if run.step < stop else None
-        while pending is not None:
+    with tqdm(total=stop, initial=run.step, desc=f"phase {number} answers", dynamic_ncols=True,
+              mininterval=2.0) as bar:
+        for _, fetch in prefetched(batch_at, run.step, stop):  # the next batch renders while this one trains
             tick = time.perf_counter()
-            batch = pending.result()
-            pending = pool.submit(batch_at, run.step + 1) if run.step + 1 < stop else None
+            batch = fetch()
             train_step(run, batch, cfg)
             run.train_seconds += time.perf_counter() - tick
             bar.update(1)

@@ -21,8 +21,8 @@ import json
 import logging
 import math
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm import tqdm
 
 from ...checks import one_line
-from ...train.common import OptimConfig, decay_groups, read_config
+from ...train.common import OptimConfig, decay_groups, prefetched, read_config
 from .dense_crops import MAX_TAG_CHARS, SEED_RANGES, DenseCropConfig, crop_seed, eval_sets, render_dense_crop
 from .dense_probe import (
     DenseProbe,
@@ -213,14 +213,11 @@ def run_warmup(cfg: WarmupConfig, out_dir: str | Path, *, sizes: ZoomWorldTinySi
     sets = eval_sets(cfg.crops, cfg.eval_images)
     last = (read_metrics(metrics_path) or [None])[-1]
     images = run.step * cfg.batch_size
-    with ThreadPoolExecutor(max_workers=1) as pool, tqdm(total=stop, initial=run.step, desc="phase 1 warm-up",
-                                                          dynamic_ncols=True, mininterval=2.0) as bar:
-        # the next batch renders in a worker thread while this one trains (Pillow and torch release the GIL)
-        pending = pool.submit(train_batch, cfg, run.processor, run.step) if run.step < stop else None
-        while pending is not None:
+    with tqdm(total=stop, initial=run.step, desc="phase 1 warm-up", dynamic_ncols=True, mininterval=2.0) as bar:
+        # the next batch renders in a worker thread while this one trains
+        for _, fetch in prefetched(partial(train_batch, cfg, run.processor), run.step, stop):
             tick = time.perf_counter()
-            batch = pending.result()
-            pending = pool.submit(train_batch, cfg, run.processor, run.step + 1) if run.step + 1 < stop else None
+            batch = fetch()
             train_step(run, batch, cfg)
             run.train_seconds += time.perf_counter() - tick
             images += batch.n_images
