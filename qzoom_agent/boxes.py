@@ -141,16 +141,22 @@ def cells_to_box(
     return Box(x1, y1, x2, y2)
 
 
-def box_to_cells(box: Box, grid: Pair, resized_size: Pair, source_size: Pair) -> Cells:
+def box_to_cells(box: Box, grid: Pair, resized_size: Pair, source_size: Pair,
+                 canvas: tuple[int, int, int, int] | None = None) -> Cells:
     """Cell range of every cell that the box overlaps with positive area.
 
     Args:
         box: Box in source pixels.
         grid, resized_size, source_size: Geometry, see the module docstring.
+        canvas: for a view padded to a square (LLaVA): ``(ox, oy, cw, ch)``, the source pasted at ``(ox, oy)`` on a
+            ``cw x ch`` canvas, which is what was resized; None for an unpadded view.
 
     Returns:
         ``(r0, c0, r1, c1)`` with exclusive ends, clamped to the grid.
     """
+    if canvas is not None:
+        ox, oy, cw, ch = canvas
+        box, source_size = Box(box.x1 + ox, box.y1 + oy, box.x2 + ox, box.y2 + oy), (cw, ch)
     gh, gw, _, _, cell_w, cell_h = _geometry(grid, resized_size, source_size)
     # Cell c spans [c * cell, (c + 1) * cell); it overlaps [x1, x2) iff (c + 1) * cell > x1 and c * cell < x2.
     c0, c1 = math.floor(box.x1 / cell_w), math.ceil(box.x2 / cell_w)

@@ -61,7 +61,7 @@ def _cmd_ask(args: argparse.Namespace) -> int:
             overrides["min_tokens"] = min(256, max(1, args.max_tokens // 4))
     if args.min_tokens is not None:
         overrides["min_tokens"] = args.min_tokens
-    model = QZoomModel.from_pretrained(args.model, qzoom, **overrides)
+    model = QZoomModel.from_pretrained(args.model, qzoom, preset=args.preset, **overrides)
     mode = args.mode or ("auto" if model.heads is not None else "never")  # a plain model answers without zoom
     if mode != "never" and model.heads is None:
         raise UsageError(
@@ -197,6 +197,9 @@ def _add_ask(sub: argparse._SubParsersAction) -> None:
     ask.add_argument("--no-qzoom", action="store_true", help="load no Q-Zoom heads (implies --mode never)")
     ask.add_argument("--mode", choices=["auto", "never", "always"], default=None,
                      help="when to zoom (default: auto with Q-Zoom heads, never without)")
+    ask.add_argument("--preset", default=None, help="a task's released thresholds and view budget: doc, chart, ocr, "
+                     "hr, textvqa, infovqa, docvqa, chartqa, ocrbench, vstar, mme-realworld, hrbench "
+                     "(--max-tokens/--min-tokens still win)")
     ask.add_argument("--max-tokens", type=_positive, default=None, help="max visual tokens per image view")
     ask.add_argument("--min-tokens", type=_positive, default=None, help="min visual tokens per image view")
     ask.add_argument("--max-new-tokens", type=_positive, default=32, help="max generated tokens")

@@ -6,7 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-RoiMode = Literal["enclosing", "components", "peak"]  # the box rules of roi.propose_boxes
+# the box rules: "official" is roi_official's (the released rule of each family), the rest roi.propose_boxes'
+RoiMode = Literal["official", "enclosing", "components", "peak"]
 
 # Paper defaults (K, T) per released backbone; tiny models pick their own.
 DEFAULT_BRANCH = {
@@ -55,18 +56,19 @@ class QZoomConfig(BaseModel):
     roi_max_tokens: int | None = Field(
         default=None, ge=1, description="Maximum visual tokens of the RoI crop; both None: the call's global budget."
     )
-    reuse_src_pos: bool = Field(
-        default=True,
-        description="True: RoI positions interpolate the source positions its box covers; False: two-image "
-        "positions.",
+    reuse_src_pos: bool | None = Field(
+        default=None,
+        description="True: RoI positions interpolate the source positions of the cells its box came from; False: "
+        "plain positions (two-image M-RoPE on Qwen, contiguous on LLaVA); None: by family (True on Qwen, the "
+        "paper's alignment; False on LLaVA, as SD-RPN). Official checkpoints set it from their config.",
     )
     sink_min_tokens: int = Field(
         default=256, ge=0, description="Mask the attention-sink corner of the RoI map when it has more tokens."
     )
     roi_mode: RoiMode | None = Field(
         default=None,
-        description="One enclosing box (Qwen), connected components (LLaVA) or the peak's neighbourhood "
-        "(roi.peak_cells); None: by family.",
+        description="The box rule: 'official' (the released rule of each family: roi_official), or this "
+        "project's 'enclosing', 'components' or 'peak' (roi.propose_boxes); None: 'official'.",
     )
     roi_peak_ratio: float = Field(
         default=0.3, gt=0.0, le=1.0, description="Peak mode: share of the peak probability a neighbour needs."
@@ -77,6 +79,22 @@ class QZoomConfig(BaseModel):
         "built from the question's stem, its text before any answer options (query.question_stem). A stem query "
         "reruns only the question's tokens below K, on the image prefix's cache; the gate and the answer still "
         "see the whole prompt.",
+    )
+    roi_multi_head: bool = Field(
+        default=True,
+        description="Twig score: the head-averaged q.k / sqrt(d) (True, as every released checkpoint trained); "
+        "False: the unscaled dot product over all heads (the released modules' default when the key is absent).",
+    )
+    twig_norm: bool = Field(
+        default=False, description="The twig normalises its state before the last layer's q/k (SD-RPN's twig_norm)."
+    )
+    twig_rope: bool = Field(
+        default=True, description="Rotary embeddings on the twig's q/k (Q-Zoom); SD-RPN's LLaVA twig applies none."
+    )
+    gate: bool = Field(
+        default=True,
+        description="The heads hold a trained gate; False (a stage-1/2 or SD-RPN checkpoint): mode 'auto' runs the "
+        "twig on every question, as the released code does without a gate.",
     )
     roi_min_side_tokens: float = Field(
         default=1.0, ge=0.0, le=64.0,

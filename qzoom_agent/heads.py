@@ -2,8 +2,9 @@
 
 Both are plain ``nn.Module``s made of the backbone's own decoder-layer class. They run on the hidden state
 captured during the one prefill, with the same causal mask and rotary embeddings, and never touch the HF
-forward. Attribute names follow the released Q-Zoom checkpoints (``twig_layers``, ``high_res_layers``,
-``high_res_head``) so their weights load by prefix.
+forward. Attribute names follow the released checkpoints (``twig_layers``, ``high_res_layers``, ``high_res_head``;
+SD-RPN's ``twig_norm``) so their weights load by prefix. A checkpoint of stage 1 or 2, or an SD-RPN one, has no
+gate: its heads are the twig alone.
 """
 
 from __future__ import annotations
@@ -38,26 +39,45 @@ class QZoomHeads(nn.Module):
     """
 
     def __init__(
-        self, twig_layers: list[nn.Module], gate_layers: list[nn.Module], hidden_size: int, branch_layer: int
+        self, twig_layers: list[nn.Module], gate_layers: list[nn.Module] | None, hidden_size: int, branch_layer: int,
+        twig_norm: nn.Module | None = None,
     ):
         super().__init__()
         self.branch_layer = branch_layer
         self.twig_layers = nn.ModuleList(twig_layers)
-        self.high_res_layers = nn.ModuleList(gate_layers)
-        self.high_res_head = nn.Linear(hidden_size, 1)
-        nn.init.normal_(self.high_res_head.weight, std=0.02)
-        nn.init.zeros_(self.high_res_head.bias)
+        self.twig_norm = twig_norm  # SD-RPN (LLaVA): applied to the twig state before the last layer's q/k
+        self.high_res_layers = None if gate_layers is None else nn.ModuleList(gate_layers)
+        self.high_res_head = None
+        if gate_layers is not None:
+            self.high_res_head = nn.Linear(hidden_size, 1)
+            nn.init.normal_(self.high_res_head.weight, std=0.02)
+            nn.init.zeros_(self.high_res_head.bias)
 
     @classmethod
-    def from_base(cls, adapter: BackboneAdapter, K: int, T: int) -> QZoomHeads:
-        """New heads whose twig and gate layers are copies of base layers K..K+T-1 (0-indexed)."""
+    def from_base(cls, adapter: BackboneAdapter, K: int, T: int, *, gate: bool = True,
+                  twig_norm: bool = False) -> QZoomHeads:
+        """New heads whose twig (and gate) layers are copies of base layers K..K+T-1 (0-indexed); ``twig_norm``
+        adds SD-RPN's norm (a copy of the final norm, weights reset to one)."""
         base = adapter.layers
         if K + T > len(base):
             raise ValueError(f"K + T = {K + T} exceeds the {len(base)} decoder layers")
         twig = [copy.deepcopy(base[K + i]) for i in range(T)]
-        gate = [copy.deepcopy(base[K + i]) for i in range(T)]
-        heads = cls(twig, gate, adapter.hidden_size, K)
+        gates = [copy.deepcopy(base[K + i]) for i in range(T)] if gate else None
+        norm = None
+        if twig_norm:
+            norm = copy.deepcopy(adapter.norm)
+            nn.init.ones_(norm.weight)
+        heads = cls(twig, gates, adapter.hidden_size, K, norm)
         return heads.to(device=adapter.device, dtype=adapter.dtype)
+
+    def add_gate(self, adapter: BackboneAdapter) -> None:
+        """Give twig-only heads a gate initialised from base layers K..K+T-1 (the start of stage 3)."""
+        fresh = QZoomHeads.from_base(adapter, self.branch_layer, self.T)
+        self.high_res_layers, self.high_res_head = fresh.high_res_layers, fresh.high_res_head
+
+    @property
+    def has_gate(self) -> bool:
+        return self.high_res_layers is not None
 
     @property
     def T(self) -> int:
@@ -75,7 +95,12 @@ class QZoomHeads(nn.Module):
 
         Returns:
             (1,) raw logit; ``sigmoid`` gives the zoom probability.
+
+        Raises:
+            ValueError: the heads have no gate.
         """
+        if self.high_res_layers is None:
+            raise ValueError("these heads have no gate (a stage-1/2 or SD-RPN checkpoint); the twig runs every time")
         h = hidden_k
         for layer in self.high_res_layers:
             h = layer(h, attention_mask=mask, position_embeddings=rotary)
@@ -85,7 +110,8 @@ class QZoomHeads(nn.Module):
     def twig_states(
         self, hidden_k: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None
     ) -> torch.Tensor:
-        """The hidden state after the first T-1 twig layers (the input of the last one's q/k).
+        """The hidden state after the first T-1 twig layers (and SD-RPN's ``twig_norm``): the input of the last
+        layer's q/k.
 
         Args:
             hidden_k: (1, L, D) the input of base layer K.
@@ -93,12 +119,25 @@ class QZoomHeads(nn.Module):
             mask: the causal mask for L tokens.
 
         Returns:
-            (1, L, D); ``hidden_k`` itself when T is 1.
+            (1, L, D); ``hidden_k`` itself when T is 1 and there is no twig norm.
         """
         h = hidden_k
         for layer in self.twig_layers[:-1]:
             h = layer(h, attention_mask=mask, position_embeddings=rotary)
-        return h
+        return h if self.twig_norm is None else self.twig_norm(h)
+
+    def _qk(self, adapter: BackboneAdapter, states: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
+            qi: int, image_start: int, image_end: int, rope: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last twig layer's query at ``qi`` (1, H, 1, d) and keys of the visual tokens (1, H, N, d), kv heads
+        repeated for grouped-query attention."""
+        last = self.twig_layers[-1]
+        q, _ = adapter.project_qk(last, last.input_layernorm(states[:, qi : qi + 1]))
+        _, k = adapter.project_qk(last, last.input_layernorm(states[:, image_start:image_end]))
+        if rope:
+            cos, sin = rotary
+            q = _rope(q, cos[:, qi : qi + 1], sin[:, qi : qi + 1])
+            k = _rope(k, cos[:, image_start:image_end], sin[:, image_start:image_end])
+        return q, k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
 
     def roi_scores(
         self,
@@ -108,27 +147,45 @@ class QZoomHeads(nn.Module):
         image_start: int,
         image_end: int,
         query_index: int = -1,
+        *,
+        rope: bool = True,
+        multi_head: bool = True,
     ) -> torch.Tensor:
-        """The last twig layer's head-averaged ``q(query) . k(visual) / sqrt(d)`` on :meth:`twig_states`.
+        """The last twig layer's ``q(query) . k(visual)`` on :meth:`twig_states`.
 
         Args:
             states: (1, L, D) from :meth:`twig_states`.
             rotary, image_start, image_end, query_index: as in :meth:`roi_logits`.
+            rope: rotate q and k (Q-Zoom); SD-RPN's LLaVA twig does not.
+            multi_head: average the heads' ``q . k / sqrt(d)``; False sums the unscaled per-head products (the dot
+                product of the whole projections, the released modules' default without ``roi_multi_head``).
 
         Returns:
             (N,) raw logits, N = image_end - image_start.
         """
-        last = self.twig_layers[-1]
-        length = states.shape[1]
-        qi = query_index % length
-        cos, sin = rotary
-        q, _ = adapter.project_qk(last, last.input_layernorm(states[:, qi : qi + 1]))
-        _, k = adapter.project_qk(last, last.input_layernorm(states[:, image_start:image_end]))
-        q = _rope(q, cos[:, qi : qi + 1], sin[:, qi : qi + 1])
-        k = _rope(k, cos[:, image_start:image_end], sin[:, image_start:image_end])
-        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # grouped-query attention: share kv heads
-        scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])  # (1, H, 1, N)
-        return scores.mean(dim=1)[0, 0]
+        qi = query_index % states.shape[1]
+        q, k = self._qk(adapter, states, rotary, qi, image_start, image_end, rope)
+        scores = q @ k.transpose(-1, -2)  # (1, H, 1, N)
+        if multi_head:
+            return (scores / math.sqrt(q.shape[-1])).mean(dim=1)[0, 0]
+        return scores.sum(dim=1)[0, 0]
+
+    def first_token_scores(
+        self,
+        adapter: BackboneAdapter,
+        states: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor],
+        image_start: int,
+        image_end: int,
+    ) -> torch.Tensor:
+        """Qwen3-VL's sink probe: attention head 0's ``q(first token) . k(visual) / sqrt(d)`` in the last twig
+        layer, with RoPE (`roi_official.qwen3_sink_keep` turns it into the sink mask).
+
+        Returns:
+            (N,) raw scores.
+        """
+        q, k = self._qk(adapter, states, rotary, 0, image_start, image_end, rope=True)
+        return (q[:, :1] @ k[:, :1].transpose(-1, -2))[0, 0, 0] / math.sqrt(q.shape[-1])
 
     def roi_logits(
         self,
@@ -139,6 +196,9 @@ class QZoomHeads(nn.Module):
         image_start: int,
         image_end: int,
         query_index: int = -1,
+        *,
+        rope: bool = True,
+        multi_head: bool = True,
     ) -> torch.Tensor:
         """SD-RPN scores of the visual tokens for the query token.
 
@@ -157,4 +217,5 @@ class QZoomHeads(nn.Module):
             (N,) raw logits, N = image_end - image_start, in raster order of the merged-token grid.
         """
         states = self.twig_states(hidden_k, rotary, mask)
-        return self.roi_scores(adapter, states, rotary, image_start, image_end, query_index)
+        return self.roi_scores(adapter, states, rotary, image_start, image_end, query_index, rope=rope,
+                               multi_head=multi_head)

@@ -22,7 +22,9 @@ from transformers import DynamicCache
 
 from . import boxes as box_lib
 from . import roi as roi_lib
+from . import roi_official
 from .backbones import BackboneAdapter, Prompt, VisualFeatures
+from .boxes import Cells
 from .config import QZoomConfig
 from .engine import DecoderRunner
 from .heads import QZoomHeads
@@ -83,6 +85,7 @@ class QZoomModel:
         *,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
+        preset: str | None = None,
         **overrides,
     ) -> QZoomModel:
         """Load a base VLM and, optionally, Q-Zoom heads.
@@ -93,9 +96,13 @@ class QZoomModel:
                 ``base``, then for heads inside ``base`` itself (an official checkpoint); False loads no heads.
             device: torch device.
             dtype: weight dtype (fp32 on CPU; bf16 on GPU nodes).
+            preset: a task's released settings (RoI and gate thresholds, view budget), e.g. ``"hr"`` or
+                ``"docvqa"`` (:mod:`qzoom_agent.presets`); applied before ``overrides``.
             **overrides: QZoomConfig fields to override (e.g. ``gate_threshold=0.3``).
         """
-        from .checkpoint import is_official_checkpoint, load_heads
+        from .checkpoint import load_heads
+        from .checkpoint_official import is_official_checkpoint
+        from .presets import get_preset
 
         path = resolve_model_path(base)
         adapter = load_backbone(path, device=device, dtype=dtype)
@@ -108,14 +115,24 @@ class QZoomModel:
             heads, config = load_heads(qzoom, adapter)
         if config is None:
             config = QZoomConfig.for_backbone(adapter.num_layers, adapter.min_branch_layer)
+        if preset is not None:
+            overrides = {**get_preset(preset, adapter.family).overrides(), **overrides}
         if overrides:
             config = QZoomConfig.model_validate({**config.model_dump(), **overrides})
         return cls(adapter, heads, config)
 
     def init_heads(self) -> QZoomHeads:
         """Attach heads initialised as copies of base layers K..K+T-1 (the start of stage 1 training)."""
-        self.heads = QZoomHeads.from_base(self.adapter, self.config.twig_K, self.config.twig_T).eval()
+        cfg = self.config
+        self.heads = QZoomHeads.from_base(self.adapter, cfg.twig_K, cfg.twig_T, gate=cfg.gate,
+                                          twig_norm=cfg.twig_norm).eval()
         return self.heads
+
+    @property
+    def reuse_src_pos(self) -> bool:
+        """Whether RoI positions are source-aligned: the config's setting, else the family's default."""
+        rsp = self.config.reuse_src_pos
+        return self.adapter.default_reuse_src_pos if rsp is None else rsp
 
     # ---- pass 1 ------------------------------------------------------------------------------------------------
     def _first_pass(self, image: Image.Image, question: str, budget: tuple[int, int]) -> _FirstPass:
@@ -145,8 +162,15 @@ class QZoomModel:
         hidden_k = self.runner.run(0, self.config.twig_K, hidden, rotary, mask, cache, a.image_mask(ids), visual)
         return hidden_k, rotary, mask, cache
 
-    def _gate(self, fp: _FirstPass) -> float:
+    def _gate(self, fp: _FirstPass) -> float | None:
+        """The gate's score, or None for heads without a gate (the twig then runs on every question)."""
+        if not self.heads.has_gate:
+            return None
         return float(torch.sigmoid(self.heads.gate_logit(fp.hidden_k, fp.rotary, fp.mask))[0])
+
+    def _wants_zoom(self, gate: float | None) -> bool:
+        """Mode ``auto``: zoom when the gate fires, and always when there is no gate (as the released code)."""
+        return gate is None or gate >= self.config.gate_threshold
 
     def _query_text(self, question: str, roi_query: str | None) -> str | None:
         """The RoI query when it differs from ``question`` (an explicit one, or the stem), else None."""
@@ -193,31 +217,56 @@ class QZoomModel:
         mask = self.runner.causal_mask(hidden_k, self.runner.new_cache())
         return hidden_k, rotary, mask, prompt
 
-    def _roi(self, fp: _FirstPass, query: str | None = None) -> tuple[torch.Tensor, list[box_lib.Box]]:
-        img = fp.prompt.image
+    def _roi(self, fp: _FirstPass, query: str | None = None
+             ) -> tuple[torch.Tensor, list[box_lib.Box], list[Cells]]:
+        """The twig's (gh, gw) logits for ``query`` (default: the question) and the boxes and cells they give."""
+        a, cfg, img = self.adapter, self.config, fp.prompt.image
         hidden_k, rotary, mask, prompt = (fp.hidden_k, fp.rotary, fp.mask, fp.prompt) if query is None else \
             self._query_pass(fp, query)
-        logits = self.heads.roi_logits(
-            self.adapter, hidden_k, rotary, mask, prompt.image_start, prompt.image_end
-        ).reshape(img.grid)
-        family_mode = "components" if self.adapter.family == "llava" else "enclosing"
-        cfg = roi_lib.RoiConfig(
-            threshold=self.config.roi_threshold,
-            sink_min_tokens=self.config.sink_min_tokens,
-            mode=self.config.roi_mode or family_mode,
-            peak_ratio=self.config.roi_peak_ratio,
-            min_side_tokens=self.config.roi_min_side_tokens,
+        states = self.heads.twig_states(hidden_k, rotary, mask)
+        logits = self.heads.roi_scores(a, states, rotary, prompt.image_start, prompt.image_end, rope=cfg.twig_rope,
+                                       multi_head=cfg.roi_multi_head).reshape(img.grid)
+        if (cfg.roi_mode or "official") == "official":
+            regions = self._official_regions(logits, states, rotary, prompt)
+            return logits, [b for b, _ in regions], [c for _, c in regions]
+        if a.family == "llava":
+            raise ValueError(f"roi_mode {cfg.roi_mode!r} maps boxes on an unpadded view; LLaVA pads its view to a "
+                             "square, so it zooms with SD-RPN's rule (roi_mode 'official')")
+        roi_cfg = roi_lib.RoiConfig(
+            threshold=cfg.roi_threshold,
+            sink_min_tokens=cfg.sink_min_tokens,
+            mode=cfg.roi_mode,
+            peak_ratio=cfg.roi_peak_ratio,
+            min_side_tokens=cfg.roi_min_side_tokens,
         )
-        sink = None if cfg.mode == "components" else roi_lib.qwen_sink_mask(*img.grid, cfg.sink_min_tokens)
+        sink = None if roi_cfg.mode == "components" else roi_lib.qwen_sink_mask(*img.grid, roi_cfg.sink_min_tokens)
         boxes = roi_lib.propose_boxes(
             logits.float().cpu(),  # a few hundred scores: box geometry runs on the CPU, like the sink mask
             grid=img.grid,
             resized_size=img.resized_size,
             source_size=img.source_size,
-            cfg=cfg,
+            cfg=roi_cfg,
             sink_mask=sink,
         )
-        return logits, boxes
+        # this project's rules take the cells a box overlaps for its positions
+        return logits, boxes, [box_lib.box_to_cells(b, img.grid, img.resized_size, img.source_size) for b in boxes]
+
+    def _official_regions(self, logits: torch.Tensor, states: torch.Tensor, rotary: tuple, prompt: Prompt
+                          ) -> list[tuple[box_lib.Box, Cells]]:
+        """The released rule of the family (`roi_official`): Qwen2.5-VL's corner-strip sinks, Qwen3-VL's
+        query-based sinks, SD-RPN's components on LLaVA."""
+        a, cfg, img = self.adapter, self.config, prompt.image
+        scores = logits.float().cpu()
+        if a.family == "llava":
+            return roi_official.llava_regions(scores, threshold=cfg.roi_threshold, grid=img.grid,
+                                              image_side=img.resized_size[0], source_size=img.source_size)
+        if a.family == "qwen3_vl":
+            first = self.heads.first_token_scores(a, states, rotary, prompt.image_start, prompt.image_end)
+            keep = roi_official.qwen3_sink_keep(first.reshape(img.grid))
+        else:
+            keep = roi_lib.qwen_sink_mask(*img.grid, cfg.sink_min_tokens)
+        return roi_official.qwen_regions(scores, threshold=cfg.roi_threshold, keep=keep, grid=img.grid,
+                                         resized_size=img.resized_size, source_size=img.source_size)
 
     def _require_heads(self, what: str) -> QZoomHeads:
         if self.heads is None:
@@ -239,8 +288,8 @@ class QZoomModel:
         Args:
             image: a path, bytes or PIL image (loaded safely).
             question: the user's question.
-            roi: ``"auto"`` runs the twig only when the gate fires; ``"always"`` runs it regardless (a zoom tool
-                that was explicitly called); ``"never"`` skips it.
+            roi: ``"auto"`` runs the twig only when the gate fires (always, for heads without a gate);
+                ``"always"`` runs it regardless (a zoom tool that was explicitly called); ``"never"`` skips it.
             budget: (min, max) visual tokens of the global view; defaults to the config's.
             roi_query: the text the twig scores the image for (e.g. a zoom tool's argument); default: the
                 question, or its stem when ``config.roi_query == "stem"``. The gate always reads the question.
@@ -254,13 +303,13 @@ class QZoomModel:
         image = load_image(image)
         fp = self._first_pass(image, question, budget or (self.config.min_tokens, self.config.max_tokens))
         gate = self._gate(fp)
-        logits, boxes = None, []
-        if roi == "always" or (roi == "auto" and gate >= self.config.gate_threshold):
-            logits, boxes = self._roi(fp, query)
+        logits, boxes, cells = None, [], []
+        if roi == "always" or (roi == "auto" and self._wants_zoom(gate)):
+            logits, boxes, cells = self._roi(fp, query)
         img = fp.prompt.image
         return Perception(
             gate, logits, boxes, img.grid, img.resized_size, img.source_size, img.n_tokens,
-            time.perf_counter() - t0, state=fp,
+            time.perf_counter() - t0, state=fp, cells=cells, canvas=img.canvas,
         )
 
     # ---- answering ---------------------------------------------------------------------------------------------
@@ -281,8 +330,9 @@ class QZoomModel:
         Args:
             image: a path, bytes or PIL image.
             question: the question.
-            mode: ``"auto"`` follows the gate; ``"never"`` answers from the low-resolution view (the gate does not
-                run); ``"always"`` zooms whenever the twig proposes a box.
+            mode: ``"auto"`` follows the gate (heads without a gate zoom whenever the twig proposes a box, as the
+                released code does); ``"never"`` answers from the low-resolution view (the gate does not run);
+                ``"always"`` zooms whenever the twig proposes a box.
             max_new_tokens: decoding budget.
             budget: (min, max) visual tokens of the global view; defaults to the config's.
             perception: a `perceive` result for the same image and question to resume from (consumed).
@@ -303,14 +353,14 @@ class QZoomModel:
             gate = None if mode == "never" else self._gate(fp)
         logits = None
         boxes: list[box_lib.Box] = []
-        if mode == "always" or (mode == "auto" and gate is not None and gate >= self.config.gate_threshold):
+        cells: list[Cells] = []
+        if mode == "always" or (mode == "auto" and self._wants_zoom(gate)):
             if perception is not None and perception.roi_logits is not None:
-                logits, boxes = perception.roi_logits, perception.boxes
+                logits, boxes, cells = perception.roi_logits, perception.boxes, perception.cells
             else:
-                logits, boxes = self._roi(fp, query)
+                logits, boxes, cells = self._roi(fp, query)
         if boxes:
-            # Components mode (LLaVA) may propose two boxes; one RoI is spliced in, the largest.
-            first_logits, next_pos, extra_tokens = self._zoom_prefill(fp, boxes[0])
+            first_logits, next_pos, extra_tokens = self._zoom_prefill(fp, boxes, cells)
             prefills = 2
         else:
             first_logits, extra_tokens = self._direct_prefill(fp), 0
@@ -332,6 +382,8 @@ class QZoomModel:
             image_size=img.source_size,
             grid=img.grid,
             roi_logits=logits,
+            boxes=list(boxes),
+            cells=list(cells),
         )
 
     def _direct_prefill(self, fp: _FirstPass) -> torch.Tensor:
@@ -340,23 +392,26 @@ class QZoomModel:
         hidden = self.runner.run(k, n, fp.hidden_k, fp.rotary, fp.mask, fp.cache)
         return self.runner.logits(hidden[:, -1:])
 
-    def _zoom_prefill(self, fp: _FirstPass, box: box_lib.Box) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Splice the RoI crop in and re-prefill with prefix-cache reuse.
+    def _zoom_prefill(self, fp: _FirstPass, boxes: list[box_lib.Box], cells: list[Cells]
+                      ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Splice the RoI crops in and re-prefill with prefix-cache reuse.
+
+        Args:
+            fp: the first pass (its cache is cut back to the prefix in place).
+            boxes: the crops, in source pixels (one on Qwen, up to two on LLaVA).
+            cells: per box, the token cells it came from (they place source-aligned positions).
 
         Returns:
             ``(logits, next_position, roi_tokens)``: (1, V) next-token logits on the spliced sequence, the
-            position of the first generated token, and the RoI's visual token count.
+            position of the first generated token, and the RoIs' visual token count.
         """
         a, cfg, k = self.adapter, self.config, self.config.twig_K
-        src = fp.prompt.image
-        crop = box_lib.crop(fp.image, box)
-        # The caps apply per image: without its own RoI budget the crop obeys the call's global-view budget.
+        # The caps apply per image: without its own RoI budget a crop obeys the call's global-view budget.
         explicit = cfg.roi_min_tokens is not None or cfg.roi_max_tokens is not None
         lo, hi = cfg.roi_budget if explicit else fp.budget
-        roi_in = a.prepare_image(crop, min_tokens=lo, max_tokens=hi)
-        roi_visual = a.encode_image([roi_in])
-        cells = box_lib.box_to_cells(box, src.grid, src.resized_size, src.source_size)
-        splice = a.splice_roi(fp.prompt, fp.positions, roi_in, cells, cfg.reuse_src_pos)
+        rois = [a.prepare_roi(box_lib.crop(fp.image, box), min_tokens=lo, max_tokens=hi) for box in boxes]
+        roi_visual = a.encode_image(rois)
+        splice = a.splice_roi(fp.prompt, fp.positions, rois, cells, self.reuse_src_pos)
         p = splice.prefix_len
         length = fp.prompt.input_ids.shape[1]
         for i in range(k):  # keep the prefix (system + source image) below K; drop the old tail
@@ -370,4 +425,4 @@ class QZoomModel:
         hidden = torch.cat([fp.hidden_k[:, :p], tail], 1)
         mask = self.runner.causal_mask(hidden, fp.cache, layer_idx=k)
         hidden = self.runner.run(k, a.num_layers, hidden, rotary, mask, fp.cache)
-        return self.runner.logits(hidden[:, -1:]), a.next_position(splice.positions), roi_in.n_tokens
+        return self.runner.logits(hidden[:, -1:]), a.next_position(splice.positions), sum(r.n_tokens for r in rois)

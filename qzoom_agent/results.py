@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from .boxes import Box
+from .boxes import Box, Cells
 
 
 @dataclass
@@ -23,6 +23,10 @@ class Perception:
         image_size: (width, height) of the source image.
         visual_tokens: visual tokens processed (the global view).
         latency_s: wall time of the call.
+        cells: per box, the token cells ``(r0, c0, r1, c1)`` (exclusive ends) it came from; they place the RoI
+            positions.
+        canvas: ``(ox, oy, cw, ch)`` when the global view was padded to a square (LLaVA), else None
+            (:func:`qzoom_agent.boxes.box_to_cells`).
     """
 
     gate_score: float | None
@@ -34,6 +38,8 @@ class Perception:
     visual_tokens: int
     latency_s: float
     state: Any = field(default=None, repr=False)  # first-pass tensors that `answer` can resume from
+    cells: list[Cells] = field(default_factory=list)
+    canvas: tuple[int, int, int, int] | None = None
 
     @property
     def box(self) -> Box | None:
@@ -49,9 +55,9 @@ class Answer:
         zoomed: True when a RoI crop was spliced in and the answer was decoded from the spliced sequence.
         gate_score: sigmoid gate score, or None when the gate did not run (``mode="never"``/``"always"``
             without heads).
-        bbox: the zoom box in source pixels, or None.
-        visual_tokens: visual tokens processed: the global view plus the RoI crop, if any.
-        roi_tokens: visual tokens of the RoI crop (0 when not zoomed); each view obeys the token cap.
+        bbox: the (first) zoom box in source pixels, or None.
+        visual_tokens: visual tokens processed: the global view plus the RoI crops, if any.
+        roi_tokens: visual tokens of the RoI crops (0 when not zoomed); each view obeys the token cap.
         forward_passes: prefills (the first pass, plus the partial re-prefill when zoomed) plus decode steps. A
             stem or explicit RoI query's own text tokens, rerun below layer K for the twig, are part of the first
             pass here, like the twig itself; their time is in ``latency_s``.
@@ -60,6 +66,8 @@ class Answer:
         image_size: (width, height) of the source image.
         grid: (gh, gw) visual tokens of the global view.
         roi_logits: (gh, gw) SD-RPN scores when the twig ran, for heat maps.
+        boxes: every box spliced in (SD-RPN on LLaVA may splice two); ``[bbox]`` or ``[]`` elsewhere.
+        cells: per box, the token cells it came from.
     """
 
     text: str
@@ -74,6 +82,8 @@ class Answer:
     image_size: tuple[int, int]
     grid: tuple[int, int]
     roi_logits: torch.Tensor | None = field(default=None, repr=False)
+    boxes: list[Box] = field(default_factory=list)
+    cells: list[Cells] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         """The CLI's ``--json`` record."""
@@ -82,6 +92,7 @@ class Answer:
             "zoomed": self.zoomed,
             "gate_score": self.gate_score,
             "bbox": self.bbox.to_json() if self.bbox else None,
+            "boxes": [b.to_json() for b in self.boxes],
             "visual_tokens": self.visual_tokens,
             "roi_tokens": self.roi_tokens,
             "forward_passes": self.forward_passes,

@@ -1,8 +1,10 @@
-"""Turn a per-visual-token relevance map into crop boxes in source-image pixels (pure functions, no model code).
+"""This project's rules from a per-visual-token relevance map to crop boxes in source pixels (pure functions).
 
 The map is thresholded (or its peak taken) into cell ranges of the token grid; :mod:`qzoom_agent.boxes` holds the
 geometry that turns cells into source-pixel boxes and back (its docstring defines ``grid``, ``resized_size`` and
-``source_size``).
+``source_size``). The rules are options for adapters trained here: ``enclosing`` (one box, zero-padded blur, masked
+again after it, minimum side in tokens, rounded outward), ``components`` and ``peak``. Released checkpoints use
+:mod:`qzoom_agent.roi_official`, which reproduces the released post-processing exactly.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import torch.nn.functional as F
 
 from .boxes import Box, Cells, Pair, cells_to_box, check_int, check_min_side_tokens, check_pair
 from .config import RoiMode
+
+OWN_MODES = tuple(m for m in get_args(RoiMode) if m != "official")  # this project's rules, run here
 
 
 @dataclass(frozen=True)
@@ -55,8 +59,9 @@ class RoiConfig:
         if not isinstance(self.blur, bool):
             raise ValueError(f"blur must be True or False, got {self.blur!r}")
         check_min_side_tokens(self.min_side_tokens)
-        if self.mode not in get_args(RoiMode):
-            raise ValueError(f"mode must be 'enclosing' (Qwen), 'components' (LLaVA) or 'peak', got {self.mode!r}")
+        if self.mode not in OWN_MODES:
+            raise ValueError(f"mode must be 'enclosing', 'components' or 'peak' (the released rule is "
+                             f"roi_official's), got {self.mode!r}")
         if not isinstance(self.peak_ratio, numbers.Real) or not 0.0 < float(self.peak_ratio) <= 1.0:
             raise ValueError(f"peak_ratio must be in (0, 1], got {self.peak_ratio!r}")
         check_int("max_boxes", self.max_boxes, minimum=1)

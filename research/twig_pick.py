@@ -33,7 +33,7 @@ RULES = (("enclosing", 0.15), ("enclosing", 0.3), ("peak", 0.5), ("peak", 0.3), 
 
 def _cells(box, p: Perception) -> torch.Tensor:
     """(gh * gw,) bool: the tokens of ``p``'s global view that ``box`` (source pixels) overlaps."""
-    r0, c0, r1, c1 = box_to_cells(Box(*box), p.grid, p.resized_size, p.image_size)
+    r0, c0, r1, c1 = box_to_cells(Box(*box), p.grid, p.resized_size, p.image_size, p.canvas)
     mask = torch.zeros(p.grid, dtype=torch.bool)
     mask[r0:r1, c0:c1] = True
     return mask.flatten()

@@ -13,19 +13,22 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from qzoom_agent import checkpoint as ckpt
+from qzoom_agent import checkpoint_official as official
 from qzoom_agent.backbones import BackboneAdapter, adapter_class_for
 from qzoom_agent.checkpoint import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
+    is_adapter_dir,
+    load_adapter,
+    load_heads,
+    save_adapter,
+)
+from qzoom_agent.checkpoint_official import (
     HEAD_MODULES,
     OFFICIAL_INDEX,
     OFFICIAL_WEIGHTS,
-    is_adapter_dir,
     is_official_checkpoint,
-    load_adapter,
-    load_heads,
     load_official,
-    save_adapter,
     write_official_checkpoint,
 )
 from qzoom_agent.config import QZoomConfig
@@ -219,13 +222,13 @@ def test_official_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fa
         assert "model.language_model.layers.0.input_layernorm.weight" in keys
 
     opened: list[str] = []
-    real_open = ckpt.safe_open
+    real_open = official.safe_open
 
     def spy(filename, *args, **kwargs):
         opened.append(Path(filename).name)
         return real_open(filename, *args, **kwargs)
 
-    monkeypatch.setattr(ckpt, "safe_open", spy)
+    monkeypatch.setattr(official, "safe_open", spy)
     dst = adapter_for(family, seed=1)
     loaded, loaded_config = load_official(out, dst)
     if shards > 1:
@@ -233,8 +236,10 @@ def test_official_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fa
     assert_same_heads(heads, loaded)
     assert (loaded_config.twig_K, loaded_config.twig_T) == (K, T)
     assert loaded_config.gate_threshold == pytest.approx(0.3)
-    assert loaded_config.reuse_src_pos is False
-    assert (loaded_config.min_tokens, loaded_config.max_tokens) == (16, 64)
+    assert loaded_config.reuse_src_pos is False and loaded_config.roi_mode == "official"
+    # the view budget is the task's, not the training min/max_pixels the checkpoint records (16-64 tokens here)
+    assert (loaded_config.min_tokens, loaded_config.max_tokens) == (256, 576)
+    assert loaded_config.twig_rope is (family != "llava") and loaded_config.gate
     assert_same_heads(heads, load_heads(out, dst)[0])
 
 
@@ -260,40 +265,96 @@ def test_official_keys_in_text_config(tmp_path: Path) -> None:
     assert is_official_checkpoint(out)
     loaded, config = load_official(out, adapter_for("qwen3_vl", seed=1))
     assert_same_heads(heads, loaded)
-    assert (config.twig_K, config.min_tokens, config.max_tokens, config.reuse_src_pos) == (K, 16, 64, False)
+    assert (config.twig_K, config.min_tokens, config.max_tokens, config.reuse_src_pos) == (K, 256, 576, False)
 
 
-def test_official_defaults_and_budget_clamp(tmp_path: Path) -> None:
+def test_official_defaults_when_keys_are_absent(tmp_path: Path) -> None:
     src = adapter_for("qwen2_5_vl")
-    out = write_official_checkpoint(src.model, trained_heads(src), config_for(), tmp_path)
+    out = write_official_checkpoint(src.model, trained_heads(src), config_for(reuse_src_pos=True), tmp_path)
 
     def strip(cfg):
-        for key in ("reuse_src_pos", "high_res_thresh", "min_pixels", "max_pixels", "high_res_K", "high_res_T"):
+        for key in ("reuse_src_pos", "high_res_thresh", "min_pixels", "max_pixels", "high_res_K", "high_res_T",
+                    "roi_multi_head"):
             del cfg[key]
 
     _edit_config(out, strip)
     _, config = load_official(out, src)
-    assert (config.reuse_src_pos, config.gate_threshold) == (True, pytest.approx(0.1))
-    defaults = QZoomConfig(twig_K=K, twig_T=T)
-    assert (config.min_tokens, config.max_tokens) == (defaults.min_tokens, defaults.max_tokens)
-    _edit_config(out, lambda cfg: cfg.update(min_pixels=100 * 28 * 28, max_pixels=40 * 28 * 28 + 5))
+    # the released modules' defaults: reuse_src_pos False, gate 0.1, RoI 0.1, unscaled single-head scores
+    assert (config.reuse_src_pos, config.gate_threshold, config.roi_threshold) == (False, 0.1, 0.1)
+    assert (config.roi_multi_head, config.roi_mode, config.gate) == (False, "official", True)
+    assert (config.min_tokens, config.max_tokens) == (256, 576)
+    _edit_config(out, lambda cfg: cfg.update(min_pixels=100 * 28 * 28, max_pixels=40 * 28 * 28 + 5,
+                                             roi_conf_thresh=0.07, roi_multi_head=True))
     _, config = load_official(out, src)
-    assert (config.min_tokens, config.max_tokens) == (40, 40)
+    assert (config.min_tokens, config.max_tokens) == (256, 576)
+    assert (config.roi_threshold, config.roi_multi_head) == (0.07, True)
 
 
-def test_official_without_gate(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_official_without_gate_runs_the_twig_every_time(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     src = adapter_for("qwen2_5_vl")
     heads = trained_heads(src)
-    out = write_official_checkpoint(src.model, heads, config_for(), tmp_path, layout="old")
+    out = write_official_checkpoint(src.model, heads, config_for(), tmp_path / "stage1", layout="old")
     state = load_file(str(out / OFFICIAL_WEIGHTS))
     save_file({k: v for k, v in state.items() if "high_res" not in k}, str(out / OFFICIAL_WEIGHTS))
     _edit_config(out, lambda cfg: cfg.update(enable_high_res=False))
-    with caplog.at_level(logging.WARNING, logger="qzoom_agent.checkpoint"):
-        loaded, _ = load_official(out, src)
-    assert "no trained gate" in caplog.text
-    fresh = QZoomHeads.from_base(src, K, T)
+    loaded, config = load_official(out, src)
+    assert not loaded.has_gate and not config.gate and loaded.high_res_layers is None
+    assert set(loaded.state_dict()) == {k for k in heads.state_dict() if k.startswith("twig_layers.")}
     assert torch.equal(loaded.twig_layers[1].self_attn.o_proj.weight, heads.twig_layers[1].self_attn.o_proj.weight)
-    assert torch.equal(loaded.high_res_layers[0].mlp.up_proj.weight, fresh.high_res_layers[0].mlp.up_proj.weight)
+    with pytest.raises(ValueError, match="no gate"):
+        gate_logit(src, loaded)
+
+    # gate weights that the config disables are not used, and the loader says so
+    out = write_official_checkpoint(src.model, heads, config_for(), tmp_path / "disabled")
+    _edit_config(out, lambda cfg: cfg.update(enable_high_res=False))
+    with caplog.at_level(logging.WARNING, logger="qzoom_agent.checkpoint_official"):
+        loaded, config = load_official(out, src)
+    assert not loaded.has_gate and "not used: model.language_model.high_res" in caplog.text
+
+
+def test_official_unknown_head_keys_are_reported(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    src = adapter_for("qwen2_5_vl")
+    heads = trained_heads(src)
+    out = write_official_checkpoint(src.model, heads, config_for(), tmp_path)
+    state = load_file(str(out / OFFICIAL_WEIGHTS))
+    state["model.language_model.roi_proj.weight"] = torch.zeros(2, 2)
+    save_file(state, str(out / OFFICIAL_WEIGHTS))
+    with caplog.at_level(logging.WARNING, logger="qzoom_agent.checkpoint_official"):
+        loaded, _ = load_official(out, src)
+    assert "1 head tensor(s) not used: model.language_model.roi_proj.weight" in caplog.text
+    assert_same_heads(heads, loaded)
+    caplog.clear()
+    out = write_official_checkpoint(src.model, heads, config_for(), tmp_path / "clean")
+    with caplog.at_level(logging.WARNING, logger="qzoom_agent.checkpoint_official"):
+        load_official(out, src)
+    assert "not used" not in caplog.text  # a clean checkpoint warns about nothing
+
+
+def test_sdrpn_llava_checkpoint_with_twig_norm(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """SD-RPN's LLaVA layout: model.twig_layers.* and model.twig_norm.weight, no gate, roi_super_type v1."""
+    src = adapter_for("llava")
+    heads = QZoomHeads.from_base(src, K, T, gate=False, twig_norm=True)
+    with torch.no_grad():
+        heads.twig_norm.weight.uniform_(0.5, 1.5)
+        heads.twig_layers[0].mlp.up_proj.weight.add_(0.1)
+    cfg = config_for(gate=False, twig_norm=True)
+    for layout, shards in (("old", 1), ("old", 2), ("language_model", 1)):
+        out = write_official_checkpoint(src.model, heads, cfg, tmp_path / f"{layout}{shards}", layout=layout,
+                                        shards=shards, px_per_token=px(src),
+                                        extra_keys={"roi_super_type": "v1", "reuse_src_pos": None, "min_pixels": None,
+                                                    "max_pixels": None})
+        keys = set(official._weight_files(out))
+        prefix = "model." if layout == "old" else "model.language_model."
+        assert prefix + "twig_norm.weight" in keys and not any("high_res" in k for k in keys)
+        loaded, config = load_official(out, adapter_for("llava", seed=1))
+        assert_same_heads(heads, loaded)  # twig_norm included: nothing skipped
+        assert (config.twig_norm, config.twig_rope, config.gate, config.reuse_src_pos) == (True, False, False, False)
+        assert config.roi_threshold == 0.15  # SD-RPN's LLaVA module
+    # twig_norm weights of a checkpoint that does not use them (roi_super_type lazy) are reported, not loaded
+    _edit_config(out, lambda c: c.update(roi_super_type="lazy"))
+    with caplog.at_level(logging.WARNING, logger="qzoom_agent.checkpoint_official"):
+        loaded, config = load_official(out, adapter_for("llava", seed=1))
+    assert loaded.twig_norm is None and not config.twig_norm and "twig_norm.weight" in caplog.text
 
 
 def test_official_errors(tmp_path: Path) -> None:

@@ -78,7 +78,9 @@ def test_prefix_cache_reuse_matches_from_scratch_forward(family, reuse_src_pos):
     with torch.inference_mode():
         fp = qm._first_pass(image, QUESTION, (16, 64))
         src_visual = fp.visual
-        reuse_logits, next_pos, n_roi = qm._zoom_prefill(fp, box)
+        src = fp.prompt.image
+        cells = box_lib.box_to_cells(box, src.grid, src.resized_size, image.size, src.canvas)
+        reuse_logits, next_pos, n_roi = qm._zoom_prefill(fp, [box], [cells])
         # One decode step from the reused cache as well, so the cache itself is checked, not only the logits.
         token = int(reuse_logits.argmax(-1))
         step_hidden = a.embed_tokens(torch.tensor([[token]]))
@@ -87,9 +89,8 @@ def test_prefix_cache_reuse_matches_from_scratch_forward(family, reuse_src_pos):
 
         # Rebuild the spliced sequence independently and run it from scratch.
         fp2 = qm._first_pass(image, QUESTION, (16, 64))
-        roi_in = a.prepare_image(box_lib.crop(image, box), min_tokens=16, max_tokens=64)
-        cells = box_lib.box_to_cells(box, fp2.prompt.image.grid, fp2.prompt.image.resized_size, image.size)
-        splice = a.splice_roi(fp2.prompt, fp2.positions, roi_in, cells, reuse_src_pos)
+        roi_in = a.prepare_roi(box_lib.crop(image, box), min_tokens=16, max_tokens=64)
+        splice = a.splice_roi(fp2.prompt, fp2.positions, [roi_in], [cells], reuse_src_pos)
         from qzoom_agent.backbones import VisualFeatures
 
         visual = VisualFeatures.cat([src_visual, a.encode_image([roi_in])])
@@ -112,7 +113,7 @@ def test_source_aligned_positions_follow_the_design(family):
     with torch.inference_mode():
         fp = qm._first_pass(image, QUESTION, (16, 64))
         roi_in = a.prepare_image(image.crop((0, 0, 200, 150)), min_tokens=16, max_tokens=64)
-        splice = a.splice_roi(fp.prompt, fp.positions, roi_in, (1, 2, 4, 6), True)
+        splice = a.splice_roi(fp.prompt, fp.positions, [roi_in], [(1, 2, 4, 6)], True)
     p, pos = fp.prompt.image_end, splice.positions[:, 0]
     end = fp.positions[0, 0, p]  # source <|vision_end|>
     t0 = fp.positions[0, 0, fp.prompt.image_start]

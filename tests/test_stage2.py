@@ -49,14 +49,17 @@ def test_roi_loss_scores_the_same_sequence_the_zoom_answers_from(tiny, reuse_src
     cfg = Stage2Config(model=str(tiny), qzoom=str(tiny / "qzoom"), size_range=(1024, 1024))
     s = question(cfg, "0123456789", "train", 1)
     box = [100, 120, 400, 380]
+    cells = (2, 1, 6, 5)  # the mask cells the box came from: they, not the box, place source-aligned positions
     with torch.inference_mode():
         fp = qz._first_pass(s.image, s.question, BUDGET)
-        logits, _, _ = qz._zoom_prefill(fp, Box(*box))
+        logits, _, _ = qz._zoom_prefill(fp, [Box(*box)], [cells])
     end = qz.adapter.tokenizer.convert_tokens_to_ids("<|im_end|>")
     expected = -torch.log_softmax(logits[0].float(), -1)[end]
     with torch.no_grad():
-        loss = roi_answer_loss(qz, s, box, "", BUDGET, reuse_src_pos)  # the answer "" is just <|im_end|>
+        loss = roi_answer_loss(qz, s, box, "", BUDGET, reuse_src_pos, list(cells))  # "" is just <|im_end|>
+        default = roi_answer_loss(qz, s, box, "", BUDGET, reuse_src_pos)  # cells the box overlaps instead
     assert torch.allclose(loss, expected, atol=1e-4)
+    assert torch.equal(loss, default) != reuse_src_pos  # only source-aligned positions depend on the cells
 
 
 def test_mining_judges_direct_and_zoomed_answers(tiny, tmp_path):

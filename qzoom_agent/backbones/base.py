@@ -25,6 +25,9 @@ class ImageInputs:
     grid: tuple[int, int]  # (gh, gw): visual tokens after merging
     resized_size: tuple[int, int]  # (width, height) in pixels, as the model saw the image
     source_size: tuple[int, int]  # (width, height) of the image before resizing
+    # A view padded to a square before resizing (LLaVA): (ox, oy, cw, ch), the source pasted at (ox, oy) on a cw x ch
+    # canvas; None when the source itself was resized (see boxes.box_to_cells).
+    canvas: tuple[int, int, int, int] | None = None
 
     @property
     def n_tokens(self) -> int:
@@ -132,6 +135,11 @@ class BackboneAdapter(ABC):
         return {i for i in ids if i is not None}
 
     @property
+    def default_reuse_src_pos(self) -> bool:
+        """RoI positions when the config leaves ``reuse_src_pos`` unset: source-aligned on M-RoPE families."""
+        return True
+
+    @property
     def min_branch_layer(self) -> int:
         """The smallest K at which the layer-K hidden state is complete (Qwen3-VL: after deepstack injection)."""
         return 1
@@ -169,6 +177,10 @@ class BackboneAdapter(ABC):
     @abstractmethod
     def prepare_image(self, image: Image.Image, *, min_tokens: int, max_tokens: int) -> ImageInputs:
         """Resize ``image`` to a visual-token budget and make its pixel inputs."""
+
+    def prepare_roi(self, crop: Image.Image, *, min_tokens: int, max_tokens: int) -> ImageInputs:
+        """The pixel inputs of a RoI crop; as :meth:`prepare_image` unless the family encodes crops differently."""
+        return self.prepare_image(crop, min_tokens=min_tokens, max_tokens=max_tokens)
 
     def build_prompt(self, image: ImageInputs, question: str, *, system: str | None = None) -> Prompt:
         """Tokenise a one-image, one-question chat prompt ending with the assistant header.
@@ -217,19 +229,18 @@ class BackboneAdapter(ABC):
         self,
         prompt: Prompt,
         positions: torch.Tensor,
-        roi: ImageInputs,
-        roi_cells: tuple[int, int, int, int],
+        rois: list[ImageInputs],
+        roi_cells: list[tuple[int, int, int, int]],
         reuse_src_pos: bool,
     ) -> Splice:
-        """Insert ``roi`` behind the source image of ``prompt``.
+        """Insert ``rois`` behind the source image of ``prompt``, in order.
 
         Args:
             prompt: the first-pass prompt.
             positions: the first-pass position ids.
-            roi: the encoded-size inputs of the cropped region.
-            roi_cells: ``(r0, c0, r1, c1)`` the source token cells the crop covers (exclusive ends).
-            reuse_src_pos: True for source-aligned (interpolated) RoI positions, False for plain two-image
-                positions.
+            rois: the encoded-size inputs of the cropped regions (Qwen families take one, LLaVA up to two).
+            roi_cells: per RoI, ``(r0, c0, r1, c1)`` the source token cells it came from (exclusive ends).
+            reuse_src_pos: True for source-aligned (interpolated) RoI positions, False for plain positions.
         """
 
     def next_position(self, positions: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,9 @@
-"""LLaVA-1.5: a CLIP tower on a fixed square input, a fixed grid of visual tokens, and 1-D RoPE."""
+"""LLaVA-1.5: a CLIP tower on a fixed square input, a fixed grid of visual tokens, and 1-D RoPE.
+
+As LLaVA-1.5 (``image_aspect_ratio: pad``) and SD-RPN do it: the whole image is padded to a square with the
+processor's mean colour before it is resized, so its aspect ratio survives; a RoI crop is stretched to the square
+input. RoI tokens go right behind the image tokens (LLaVA has no vision start or end tokens).
+"""
 
 from __future__ import annotations
 
@@ -38,17 +43,41 @@ class LlavaAdapter(BackboneAdapter):
         side = config.vision_config.image_size
         return CLIPImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
 
-    def prepare_image(self, image: Image.Image, *, min_tokens: int, max_tokens: int) -> ImageInputs:
+    @property
+    def default_reuse_src_pos(self) -> bool:
+        return False  # SD-RPN places RoI tokens at contiguous positions
+
+    def _inputs(self, square: Image.Image, source_size: tuple[int, int],
+                canvas: tuple[int, int, int, int] | None) -> ImageInputs:
+        side = self.image_size
+        resized = resize_to(square, (side, side))  # the processor's own resize and centre crop then change nothing
+        out = self.image_processor(images=[resized], return_tensors="pt")
+        grid = (self.grid_side, self.grid_side)
+        return ImageInputs(out["pixel_values"], None, grid, (side, side), source_size, canvas)
+
+    def _check_budget(self, max_tokens: int) -> None:
         n = self.grid_side**2
         if max_tokens < n:
             raise ValueError(f"LLaVA encodes every image as {n} visual tokens; max_tokens={max_tokens} is too small")
-        # Resize straight to the square input (the aspect ratio is not kept), so the processor's
-        # shortest-edge resize and centre crop change nothing and box coordinates map back exactly.
-        side = self.image_size
-        resized = resize_to(image, (side, side))
-        out = self.image_processor(images=[resized], return_tensors="pt")
-        grid = (self.grid_side, self.grid_side)
-        return ImageInputs(out["pixel_values"], None, grid, (side, side), (image.width, image.height))
+
+    def prepare_image(self, image: Image.Image, *, min_tokens: int, max_tokens: int) -> ImageInputs:
+        """The whole image padded to a square with the processor's mean colour (centred, as LLaVA's
+        ``expand2square``), then resized to the square input."""
+        self._check_budget(max_tokens)
+        w, h = image.size
+        side = max(w, h)
+        ox, oy = (side - w) // 2, (side - h) // 2
+        if ox == 0 and oy == 0:
+            return self._inputs(image, (w, h), None)
+        fill = tuple(int(m * 255) for m in self.image_processor.image_mean)  # as LLaVA truncates it
+        square = Image.new(image.mode, (side, side), fill if image.mode == "RGB" else fill[0])
+        square.paste(image, (ox, oy))
+        return self._inputs(square, (w, h), (ox, oy, side, side))
+
+    def prepare_roi(self, crop: Image.Image, *, min_tokens: int, max_tokens: int) -> ImageInputs:
+        """A RoI crop stretched to the square input, as SD-RPN encodes it."""
+        self._check_budget(max_tokens)
+        return self._inputs(crop, crop.size, None)
 
     def hf_inputs(self, input_ids: torch.LongTensor, images: list[ImageInputs]) -> dict[str, torch.Tensor]:
         """Keyword arguments for the stock HF ``forward``/``generate`` on ``input_ids`` holding ``images``."""
@@ -73,26 +102,29 @@ class LlavaAdapter(BackboneAdapter):
         self,
         prompt: Prompt,
         positions: torch.Tensor,
-        roi: ImageInputs,
-        roi_cells: tuple[int, int, int, int],
+        rois: list[ImageInputs],
+        roi_cells: list[tuple[int, int, int, int]],
         reuse_src_pos: bool,
     ) -> Splice:
+        if not rois or len(rois) != len(roi_cells):
+            raise ValueError(f"need one cell range per RoI, got {len(rois)} RoIs and {len(roi_cells)} ranges")
         ids = prompt.input_ids
         p = prompt.image_end
-        n_roi = roi.n_tokens
+        n_roi = sum(roi.n_tokens for roi in rois)
         roi_ids = torch.full((1, n_roi), self.image_token_id, dtype=ids.dtype, device=ids.device)
         new_ids = torch.cat([ids[:, :p], roi_ids, ids[:, p:]], 1)
-        if not reuse_src_pos:
-            new_pos = self.positions(new_ids, [prompt.image, roi])
+        if not reuse_src_pos:  # SD-RPN: contiguous positions, every RoI in turn
+            new_pos = self.positions(new_ids, [prompt.image, *rois])
         else:
-            # 1-D analogue of source alignment: each RoI token takes the (fractional) raster position of the
-            # source cell it covers, and the text after the RoI keeps its first-pass positions.
-            gh, gw = roi.grid
-            r0, c0, r1, c1 = roi_cells
+            # 1-D analogue of source alignment (this project's option): each RoI token takes the (fractional)
+            # raster position of the source cell it covers, and the text after the RoIs keeps its positions.
             src_w = prompt.image.grid[1]
-            rows = torch.linspace(float(r0), float(r1 - 1), gh, device=ids.device)
-            cols = torch.linspace(float(c0), float(c1 - 1), gw, device=ids.device)
-            raster = (rows[:, None] * src_w + cols[None, :]).reshape(1, -1) + prompt.image_start
+            parts = []
+            for roi, (r0, c0, r1, c1) in zip(rois, roi_cells, strict=True):
+                gh, gw = roi.grid
+                rows = torch.linspace(float(r0), float(r1 - 1), gh, device=ids.device)
+                cols = torch.linspace(float(c0), float(c1 - 1), gw, device=ids.device)
+                parts.append((rows[:, None] * src_w + cols[None, :]).reshape(1, -1) + prompt.image_start)
             pos = positions.to(torch.float32)
-            new_pos = torch.cat([pos[:, :p], raster, pos[:, p:]], 1)
+            new_pos = torch.cat([pos[:, :p], *parts, pos[:, p:]], 1)
         return Splice(new_ids, new_pos, p, p, p + n_roi)

@@ -10,6 +10,45 @@ from ..images import fit_to_token_budget, resize_to
 from .base import BackboneAdapter, ImageInputs, Prompt, Splice, VisualFeatures
 
 
+def source_aligned_positions(positions: torch.Tensor, image_start: int, image_end: int, src_grid: tuple[int, int],
+                             roi_grid: tuple[int, int], roi_cells: tuple[int, int, int, int]) -> torch.Tensor:
+    """Q-Zoom's continuous alignment, as the released code builds it, for the spliced sequence
+    ``[... source image, <|vision_end|>] [<|vision_start|> RoI <|vision_end|>] [rest]``.
+
+    The RoI is a new frame two steps after the source image's (t = t_src + max(h_src, w_src) + 2); its (h, w)
+    indices run in float32 ``linspace`` from the source positions of the first cell of ``roi_cells`` to those of
+    its last row and column; its start and end tokens follow the source's end token, and every token after the RoI
+    block shifts by max(h_roi, w_roi) + 2.
+
+    Args:
+        positions: (3, 1, L) first-pass M-RoPE positions.
+        image_start, image_end: the source image tokens' span; ``image_end`` is the source ``<|vision_end|>``.
+        src_grid, roi_grid: (rows, cols) of the source view and of the RoI.
+        roi_cells: ``(r0, c0, r1, c1)``, the source cells the RoI came from (exclusive ends).
+
+    Returns:
+        (3, 1, L + n_roi + 2) float32 positions of the spliced sequence.
+    """
+    pos = positions.to(torch.float32)
+    sh, sw = src_grid
+    r0, c0, r1, c1 = roi_cells
+    r1, c1 = min(r1, sh), min(c1, sw)
+    at = lambda r, c: image_start + r * sw + c  # noqa: E731 - the sequence index of source cell (r, c)
+    gh, gw = roi_grid
+    rows = torch.linspace(float(pos[1, 0, at(r0, c0)]), float(pos[1, 0, at(r1 - 1, c0)]), gh, dtype=torch.float32,
+                          device=pos.device)
+    cols = torch.linspace(float(pos[2, 0, at(r0, c0)]), float(pos[2, 0, at(r0, c1 - 1)]), gw, dtype=torch.float32,
+                          device=pos.device)
+    t_roi = float(pos[0, 0, image_start]) + max(sh, sw) + 2
+    grid_h, grid_w = torch.meshgrid(rows, cols, indexing="ij")
+    roi_pos = torch.stack([torch.full((gh * gw,), t_roi, device=pos.device), grid_h.flatten(),
+                           grid_w.flatten()])[:, None, :]
+    shift = max(gh, gw) + 2
+    end = pos[:, :, image_end : image_end + 1]  # the source <|vision_end|>
+    tail = pos[:, :, image_end + 1 :] + shift
+    return torch.cat([pos[:, :, : image_end + 1], end + 1, roi_pos, end + shift, tail], 2)
+
+
 class QwenAdapter(BackboneAdapter):
     """Qwen2-VL-style models: ``<|vision_start|> IMG <|vision_end|>`` blocks and 3-D (t, h, w) M-RoPE."""
 
@@ -95,10 +134,13 @@ class QwenAdapter(BackboneAdapter):
         self,
         prompt: Prompt,
         positions: torch.Tensor,
-        roi: ImageInputs,
-        roi_cells: tuple[int, int, int, int],
+        rois: list[ImageInputs],
+        roi_cells: list[tuple[int, int, int, int]],
         reuse_src_pos: bool,
     ) -> Splice:
+        if len(rois) != 1 or len(roi_cells) != 1:
+            raise ValueError(f"Q-Zoom splices one RoI on Qwen models, got {len(rois)}")
+        roi, cells = rois[0], roi_cells[0]
         ids = prompt.input_ids
         p = prompt.image_end  # the prefix ends with the source image tokens; the tail starts at its <|vision_end|>
         n_roi = roi.n_tokens
@@ -109,31 +151,5 @@ class QwenAdapter(BackboneAdapter):
         if not reuse_src_pos:
             new_pos = self.positions(new_ids, [prompt.image, roi])
         else:
-            new_pos = self._source_aligned_positions(prompt, positions, roi, roi_cells)
+            new_pos = source_aligned_positions(positions, prompt.image_start, p, prompt.image.grid, roi.grid, cells)
         return Splice(new_ids, new_pos, p, roi_start, roi_end)
-
-    def _source_aligned_positions(
-        self, prompt: Prompt, positions: torch.Tensor, roi: ImageInputs, roi_cells: tuple[int, int, int, int]
-    ) -> torch.Tensor:
-        """Q-Zoom's continuous alignment: the RoI is a new frame whose (h, w) indices interpolate the source
-        positions its box covers; text after the RoI block shifts by max(h_roi, w_roi) + 2."""
-        p = prompt.image_end
-        pos = positions.to(torch.float32)
-        t0 = pos[0, 0, prompt.image_start]  # all three components of the source image start at this value
-        end = pos[0, 0, p]  # the source <|vision_end|>
-        gh, gw = roi.grid
-        r0, c0, r1, c1 = roi_cells
-        rows = torch.linspace(float(r0), float(r1 - 1), gh, device=pos.device) + t0
-        cols = torch.linspace(float(c0), float(c1 - 1), gw, device=pos.device) + t0
-        roi_pos = torch.stack(
-            [
-                torch.full((gh * gw,), float(end + 2), device=pos.device),
-                rows.repeat_interleave(gw),
-                cols.repeat(gh),
-            ]
-        )[:, None, :]
-        shift = max(gh, gw) + 2
-        vs = torch.full((3, 1, 1), float(end + 1), device=pos.device)
-        ve = torch.full((3, 1, 1), float(end + shift), device=pos.device)
-        tail = pos[:, :, p + 1 :] + shift
-        return torch.cat([pos[:, :, : p + 1], vs, roi_pos, ve, tail], 2)

@@ -184,7 +184,8 @@ def twig_loss(qz: QZoomModel, x: TwigInputs, labels: torch.Tensor, pos_weight: f
     caller already has them (the aux probes read them too)."""
     if states is None:
         states = qz.heads.twig_states(x.hidden_k, x.rotary, x.mask)
-    logits = qz.heads.roi_scores(qz.adapter, states, x.rotary, x.image_start, x.image_end)
+    logits = qz.heads.roi_scores(qz.adapter, states, x.rotary, x.image_start, x.image_end, rope=qz.config.twig_rope,
+                                 multi_head=qz.config.roi_multi_head)
     if x.grid != tuple(labels.shape):
         raise RuntimeError(f"labels of grid {tuple(labels.shape)} for a view of grid {x.grid}")
     flat = labels.flatten().to(logits.device)

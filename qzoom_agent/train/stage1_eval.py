@@ -42,7 +42,8 @@ def target_side_tokens(box: Sequence[float], grid: tuple[int, int], source_size:
 
 
 def peak_on_target(logits: torch.Tensor, target: Sequence[float], grid: tuple[int, int],
-                   resized_size: tuple[int, int], source_size: tuple[int, int], sink_min_tokens: int) -> bool:
+                   resized_size: tuple[int, int], source_size: tuple[int, int], sink_min_tokens: int,
+                   canvas: tuple[int, int, int, int] | None = None) -> bool:
     """Whether the twig's top-scoring token lies on ``target`` (a cell the box overlaps), with the sink strip
     masked as the box rule masks it.
 
@@ -54,6 +55,7 @@ def peak_on_target(logits: torch.Tensor, target: Sequence[float], grid: tuple[in
         target: (x1, y1, x2, y2) in source pixels.
         grid, resized_size, source_size: the view's geometry (see :mod:`qzoom_agent.boxes`).
         sink_min_tokens: as ``QZoomConfig.sink_min_tokens``.
+        canvas: the view's square padding, if any (``Perception.canvas``).
     """
     gh, gw = grid
     keep = qwen_sink_mask(gh, gw, sink_min_tokens)
@@ -62,7 +64,7 @@ def peak_on_target(logits: torch.Tensor, target: Sequence[float], grid: tuple[in
     box = sanitize_box(*target, source_size)
     if box is None:  # a target off the image: no token lies on it
         return False
-    r0, c0, r1, c1 = box_to_cells(box, grid, resized_size, source_size)
+    r0, c0, r1, c1 = box_to_cells(box, grid, resized_size, source_size, canvas)
     return r0 <= row < r1 and c0 <= col < c1
 
 
@@ -99,7 +101,7 @@ def evaluate_roi(qz: QZoomModel, cfg: Stage1Config, alphabet: str, n: int) -> di
         by_family.setdefault(s.family, []).append(hit)
         by_size.setdefault(size_bucket(target_side_tokens(target, p.grid, p.image_size)), []).append(hit)
         top1.setdefault(s.family, []).append(peak_on_target(p.roi_logits, target, p.grid, p.resized_size,
-                                                            p.image_size, qz.config.sink_min_tokens))
+                                                            p.image_size, qz.config.sink_min_tokens, p.canvas))
         cover += coverage(box, target) or 0.0
         ious += iou(box, target) or 0.0
         found += box is not None

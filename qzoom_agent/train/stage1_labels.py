@@ -157,7 +157,7 @@ def box_labels(box: tuple[int, int, int, int], image: ImageInputs) -> torch.Tens
     Returns:
         (gh, gw) int64 labels.
     """
-    r0, c0, r1, c1 = box_to_cells(Box(*box), image.grid, image.resized_size, image.source_size)
+    r0, c0, r1, c1 = box_to_cells(Box(*box), image.grid, image.resized_size, image.source_size, image.canvas)
     labels = torch.zeros(image.grid, dtype=torch.long)
     labels[r0:r1, c0:c1] = 1
     return labels
@@ -174,6 +174,6 @@ def head_agreement(maps: torch.Tensor, box: tuple[int, int, int, int], image: Im
     Returns:
         (layers, heads) in [0, 1]; a head attending uniformly scores the box's share of the grid.
     """
-    r0, c0, r1, c1 = box_to_cells(Box(*box), image.grid, image.resized_size, image.source_size)
+    r0, c0, r1, c1 = box_to_cells(Box(*box), image.grid, image.resized_size, image.source_size, image.canvas)
     total = maps.sum((-1, -2)).clamp(min=1e-12)
     return maps[..., r0:r1, c0:c1].sum((-1, -2)) / total

@@ -102,6 +102,7 @@ def mine(qz: QZoomModel, cfg: Stage2Config, alphabet: str, judge: Judge, path: P
                                max_new_tokens=cfg.max_new_tokens)
             row = {"index": i, "direct": direct.text, "roi": zoomed.text,
                    "box": zoomed.bbox.to_json() if zoomed.bbox else None,
+                   "cells": list(zoomed.cells[0]) if zoomed.cells else None,  # they place the RoI positions
                    "direct_right": judge(s.question, direct.text, s.answer, s.options),
                    "roi_right": judge(s.question, zoomed.text, s.answer, s.options)}
             row["hard"] = row["direct_right"] and not row["roi_right"] and row["box"] is not None
@@ -113,10 +114,12 @@ def mine(qz: QZoomModel, cfg: Stage2Config, alphabet: str, judge: Judge, path: P
 
 
 def roi_answer_loss(qz: QZoomModel, s: ZoomWorldSample, box: list[int], answer: str,
-                    budget: tuple[int, int], reuse_src_pos: bool) -> torch.Tensor:
+                    budget: tuple[int, int], reuse_src_pos: bool, cells: list[int] | None = None) -> torch.Tensor:
     """Mean cross-entropy of ``answer`` + ``<|im_end|>`` after the RoI-spliced prompt, through every LLM layer.
 
-    The vision tower and the splice run without gradients; the decoder layers build the graph.
+    The vision tower and the splice run without gradients; the decoder layers build the graph. ``cells`` are the
+    token cells the box came from, as inference places the RoI positions with them (default: the cells the box
+    overlaps, for mining caches that did not record them).
     """
     a, runner = qz.adapter, qz.runner
     with torch.no_grad():
@@ -124,9 +127,10 @@ def roi_answer_loss(qz: QZoomModel, s: ZoomWorldSample, box: list[int], answer: 
         prompt = a.build_prompt(src, s.question, system=qz.system_prompt)
         positions = a.positions(prompt.input_ids, [src])
         region = Box(*box)
-        roi = a.prepare_image(crop(s.image, region), min_tokens=budget[0], max_tokens=budget[1])
-        cells = box_to_cells(region, src.grid, src.resized_size, src.source_size)
-        splice = a.splice_roi(prompt, positions, roi, cells, reuse_src_pos)
+        roi = a.prepare_roi(crop(s.image, region), min_tokens=budget[0], max_tokens=budget[1])
+        where = tuple(cells) if cells is not None else box_to_cells(region, src.grid, src.resized_size,
+                                                                      src.source_size, src.canvas)
+        splice = a.splice_roi(prompt, positions, [roi], [where], reuse_src_pos)
         visual = a.encode_image([src, roi])
         target = torch.tensor(a.tokenizer(answer + END, add_special_tokens=False)["input_ids"], device=a.device)
         ids = torch.cat([splice.input_ids, target[None]], 1)
@@ -247,7 +251,7 @@ def run_stage2(cfg: Stage2Config, out_dir: str | Path, *, max_steps: int | None 
     def step_loss(batch: list[tuple[dict, ZoomWorldSample]]) -> dict[str, float]:
         loss_sum = 0.0
         for r, s in batch:
-            loss = roi_answer_loss(qz, s, r["box"], s.answer, cfg.budget, qz.config.reuse_src_pos)
+            loss = roi_answer_loss(qz, s, r["box"], s.answer, cfg.budget, qz.reuse_src_pos, r.get("cells"))
             (loss / cfg.batch_size).backward()
             loss_sum += float(loss.detach()) / cfg.batch_size
         return {"ce": loss_sum}

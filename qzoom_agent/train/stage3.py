@@ -234,6 +234,9 @@ def run_stage3(cfg: Stage3Config, out_dir: str | Path, *, max_steps: int | None 
     alphabet = cfg.alphabet or trained_alphabet(resolve_model_path(cfg.model)) or "0123456789"
     qz = QZoomModel.from_pretrained(cfg.model, qzoom=cfg.qzoom, device=device, dtype=dtype)
     qz.adapter.model.requires_grad_(False)
+    if not qz.heads.has_gate:  # a stage-1 or SD-RPN checkpoint: the gate starts as copies of base layers K..K+T-1
+        qz.heads.add_gate(qz.adapter)
+        qz.config = qz.config.model_copy(update={"gate": True})
     metrics_path = stage / METRICS_FILE
     if not metrics_path.exists():
         before = {"when": "before", "step": 0, **evaluate_gate(qz, cfg, alphabet, cfg.eval_items)}
