@@ -52,11 +52,11 @@ class Stage1Config(OptimConfig):
                               "passed to run_stage1 as aux= (ZoomWorld's colour probes: recipes/zoomworld_tiny/"
                               "twig_aux.py); needs twig_T >= 2; 0: off, as in the paper")
     roi_mode: RoiMode | None = Field(
-        None, description="box rule of the trained adapter and of the evaluation (QZoomConfig.roi_mode); None: by "
-        "family (enclosing for Qwen, as in the paper)")
+        None, description="box rule of the trained adapter and of the evaluation (QZoomConfig.roi_mode); None: the "
+        "released rule of the family (roi_official)")
     roi_peak_ratio: float = Field(0.3, gt=0, le=1, description="peak mode's neighbourhood ratio")
-    roi_min_side: float = Field(1.0, ge=0, le=64, description="minimum box side in global-view tokens "
-                                "(QZoomConfig.roi_min_side_tokens); 1: the paper's 28 px on Qwen2.5")
+    roi_min_side: float = Field(1.0, ge=0, le=64, description="minimum box side in global-view tokens for this "
+                                "project's rules (QZoomConfig.roi_min_side_tokens); the released rule uses 28 px")
     roi_tokens: tuple[int, int] | None = Field(None, description="(min, max) visual tokens of the RoI crop in the "
                                                "adapter (QZoomConfig.roi_min/max_tokens); None: the global budget")
     cache_features: bool = Field(True, description="keep each question's frozen layer-K inputs in memory after "
