@@ -104,6 +104,16 @@ def mask_cells(mask: torch.Tensor) -> Cells | None:
     return int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1
 
 
+def _edges(cells: Cells, x_scale: float, y_scale: float) -> torch.Tensor:
+    """(1, 4) float32 ``[x1, y1, x2, y2]``: the cell range's edges times the pixels per cell along each axis, in the
+    released code's order of operations (long -> float, then an in-place multiply by a Python float)."""
+    r0, c0, r1, c1 = cells
+    b = torch.tensor([[c0, r0, c1, r1]], dtype=torch.long).float()
+    b[:, 0::2] *= x_scale
+    b[:, 1::2] *= y_scale
+    return b
+
+
 def qwen_box(cells: Cells, grid: Pair, resized_size: Pair, source_size: Pair,
              min_side: int = OFFICIAL_MIN_SIDE_PX) -> Box | None:
     """Cells of the token grid -> the source-pixel box, as the released ``get_bbox4src`` computes it.
@@ -123,10 +133,7 @@ def qwen_box(cells: Cells, grid: Pair, resized_size: Pair, source_size: Pair,
     gh, gw = check_pair("grid", grid, 1)
     rw, rh = check_pair("resized_size", resized_size, 1)
     sw, sh = check_pair("source_size", source_size, 1)
-    r0, c0, r1, c1 = cells
-    b = torch.tensor([[c0, r0, c1, r1]], dtype=torch.long).float()
-    b[:, 0::2] *= rw / gw
-    b[:, 1::2] *= rh / gh
+    b = _edges(cells, rw / gw, rh / gh)
     src = torch.zeros_like(b)
     src[:, 0::2] = b[:, 0::2] * (sw / rw)
     src[:, 1::2] = b[:, 1::2] * (sh / rh)
@@ -216,10 +223,7 @@ def llava_box(cells: Cells, grid: Pair, image_side: int, source_size: Pair) -> B
     """
     gh, gw = check_pair("grid", grid, 1)
     sw, sh = check_pair("source_size", source_size, 1)
-    r0, c0, r1, c1 = cells
-    b = torch.tensor([[c0, r0, c1, r1]], dtype=torch.long).float()
-    b[:, 0::2] *= image_side / gw
-    b[:, 1::2] *= image_side / gh
+    b = _edges(cells, image_side / gw, image_side / gh)
     ratio = min(image_side / sw, image_side / sh)
     b[:, 0::2] -= (image_side - int(sw * ratio)) / 2
     b[:, 1::2] -= (image_side - int(sh * ratio)) / 2
