@@ -46,23 +46,24 @@ class QZoomHeads(nn.Module):
         self.branch_layer = branch_layer
         self.twig_layers = nn.ModuleList(twig_layers)
         self.twig_norm = twig_norm  # SD-RPN (LLaVA): applied to the twig state before the last layer's q/k
-        self.high_res_layers = None if gate_layers is None else nn.ModuleList(gate_layers)
-        self.high_res_head = None
+        self.high_res_layers, self.high_res_head = None, None
         if gate_layers is not None:
-            self.high_res_head = nn.Linear(hidden_size, 1)
-            nn.init.normal_(self.high_res_head.weight, std=0.02)
-            nn.init.zeros_(self.high_res_head.bias)
+            self._attach_gate(gate_layers, hidden_size)
+
+    def _attach_gate(self, gate_layers: list[nn.Module], hidden_size: int) -> None:
+        """The gate: ``gate_layers`` and a fresh linear head (weights N(0, 0.02), bias 0)."""
+        self.high_res_layers = nn.ModuleList(gate_layers)
+        self.high_res_head = nn.Linear(hidden_size, 1)
+        nn.init.normal_(self.high_res_head.weight, std=0.02)
+        nn.init.zeros_(self.high_res_head.bias)
 
     @classmethod
     def from_base(cls, adapter: BackboneAdapter, K: int, T: int, *, gate: bool = True,
                   twig_norm: bool = False) -> QZoomHeads:
         """New heads whose twig (and gate) layers are copies of base layers K..K+T-1 (0-indexed); ``twig_norm``
         adds SD-RPN's norm (a copy of the final norm, weights reset to one)."""
-        base = adapter.layers
-        if K + T > len(base):
-            raise ValueError(f"K + T = {K + T} exceeds the {len(base)} decoder layers")
-        twig = [copy.deepcopy(base[K + i]) for i in range(T)]
-        gates = [copy.deepcopy(base[K + i]) for i in range(T)] if gate else None
+        twig = cls._base_copies(adapter, K, T)
+        gates = cls._base_copies(adapter, K, T) if gate else None
         norm = None
         if twig_norm:
             norm = copy.deepcopy(adapter.norm)
@@ -70,10 +71,19 @@ class QZoomHeads(nn.Module):
         heads = cls(twig, gates, adapter.hidden_size, K, norm)
         return heads.to(device=adapter.device, dtype=adapter.dtype)
 
+    @staticmethod
+    def _base_copies(adapter: BackboneAdapter, K: int, T: int) -> list[nn.Module]:
+        """Copies of base layers K..K+T-1 (0-indexed)."""
+        base = adapter.layers
+        if K + T > len(base):
+            raise ValueError(f"K + T = {K + T} exceeds the {len(base)} decoder layers")
+        return [copy.deepcopy(base[K + i]) for i in range(T)]
+
     def add_gate(self, adapter: BackboneAdapter) -> None:
         """Give twig-only heads a gate initialised from base layers K..K+T-1 (the start of stage 3)."""
-        fresh = QZoomHeads.from_base(adapter, self.branch_layer, self.T)
-        self.high_res_layers, self.high_res_head = fresh.high_res_layers, fresh.high_res_head
+        self._attach_gate(self._base_copies(adapter, self.branch_layer, self.T), adapter.hidden_size)
+        self.high_res_layers.to(device=adapter.device, dtype=adapter.dtype)
+        self.high_res_head.to(device=adapter.device, dtype=adapter.dtype)
 
     @property
     def has_gate(self) -> bool:

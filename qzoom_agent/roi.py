@@ -128,7 +128,7 @@ def _kept_probabilities(logits: torch.Tensor, sink_mask: torch.Tensor | None, ca
     return prob * keep, keep
 
 
-def _flood(cells: set[tuple[int, int]], start: tuple[int, int]) -> tuple[set[tuple[int, int]], Cells]:
+def flood(cells: set[tuple[int, int]], start: tuple[int, int]) -> tuple[set[tuple[int, int]], Cells]:
     """The 8-connected component of ``start`` within ``cells`` (diagonal neighbours count) and its cell range."""
     seen, queue = {start}, deque([start])
     r0, c0, r1, c1 = start[0], start[1], start[0] + 1, start[1] + 1
@@ -202,7 +202,7 @@ def component_cells(mask: torch.Tensor, cfg: RoiConfig) -> list[Cells]:
     todo = {(int(r), int(c)) for r, c in torch.nonzero(mask).tolist()}
     ranges: list[Cells] = []
     while todo:
-        component, (r0, c0, r1, c1) = _flood(todo, min(todo))  # min() keeps the traversal order deterministic
+        component, (r0, c0, r1, c1) = flood(todo, min(todo))  # min() keeps the traversal order deterministic
         todo -= component
         area = len(component)
         if area == 1 or area > cfg.max_component_area:
@@ -239,7 +239,7 @@ def peak_cells(logits: torch.Tensor, cfg: RoiConfig, sink_mask: torch.Tensor | N
     if not top > float(cfg.threshold):
         return None
     member = {(int(r), int(c)) for r, c in torch.nonzero(prob >= float(cfg.peak_ratio) * top).tolist()}
-    return _flood(member, divmod(peak, prob.shape[1]))[1]
+    return flood(member, divmod(peak, prob.shape[1]))[1]
 
 
 def propose_boxes(

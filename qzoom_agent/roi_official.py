@@ -23,12 +23,12 @@ The functions are pure and run on the CPU in float32; ``logits`` are raw twig sc
 from __future__ import annotations
 
 import math
-from collections import deque
 
 import torch
 import torch.nn.functional as F
 
 from .boxes import Box, Cells, Pair, check_pair
+from .roi import enclosing_cells, flood
 
 OFFICIAL_MIN_SIDE_PX = 28  # get_bbox4src's min_size: the smallest RoI side, in source pixels (Qwen families)
 QWEN3_SINK_PROB = 0.75  # Qwen3-VL: visual tokens whose first-token score has sigmoid >= this are sinks
@@ -95,15 +95,6 @@ def qwen_mask(logits: torch.Tensor, threshold: float, keep: torch.Tensor | None)
     return torchvision_blur3(prob) > float(threshold)
 
 
-def mask_cells(mask: torch.Tensor) -> Cells | None:
-    """The cell range ``(r0, c0, r1, c1)`` (exclusive ends) around every True cell, or None for an empty mask."""
-    rows = torch.nonzero(mask.any(dim=1)).flatten()
-    if rows.numel() == 0:
-        return None
-    cols = torch.nonzero(mask.any(dim=0)).flatten()
-    return int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1
-
-
 def _edges(cells: Cells, x_scale: float, y_scale: float) -> torch.Tensor:
     """(1, 4) float32 ``[x1, y1, x2, y2]``: the cell range's edges times the pixels per cell along each axis, in the
     released code's order of operations (long -> float, then an in-place multiply by a Python float)."""
@@ -157,31 +148,9 @@ def qwen_box(cells: Cells, grid: Pair, resized_size: Pair, source_size: Pair,
 def qwen_regions(logits: torch.Tensor, *, threshold: float, keep: torch.Tensor | None, grid: Pair,
                  resized_size: Pair, source_size: Pair) -> list[tuple[Box, Cells]]:
     """The Qwen rule end to end: ``[]`` (no zoom) or ``[(box, cells)]``; ``cells`` place the RoI positions."""
-    cells = mask_cells(qwen_mask(logits, threshold, keep))
+    cells = enclosing_cells(qwen_mask(logits, threshold, keep))
     box = None if cells is None else qwen_box(cells, grid, resized_size, source_size)
     return [] if box is None else [(box, cells)]
-
-
-def _components(mask: torch.Tensor) -> list[list[tuple[int, int]]]:
-    """8-connected components of a (gh, gw) bool mask, in raster order of their first cell."""
-    gh, gw = mask.shape
-    todo = mask.clone()
-    out = []
-    for r, c in torch.nonzero(mask).tolist():
-        if not todo[r, c]:
-            continue
-        todo[r, c] = False
-        queue, cells = deque([(r, c)]), []
-        while queue:
-            y, x = queue.popleft()
-            cells.append((y, x))
-            for ny in (y - 1, y, y + 1):
-                for nx in (x - 1, x, x + 1):
-                    if 0 <= ny < gh and 0 <= nx < gw and todo[ny, nx]:
-                        todo[ny, nx] = False
-                        queue.append((ny, nx))
-        out.append(cells)
-    return out
 
 
 def llava_cells(logits: torch.Tensor, threshold: float) -> list[Cells]:
@@ -194,10 +163,11 @@ def llava_cells(logits: torch.Tensor, threshold: float) -> list[Cells]:
     mask = torchvision_blur3(torch.sigmoid(_float_map(logits, "llava_cells"))) > float(threshold)
     gh, gw = mask.shape
     ranges: list[Cells] = []
-    for comp in _components(mask):
+    todo = {(int(r), int(c)) for r, c in torch.nonzero(mask).tolist()}
+    while todo:  # components in raster order of their first cell, as scikit-image numbers them
+        comp, (y0, x0, y1, x1) = flood(todo, min(todo))
+        todo -= comp
         area = len(comp)
-        ys, xs = [y for y, _ in comp], [x for _, x in comp]
-        y0, x0, y1, x1 = min(ys), min(xs), max(ys) + 1, max(xs) + 1
         if area == 1:
             continue
         if area < LLAVA_MIN_AREA:  # the released growth, truncating with int() and clamping the ends at W-1, H-1

@@ -6,35 +6,12 @@ import dataclasses
 
 import pytest
 import torch
-from PIL import Image
+from tiny_models import QUESTION, make_image, make_model
 
 from qzoom_agent import boxes as box_lib
-from qzoom_agent.backbones import adapter_class_for
-from qzoom_agent.config import QZoomConfig
 from qzoom_agent.model import QZoomModel
-from qzoom_agent.tiny import build_tiny
 
 FAMILIES = ["qwen2_5_vl", "qwen3_vl", "llava"]
-QUESTION = "What is written on the green tag?"
-
-
-def make_model(family: str, attn: str = "sdpa", **overrides) -> QZoomModel:
-    model, tok = build_tiny(family, seed=1)
-    if attn != "sdpa":
-        model.set_attn_implementation(attn)
-    cls = adapter_class_for(model.config)
-    adapter = cls(model, tok, cls.default_image_processor(model.config))
-    settings = dict(twig_K=2, twig_T=2, min_tokens=16, max_tokens=64, gate_threshold=0.0, roi_threshold=0.2)
-    settings.update(overrides)
-    qm = QZoomModel(adapter, None, QZoomConfig(**settings))
-    torch.manual_seed(2)
-    qm.init_heads()
-    return qm
-
-
-def make_image(w: int = 451, h: int = 300, seed: int = 0) -> Image.Image:
-    g = torch.Generator().manual_seed(seed)
-    return Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).byte().numpy())
 
 
 def hf_inputs(qm: QZoomModel, ids: torch.Tensor, images) -> dict:

@@ -7,34 +7,15 @@ import math
 
 import pytest
 import torch
-from PIL import Image
+from tiny_models import QUESTION, make_image, make_model
 
 from qzoom_agent import roi_official
-from qzoom_agent.backbones import VisualFeatures, adapter_class_for
+from qzoom_agent.backbones import VisualFeatures
 from qzoom_agent.boxes import Box, box_to_cells, crop
 from qzoom_agent.cli import main
-from qzoom_agent.config import QZoomConfig
 from qzoom_agent.model import QZoomModel
 from qzoom_agent.presets import get_preset, preset_names
-from qzoom_agent.tiny import build_tiny, make_tiny
-
-QUESTION = "What is written on the green tag?"
-
-
-def make_model(family: str, **overrides) -> QZoomModel:
-    model, tok = build_tiny(family, seed=1)
-    cls = adapter_class_for(model.config)
-    adapter = cls(model, tok, cls.default_image_processor(model.config))
-    settings = dict(twig_K=2, twig_T=2, min_tokens=16, max_tokens=64, gate_threshold=0.0, roi_threshold=0.2)
-    qm = QZoomModel(adapter, None, QZoomConfig(**{**settings, **overrides}))
-    torch.manual_seed(2)
-    qm.init_heads()
-    return qm
-
-
-def image(w: int = 451, h: int = 300, seed: int = 0) -> Image.Image:
-    g = torch.Generator().manual_seed(seed)
-    return Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).byte().numpy())
+from qzoom_agent.tiny import make_tiny
 
 
 @pytest.mark.parametrize("threshold", [0.3, 0.5])
@@ -46,7 +27,7 @@ def test_qwen3_official_rule_masks_the_sinks_the_first_token_finds(threshold):
     with torch.no_grad():  # sharper keys, so that some visual tokens look like sinks to the first token
         qm.heads.twig_layers[-1].self_attn.k_proj.weight.mul_(4.0)
     with torch.inference_mode():
-        p = qm.perceive(image(), QUESTION, roi="always", budget=(16, 64))
+        p = qm.perceive(make_image(), QUESTION, roi="always", budget=(16, 64))
         fp = p.state
         start, end = fp.prompt.image_start, fp.prompt.image_end
         states = qm.heads.twig_states(fp.hidden_k, fp.rotary, fp.mask)
@@ -75,7 +56,7 @@ def test_qwen3_official_rule_masks_the_sinks_the_first_token_finds(threshold):
 
 def test_llava_view_is_padded_to_a_square_and_crops_are_stretched():
     a = make_model("llava").adapter
-    view = a.prepare_image(image(451, 300), min_tokens=16, max_tokens=1000)
+    view = a.prepare_image(make_image(451, 300), min_tokens=16, max_tokens=1000)
     assert view.canvas == (0, 75, 451, 451) and view.source_size == (451, 300)
     # the padding rows hold the processor's mean colour: about zero once normalised
     assert view.pixel_values[0, :, 0, :].abs().max() < 0.02
@@ -84,14 +65,14 @@ def test_llava_view_is_padded_to_a_square_and_crops_are_stretched():
     # the image's top edge lies 75 / 451 of the way down the square: its first row of cells is below row 0
     r0, _, r1, _ = box_to_cells(Box(0, 0, 451, 300), view.grid, view.resized_size, view.source_size, view.canvas)
     assert r0 == math.floor(75 * gh / 451) and r1 == math.ceil(375 * gh / 451)
-    roi = a.prepare_roi(image(200, 100), min_tokens=16, max_tokens=1000)
+    roi = a.prepare_roi(make_image(200, 100), min_tokens=16, max_tokens=1000)
     assert roi.canvas is None and roi.source_size == (200, 100)
 
 
 def test_llava_splices_every_box_at_contiguous_positions():
     qm = make_model("llava")
     a = qm.adapter
-    img = image()
+    img = make_image()
     boxes = [Box(10, 20, 150, 120), Box(200, 150, 400, 290)]
     with torch.inference_mode():
         fp = qm._first_pass(img, QUESTION, (16, 1000))
@@ -116,7 +97,7 @@ def test_llava_twig_norm_and_no_rope():
     with torch.no_grad():
         heads.twig_norm.weight.fill_(2.0)
     with torch.inference_mode():
-        fp = qm._first_pass(image(), QUESTION, (16, 1000))
+        fp = qm._first_pass(make_image(), QUESTION, (16, 1000))
         start, end = fp.prompt.image_start, fp.prompt.image_end
         raw = fp.hidden_k
         for layer in heads.twig_layers[:-1]:
@@ -145,8 +126,8 @@ def test_heads_without_a_gate_zoom_whenever_the_twig_finds_a_box(family):
     assert not qm.heads.has_gate
     budget = (16, 1000) if family == "llava" else (16, 64)
     with torch.inference_mode():
-        p = qm.perceive(image(), QUESTION, roi="auto", budget=budget)
-        ans = qm.answer(image(), QUESTION, mode="auto", budget=budget, max_new_tokens=2)
+        p = qm.perceive(make_image(), QUESTION, roi="auto", budget=budget)
+        ans = qm.answer(make_image(), QUESTION, mode="auto", budget=budget, max_new_tokens=2)
     assert p.gate_score is None and p.roi_logits is not None and p.boxes
     assert ans.gate_score is None and ans.zoomed and ans.roi_tokens > 0
 
@@ -154,7 +135,7 @@ def test_heads_without_a_gate_zoom_whenever_the_twig_finds_a_box(family):
 def test_own_box_rules_refuse_the_padded_llava_view():
     qm = make_model("llava", roi_mode="enclosing")
     with pytest.raises(ValueError, match="roi_mode 'official'"):
-        qm.perceive(image(), QUESTION, roi="always", budget=(16, 1000))
+        qm.perceive(make_image(), QUESTION, roi="always", budget=(16, 1000))
 
 
 def test_presets(tmp_path):
@@ -171,7 +152,7 @@ def test_presets(tmp_path):
     c = qm.config
     assert (c.roi_threshold, c.gate_threshold, c.min_tokens, c.max_tokens) == (0.15, 0.5, 128, 576)
     img = tmp_path / "x.png"
-    image(64, 48).save(img)
+    make_image(64, 48).save(img)
     assert main(["ask", str(img), "Q?", "--model", str(path), "--preset", "nope"]) == 2
     assert main(["ask", str(img), "Q?", "--model", str(path), "--preset", "hr", "--max-tokens", "64",
                  "--max-new-tokens", "1", "--json"]) == 0
@@ -179,7 +160,7 @@ def test_presets(tmp_path):
 
 def test_visual_features_of_several_rois_come_out_in_order():
     a = make_model("llava").adapter
-    rois = [a.prepare_roi(image(120, 80, seed=s), min_tokens=16, max_tokens=1000) for s in (1, 2)]
+    rois = [a.prepare_roi(make_image(120, 80, seed=s), min_tokens=16, max_tokens=1000) for s in (1, 2)]
     with torch.inference_mode():
         both = a.encode_image(rois)
         each = VisualFeatures.cat([a.encode_image([r]) for r in rois])
