@@ -132,6 +132,31 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve_mcp(args: argparse.Namespace) -> int:
+    from .agent.image_refs import ImageRefPolicy
+
+    if not args.allow_dir:
+        raise UsageError("serve-mcp needs --allow-dir DIR: a folder whose images clients may name (repeat it for "
+                         "more folders)")
+    limits = {k: v for k, v in (("max_bytes", args.max_bytes), ("max_pixels", args.max_pixels)) if v is not None}
+    # a missing folder or a bad limit fails here, before the model loads
+    policy = ImageRefPolicy(tuple(args.allow_dir), allow_urls=args.allow_urls, **limits)
+    if args.transport == "stdio" and (args.host is not None or args.port is not None):
+        raise UsageError("--host and --port are for --transport streamable-http; stdio serves on stdin/stdout")
+    if args.port is not None and args.port > 65535:
+        raise UsageError(f"--port must be in 1-65535, got {args.port}")
+    from transformers.utils import logging as hf_logging
+
+    from .agent.mcp_server import build_server, serve
+    from .model import QZoomModel
+
+    hf_logging.disable_progress_bar()  # over stdio, stdout carries the protocol: nothing else may be written there
+    model = QZoomModel.from_pretrained(args.model)
+    serve(build_server(model, policy), args.transport, args.host or "127.0.0.1", args.port or 8000,
+          max_image_bytes=policy.max_bytes)
+    return 0
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     if args.stage == "base":  # the bundled model's own recipe, apart from the product's stages
         from .recipes.zoomworld_tiny.cli import cmd_train_base
@@ -256,6 +281,27 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     train.set_defaults(func=_cmd_train)
 
 
+def _add_serve_mcp(sub: argparse._SubParsersAction) -> None:
+    mcp = sub.add_parser("serve-mcp", help="serve the zoom and ask tools over MCP (stdio or streamable HTTP)")
+    mcp.add_argument("--allow-dir", action="append", default=[], metavar="DIR",
+                     help="a folder whose images clients may name (repeatable; required); paths are confined to "
+                          "these folders by their real paths")
+    mcp.add_argument("--transport", choices=["stdio", "streamable-http"], default="stdio",
+                     help="stdio (the client starts this process) or streamable-http (at http://HOST:PORT/mcp)")
+    mcp.add_argument("--host", default=None, help="HTTP interface (default 127.0.0.1); there is no authentication, "
+                     "so keep loopback unless something in front authenticates")
+    mcp.add_argument("--port", type=_positive, default=None, help="HTTP port (default 8000)")
+    mcp.add_argument("--model", default="zoomworld-tiny", help="model directory or bundled model name (loaded "
+                     "before serving)")
+    mcp.add_argument("--allow-urls", action="store_true", help="accept file:// URLs under the --allow-dir "
+                     "rules (http(s) URLs are refused either way: no remote fetch)")
+    mcp.add_argument("--max-bytes", type=_positive, default=None, help="largest encoded image in bytes (default "
+                     "32 MiB), checked before reading or decoding")
+    mcp.add_argument("--max-pixels", type=_positive, default=None, help="largest image width*height (default 100 "
+                     "million), checked from the header before decoding")
+    mcp.set_defaults(func=_cmd_serve_mcp)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``qzoom-agent`` parser: one subcommand per job; errors raise `UsageError` instead of exiting."""
     from .bench.runner import add_compare_parser
@@ -263,7 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="qzoom-agent", description="Q-Zoom adaptive perception for vision-language models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for add in (_add_ask, _add_make_tiny, _add_zoomworld, _add_demo, _add_train, add_compare_parser):
+    for add in (_add_ask, _add_make_tiny, _add_zoomworld, _add_demo, _add_train, _add_serve_mcp,
+                add_compare_parser):
         add(sub)
     return parser
 
