@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
@@ -95,33 +96,107 @@ class DecoderRunner:
     def greedy(
         self, first_logits: torch.Tensor, cache: DynamicCache, next_position: torch.Tensor, max_new_tokens: int
     ) -> tuple[list[int], int]:
-        """Greedy decoding from the prefill's last logits.
+        """Greedy decoding from the prefill's last logits until an end-of-turn id or ``max_new_tokens``.
+
+        Returns:
+            ``(tokens, decode_steps)`` as :meth:`decode`.
+        """
+        out = self.decode(first_logits, cache, next_position, max_new_tokens)
+        return out.tokens, out.steps
+
+    def decode(
+        self,
+        first_logits: torch.Tensor,
+        cache: DynamicCache,
+        next_position: torch.Tensor,
+        max_new_tokens: int,
+        *,
+        stop_ids: set[int] | None = None,
+        stop_strings: tuple[str, ...] = (),
+        sampling: Sampling | None = None,
+    ) -> Decoding:
+        """Decode from the prefill's last logits.
 
         Args:
             first_logits: (1, V) logits after the prompt.
-            cache: the full KV cache of the prompt, all layers the same length.
+            cache: the full KV cache of the prompt, all layers the same length; extended in place by every token
+                fed back (all generated tokens but the last).
             next_position: position ids of the first generated token, family layout with length 1.
             max_new_tokens: upper bound on generated tokens.
+            stop_ids: ids that end decoding (default: the backbone's end-of-turn ids).
+            stop_strings: texts that end decoding once the decoded text (special tokens kept) contains one.
+            sampling: temperature / top-p sampling with a seeded generator; None decodes greedily.
 
         Returns:
-            ``(tokens, decode_steps)``: generated ids (ending with an end-of-turn id when one was produced) and
-            the number of single-token forward passes run.
+            The generated ids (ending with the id that stopped decoding, when one did), the decode steps run (the
+            single-token forward passes), and why decoding stopped.
         """
-        eos = self.adapter.eos_token_ids
+        stops = self.adapter.eos_token_ids if stop_ids is None else stop_ids
+        tok = self.adapter.tokenizer
         n_layers = self.adapter.num_layers
         embed = self.adapter.embed_tokens
         tokens: list[int] = []
         steps = 0
-        token = int(first_logits.argmax(-1))
-        position = next_position
+        logits, position = first_logits, next_position
         while True:
+            token = _pick(logits, sampling)
             tokens.append(token)
-            if token in eos or len(tokens) >= max_new_tokens:
-                return tokens, steps
+            if token in stops:
+                return Decoding(tokens, steps, "stop_id")
+            if stop_strings and any(s in tok.decode(tokens, skip_special_tokens=False) for s in stop_strings):
+                return Decoding(tokens, steps, "stop_string")
+            if len(tokens) >= max_new_tokens:
+                return Decoding(tokens, steps, "length")
             hidden = embed(torch.tensor([[token]], device=first_logits.device))
             rotary = self.adapter.rotary(hidden, position)
             # A single query token may attend to every cached key, so no mask is needed.
             hidden = self.run(0, n_layers, hidden, rotary, None, cache)
             steps += 1
-            token = int(self.logits(hidden).argmax(-1))
+            logits = self.logits(hidden)
             position = position + 1
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Sampled decoding: ``temperature`` > 0, nucleus ``top_p`` in (0, 1], and a ``seed`` for reproducible draws."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
+            raise ValueError(f"temperature must be > 0 (use sampling=None for greedy), got {self.temperature!r}")
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        object.__setattr__(self, "_gen", None)
+
+    def generator(self, device: torch.device) -> torch.Generator | None:
+        """One generator per Sampling, seeded once, so successive tokens draw different numbers."""
+        if self.seed is None:
+            return None
+        if self._gen is None:
+            object.__setattr__(self, "_gen", torch.Generator(device=device).manual_seed(self.seed))
+        return self._gen
+
+
+@dataclass
+class Decoding:
+    """What `DecoderRunner.decode` produced: ``tokens``, single-token forward passes ``steps``, and ``reason``
+    (``"stop_id"``, ``"stop_string"`` or ``"length"``). Every token but the last was fed back into the cache."""
+
+    tokens: list[int]
+    steps: int
+    reason: str
+
+
+def _pick(logits: torch.Tensor, sampling: Sampling | None) -> int:
+    """The next token from (1, V) ``logits``: the argmax, or a draw under ``sampling``."""
+    if sampling is None:
+        return int(logits.argmax(-1))
+    probs = torch.softmax(logits[0].float() / sampling.temperature, -1)
+    if sampling.top_p < 1:
+        sorted_p, order = probs.sort(descending=True)
+        keep = sorted_p.cumsum(0) - sorted_p < sampling.top_p  # the smallest prefix reaching top_p
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+    return int(torch.multinomial(probs, 1, generator=sampling.generator(probs.device)))

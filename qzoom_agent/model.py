@@ -10,26 +10,25 @@ tail runs through layers < K, then layers K..L-1 run on the whole spliced sequen
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
-from PIL import Image
-from transformers import DynamicCache
 
 from . import boxes as box_lib
 from . import roi as roi_lib
 from . import roi_official
-from .backbones import BackboneAdapter, Prompt, VisualFeatures
+from .backbones import BackboneAdapter, Prompt
 from .boxes import Cells
 from .config import QZoomConfig
-from .engine import DecoderRunner
+from .engine import DecoderRunner, Sampling
 from .heads import QZoomHeads
 from .images import load_image
 from .loading import load_backbone, resolve_model_path
+from .perception import Located, PerceptionState, Prefilled
 from .query import question_stem
 from .results import Answer, Perception
 
@@ -37,21 +36,6 @@ logger = logging.getLogger(__name__)
 
 Mode = Literal["auto", "never", "always"]
 RoiWhen = Literal["auto", "always", "never"]
-
-
-@dataclass
-class _FirstPass:
-    """Tensors of pass 1 up to layer K, enough to continue or to splice."""
-
-    image: Image.Image
-    prompt: Prompt
-    visual: VisualFeatures
-    positions: torch.Tensor
-    rotary: tuple[torch.Tensor, torch.Tensor]
-    mask: torch.Tensor | None
-    cache: DynamicCache
-    hidden_k: torch.Tensor  # (1, L, D) input of layer K
-    budget: tuple[int, int]  # (min, max) visual tokens of the global view
 
 
 class QZoomModel:
@@ -74,7 +58,6 @@ class QZoomModel:
         self.heads = heads.eval() if heads is not None else None
         self.config = config
         self.runner = DecoderRunner(adapter)
-        self.system_prompt: str | None = None
 
     # ---- loading -----------------------------------------------------------------------------------------------
     @classmethod
@@ -135,14 +118,29 @@ class QZoomModel:
         return self.adapter.default_reuse_src_pos if rsp is None else rsp
 
     # ---- pass 1 ------------------------------------------------------------------------------------------------
-    def _first_pass(self, image: Image.Image, question: str, budget: tuple[int, int]) -> _FirstPass:
+    def prefill(self, image, question: str, *, budget: tuple[int, int] | None = None,
+                system: str | None = None) -> PerceptionState:
+        """Layers 0..K-1 over the low-resolution prompt of ``image`` and ``question``: the shared first step.
+
+        Runs in the caller's grad mode (training code calls it under ``torch.no_grad``; :meth:`perceive` under
+        inference mode).
+
+        Args:
+            image: a path, bytes or PIL image (loaded safely).
+            question: the question.
+            budget: (min, max) visual tokens of the global view; defaults to the config's.
+            system: a system prompt, or None.
+        """
         a = self.adapter
+        image = load_image(image)
+        budget = budget or (self.config.min_tokens, self.config.max_tokens)
         img_in = a.prepare_image(image, min_tokens=budget[0], max_tokens=budget[1])
-        prompt = a.build_prompt(img_in, question, system=self.system_prompt)
+        prompt = a.build_prompt(img_in, question, system=system)
         visual = a.encode_image([img_in])
         positions = a.positions(prompt.input_ids, [img_in])
         hidden_k, rotary, mask, cache = self._below_k(prompt.input_ids, positions, visual)
-        return _FirstPass(image, prompt, visual, positions, rotary, mask, cache, hidden_k, budget)
+        return PerceptionState(image, question, system, prompt, visual, positions, rotary, mask, cache, hidden_k,
+                               budget, layer_tokens=prompt.input_ids.shape[1] * self.config.twig_K)
 
     def _below_k(self, ids: torch.Tensor, positions: torch.Tensor, visual) -> tuple:
         """Layers 0..K-1 over a whole prompt on a new cache.
@@ -162,10 +160,11 @@ class QZoomModel:
         hidden_k = self.runner.run(0, self.config.twig_K, hidden, rotary, mask, cache, a.image_mask(ids), visual)
         return hidden_k, rotary, mask, cache
 
-    def _gate(self, fp: _FirstPass) -> float | None:
+    def _gate(self, fp: PerceptionState) -> float | None:
         """The gate's score, or None for heads without a gate (the twig then runs on every question)."""
         if not self.heads.has_gate:
             return None
+        fp.layer_tokens += fp.length * self.heads.T
         return float(torch.sigmoid(self.heads.gate_logit(fp.hidden_k, fp.rotary, fp.mask))[0])
 
     def _wants_zoom(self, gate: float | None) -> bool:
@@ -184,24 +183,25 @@ class QZoomModel:
             return None
         return None if query == question else query
 
-    def _query_pass(self, fp: _FirstPass, query: str) -> tuple[torch.Tensor, tuple, torch.Tensor | None, Prompt]:
+    def _query_pass(self, fp: PerceptionState, query: str) -> tuple[torch.Tensor, tuple, torch.Tensor | None, Prompt]:
         """Layers < K for the prompt built from ``query`` on the same image, for the twig only.
 
         The tokens up to the end of the image are the first pass's, so their cache below K is reused (in a new
         cache: the first pass's must stay as it is for the answer); only the query's own tokens run.
 
         Returns:
-            ``(hidden_k, rotary, mask, prompt)`` for the query prompt, as in :class:`_FirstPass`.
+            ``(hidden_k, rotary, mask, prompt)`` for the query prompt, as in :class:`PerceptionState`.
         """
         a, k = self.adapter, self.config.twig_K
         img = fp.prompt.image
-        prompt = a.build_prompt(img, query, system=self.system_prompt)
+        prompt = a.build_prompt(img, query, system=fp.system)
         positions = a.positions(prompt.input_ids, [img])
         ids, old = prompt.input_ids, fp.prompt.input_ids
         p = fp.prompt.image_end
         shared = prompt.image_end == p and ids.shape[1] > p and torch.equal(ids[:, :p], old[:, :p])
         if not shared:  # a template that puts text before the image: run the query prompt in full
             hidden_k, rotary, mask, _ = self._below_k(ids, positions, fp.visual)
+            fp.layer_tokens += ids.shape[1] * k
             return hidden_k, rotary, mask, prompt
         cache = self.runner.new_cache()  # the shared prefix's keys and values below K, not the question's
         for i in range(k):
@@ -213,17 +213,19 @@ class QZoomModel:
         tail_rotary = (rotary[0][:, p:], rotary[1][:, p:])
         tail_mask = self.runner.causal_mask(tail, cache, layer_idx=0)
         tail = self.runner.run(0, k, tail, tail_rotary, tail_mask, cache, a.image_mask(tail_ids), None)
+        fp.layer_tokens += tail_ids.shape[1] * k
         hidden_k = torch.cat([fp.hidden_k[:, :p], tail], 1)
         mask = self.runner.causal_mask(hidden_k, self.runner.new_cache())
         return hidden_k, rotary, mask, prompt
 
-    def _roi(self, fp: _FirstPass, query: str | None = None
+    def _roi(self, fp: PerceptionState, query: str | None = None
              ) -> tuple[torch.Tensor, list[box_lib.Box], list[Cells]]:
         """The twig's (gh, gw) logits for ``query`` (default: the question) and the boxes and cells they give."""
         a, cfg, img = self.adapter, self.config, fp.prompt.image
         hidden_k, rotary, mask, prompt = (fp.hidden_k, fp.rotary, fp.mask, fp.prompt) if query is None else \
             self._query_pass(fp, query)
         states = self.heads.twig_states(hidden_k, rotary, mask)
+        fp.layer_tokens += hidden_k.shape[1] * self.heads.T  # the last twig layer's q/k counted as a layer
         logits = self.heads.roi_scores(a, states, rotary, prompt.image_start, prompt.image_end, rope=cfg.twig_rope,
                                        multi_head=cfg.roi_multi_head).reshape(img.grid)
         if (cfg.roi_mode or "official") == "official":
@@ -273,6 +275,15 @@ class QZoomModel:
             raise ValueError(f"{what} needs Q-Zoom heads; load an adapter (qzoom=...) or use mode='never'")
         return self.heads
 
+
+    @staticmethod
+    def _state(p: Perception | PerceptionState) -> PerceptionState:
+        state = p.state if isinstance(p, Perception) else p
+        if not isinstance(state, PerceptionState):
+            raise ValueError("this Perception holds no prefill (it was copied without its tensors); run perceive "
+                             "again")
+        return state
+
     @torch.inference_mode()
     def perceive(
         self,
@@ -282,6 +293,7 @@ class QZoomModel:
         roi: RoiWhen = "auto",
         budget: tuple[int, int] | None = None,
         roi_query: str | None = None,
+        system: str | None = None,
     ) -> Perception:
         """One low-resolution prefill to layer K: the gate score, the RoI logits and the box. No decoding.
 
@@ -293,24 +305,104 @@ class QZoomModel:
             budget: (min, max) visual tokens of the global view; defaults to the config's.
             roi_query: the text the twig scores the image for (e.g. a zoom tool's argument); default: the
                 question, or its stem when ``config.roi_query == "stem"``. The gate always reads the question.
+            system: a system prompt, or None.
 
         Returns:
-            A Perception; its ``state`` lets `answer(..., perception=p)` resume without a second prefill.
+            A Perception. Its state is never consumed: `answer(..., perception=p)`, `locate`, `zoom` and `look`
+            each work on a fork of it, any number of times.
         """
         self._require_heads("perceive")
         t0 = time.perf_counter()
         query = self._query_text(question, roi_query)
-        image = load_image(image)
-        fp = self._first_pass(image, question, budget or (self.config.min_tokens, self.config.max_tokens))
+        fp = self.prefill(image, question, budget=budget, system=system)
         gate = self._gate(fp)
-        logits, boxes, cells = None, [], []
+        located = None
         if roi == "always" or (roi == "auto" and self._wants_zoom(gate)):
-            logits, boxes, cells = self._roi(fp, query)
+            located = self._locate(fp, query)
         img = fp.prompt.image
         return Perception(
-            gate, logits, boxes, img.grid, img.resized_size, img.source_size, img.n_tokens,
-            time.perf_counter() - t0, state=fp, cells=cells, canvas=img.canvas,
+            gate, located.logits if located else None, located.boxes if located else [], img.grid,
+            img.resized_size, img.source_size, img.n_tokens, time.perf_counter() - t0, state=fp,
+            cells=located.cells if located else [], canvas=img.canvas, roi_query=query,
         )
+
+    @torch.inference_mode()
+    def locate(self, p: Perception | PerceptionState, query: str | None = None) -> Located:
+        """Where the twig looks in a perceived image: for the question (default), or for any text ``query``.
+
+        A query's own tokens run below layer K on a fork of the cached image prefix (the image is not encoded
+        again); the perception is left as it was.
+
+        Args:
+            p: a `perceive` result or a `prefill` state.
+            query: the text to look for (e.g. ``"the green tag"``), or None for the question.
+
+        Returns:
+            The twig's (gh, gw) logits and the boxes (source pixels) and cells they give.
+        """
+        self._require_heads("locate")
+        if query is not None and (not isinstance(query, str) or not query.strip()):
+            raise ValueError(f"query must be a non-empty string or None, got {query!r}")
+        state = self._state(p)
+        if query is None and isinstance(p, Perception) and p.roi_logits is not None and p.roi_query is None:
+            return Located(p.roi_logits, list(p.boxes), list(p.cells))
+        scratch = dataclasses.replace(state, layer_tokens=0)  # the query pass builds its own cache; count apart
+        located = self._locate(scratch, None if query == state.question else query)
+        located.layer_tokens = scratch.layer_tokens
+        return located
+
+    def _locate(self, fp: PerceptionState, query: str | None) -> Located:
+        logits, boxes, cells = self._roi(fp, query)
+        return Located(logits, boxes, cells, query)
+
+    @torch.inference_mode()
+    def zoom(self, p: Perception | PerceptionState, boxes: box_lib.Box | list[box_lib.Box] | Located | None = None
+             ) -> Prefilled:
+        """Splice RoI crops behind the source image and finish the prefill, reusing the cached prefix below K.
+
+        Args:
+            p: a `perceive` result or a `prefill` state (not modified: the splice works on a fork).
+            boxes: the box(es) in source pixels, a `Located`, or None for the twig's box for the question. Boxes
+                not from the twig take the token cells they overlap for their positions.
+
+        Returns:
+            The prefill of the spliced sequence; a direct one (as :meth:`look`) when there is no box.
+        """
+        state = self._state(p)
+        if boxes is None:
+            boxes = self.locate(p)
+        if isinstance(boxes, Located):
+            boxes, cells = boxes.boxes, boxes.cells
+        else:
+            boxes = [boxes] if isinstance(boxes, box_lib.Box) else list(boxes)
+            img = state.prompt.image
+            cells = [box_lib.box_to_cells(b, img.grid, img.resized_size, img.source_size, canvas=img.canvas)
+                     for b in boxes]
+        if not boxes:
+            return self.look(state)
+        return self._zoom_prefill(state.fork(self.adapter.text_config), boxes, cells)
+
+    @torch.inference_mode()
+    def look(self, p: Perception | PerceptionState) -> Prefilled:
+        """Finish the prefill without a zoom: layers K..L-1 continue on the perception's state (a fork)."""
+        fp = self._state(p).fork(self.adapter.text_config)
+        k, n = self.config.twig_K, self.adapter.num_layers
+        hidden = self.runner.run(k, n, fp.hidden_k, fp.rotary, fp.mask, fp.cache)
+        return Prefilled(self.runner.logits(hidden[:, -1:]), fp.cache, self.adapter.next_position(fp.positions),
+                         layer_tokens=fp.layer_tokens + fp.length * (n - k), length=fp.length)
+
+    @torch.inference_mode()
+    def decode(self, pre: Prefilled, max_new_tokens: int = 32, *, stop_strings: tuple[str, ...] = (),
+               sampling: Sampling | None = None) -> tuple[str, list[int], int]:
+        """Decode an answer from a finished prefill (its cache is extended: decode a `Prefilled` once).
+
+        Returns:
+            ``(text, tokens, decode_steps)``; the text without special tokens.
+        """
+        out = self.runner.decode(pre.logits, pre.cache, pre.next_position, max_new_tokens,
+                                 stop_strings=stop_strings, sampling=sampling)
+        text = self.adapter.tokenizer.decode(out.tokens, skip_special_tokens=True).strip()
+        return text, out.tokens, out.steps
 
     # ---- answering ---------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -324,19 +416,24 @@ class QZoomModel:
         budget: tuple[int, int] | None = None,
         perception: Perception | None = None,
         roi_query: str | None = None,
+        system: str | None = None,
+        sampling: Sampling | None = None,
     ) -> Answer:
-        """Answer one question about one image, zooming when the gate says so.
+        """Answer one question about one image, zooming when the gate says so: `prefill`, the gate, `locate`,
+        `zoom` or `look`, and `decode`.
 
         Args:
-            image: a path, bytes or PIL image.
+            image: a path, bytes or PIL image (unused when ``perception`` is given).
             question: the question.
             mode: ``"auto"`` follows the gate (heads without a gate zoom whenever the twig proposes a box, as the
                 released code does); ``"never"`` answers from the low-resolution view (the gate does not run);
                 ``"always"`` zooms whenever the twig proposes a box.
             max_new_tokens: decoding budget.
             budget: (min, max) visual tokens of the global view; defaults to the config's.
-            perception: a `perceive` result for the same image and question to resume from (consumed).
+            perception: a `perceive` result for the same question to answer from (reusable: it is not consumed).
             roi_query: as in :meth:`perceive` (unused when ``perception`` already holds the box).
+            system: a system prompt, or None (ignored with ``perception``, which holds its own).
+            sampling: sampled decoding, or None for greedy.
         """
         if mode not in ("auto", "never", "always"):
             raise ValueError(f"mode must be 'auto', 'never' or 'always', got {mode!r}")
@@ -344,66 +441,53 @@ class QZoomModel:
         if mode != "never":
             self._require_heads(f"mode={mode!r}")
         t0 = time.perf_counter()
-        if perception is not None and perception.state is not None:
-            fp, gate = perception.state, perception.gate_score
-            perception.state = None  # the cache below is extended in place: a perception resumes once
+        located = None
+        if perception is not None:
+            fp, gate = self._state(perception), perception.gate_score
+            if fp.question != question:
+                raise ValueError(f"the perception was made for {fp.question!r}, not for {question!r}; perceive "
+                                 "this question first")
+            fp = fp.fork(self.adapter.text_config)  # its own bookkeeping too: the perception's counts stay
+            if perception.roi_logits is not None:
+                located = Located(perception.roi_logits, list(perception.boxes), list(perception.cells))
         else:
-            image = load_image(image)
-            fp = self._first_pass(image, question, budget or (self.config.min_tokens, self.config.max_tokens))
+            fp = self.prefill(image, question, budget=budget, system=system)
             gate = None if mode == "never" else self._gate(fp)
-        logits = None
-        boxes: list[box_lib.Box] = []
-        cells: list[Cells] = []
-        if mode == "always" or (mode == "auto" and self._wants_zoom(gate)):
-            if perception is not None and perception.roi_logits is not None:
-                logits, boxes, cells = perception.roi_logits, perception.boxes, perception.cells
-            else:
-                logits, boxes, cells = self._roi(fp, query)
-        if boxes:
-            first_logits, next_pos, extra_tokens = self._zoom_prefill(fp, boxes, cells)
-            prefills = 2
-        else:
-            first_logits, extra_tokens = self._direct_prefill(fp), 0
-            next_pos = self.adapter.next_position(fp.positions)
-            prefills = 1
-        tokens, steps = self.runner.greedy(first_logits, fp.cache, next_pos, max_new_tokens)
-        text = self.adapter.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+        if located is None and (mode == "always" or (mode == "auto" and self._wants_zoom(gate))):
+            located = self._locate(fp, query)
+        zoom = located is not None and bool(located.boxes) and mode != "never"
+        pre = self._zoom_prefill(fp, located.boxes, located.cells) if zoom else self.look(fp)
+        text, tokens, steps = self.decode(pre, max_new_tokens, sampling=sampling)
         img = fp.prompt.image
         return Answer(
             text=text,
-            zoomed=bool(boxes),
+            zoomed=zoom,
             gate_score=gate,
-            bbox=boxes[0] if boxes else None,
-            visual_tokens=img.n_tokens + extra_tokens,
-            roi_tokens=extra_tokens,
-            forward_passes=prefills + steps,
+            bbox=pre.boxes[0] if pre.boxes else None,
+            visual_tokens=img.n_tokens + pre.roi_tokens,
+            roi_tokens=pre.roi_tokens,
+            forward_passes=pre.prefills + steps,
             generated_tokens=len(tokens),
             latency_s=time.perf_counter() - t0,
             image_size=img.source_size,
             grid=img.grid,
-            roi_logits=logits,
-            boxes=list(boxes),
-            cells=list(cells),
+            roi_logits=located.logits if located is not None else None,
+            boxes=list(pre.boxes),
+            cells=list(pre.cells),
+            layer_tokens=pre.layer_tokens + steps * self.adapter.num_layers,
         )
 
-    def _direct_prefill(self, fp: _FirstPass) -> torch.Tensor:
-        """Continue layers K..L-1 on the first-pass state; (1, V) logits of the next token."""
-        k, n = self.config.twig_K, self.adapter.num_layers
-        hidden = self.runner.run(k, n, fp.hidden_k, fp.rotary, fp.mask, fp.cache)
-        return self.runner.logits(hidden[:, -1:])
-
-    def _zoom_prefill(self, fp: _FirstPass, boxes: list[box_lib.Box], cells: list[Cells]
-                      ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def _zoom_prefill(self, fp: PerceptionState, boxes: list[box_lib.Box], cells: list[Cells]) -> Prefilled:
         """Splice the RoI crops in and re-prefill with prefix-cache reuse.
 
         Args:
-            fp: the first pass (its cache is cut back to the prefix in place).
+            fp: the first pass; its cache is cut back to the prefix in place (callers pass a fork).
             boxes: the crops, in source pixels (one on Qwen, up to two on LLaVA).
             cells: per box, the token cells it came from (they place source-aligned positions).
 
         Returns:
-            ``(logits, next_position, roi_tokens)``: (1, V) next-token logits on the spliced sequence, the
-            position of the first generated token, and the RoIs' visual token count.
+            The prefill of the spliced sequence (next-token logits, cache, the first generated token's position
+            and the RoIs' visual token count).
         """
         a, cfg, k = self.adapter, self.config, self.config.twig_K
         # The caps apply per image: without its own RoI budget a crop obeys the call's global-view budget.
@@ -425,4 +509,7 @@ class QZoomModel:
         hidden = torch.cat([fp.hidden_k[:, :p], tail], 1)
         mask = self.runner.causal_mask(hidden, fp.cache, layer_idx=k)
         hidden = self.runner.run(k, a.num_layers, hidden, rotary, mask, fp.cache)
-        return self.runner.logits(hidden[:, -1:]), a.next_position(splice.positions), sum(r.n_tokens for r in rois)
+        n2 = splice.input_ids.shape[1]
+        return Prefilled(self.runner.logits(hidden[:, -1:]), fp.cache, a.next_position(splice.positions),
+                         list(boxes), list(cells), sum(r.n_tokens for r in rois), prefills=2,
+                         layer_tokens=fp.layer_tokens + (n2 - p) * k + n2 * (a.num_layers - k), length=n2)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .boxes import Box, Cells
+
+if TYPE_CHECKING:
+    from .perception import PerceptionState
 
 
 @dataclass
@@ -27,6 +30,8 @@ class Perception:
             positions.
         canvas: ``(ox, oy, cw, ch)`` when the global view was padded to a square (LLaVA), else None
             (:func:`qzoom_agent.boxes.box_to_cells`).
+        state: the prefill below layer K that `QZoomModel.answer`, `locate`, `zoom` and `look` continue (on forks).
+        roi_query: the text the twig scored when it was not the question itself, else None.
     """
 
     gate_score: float | None
@@ -37,9 +42,10 @@ class Perception:
     image_size: tuple[int, int]
     visual_tokens: int
     latency_s: float
-    state: Any = field(default=None, repr=False)  # first-pass tensors that `answer` can resume from
+    state: PerceptionState | None = field(default=None, repr=False)  # the prefill below K, never consumed
     cells: list[Cells] = field(default_factory=list)
     canvas: tuple[int, int, int, int] | None = None
+    roi_query: str | None = None
 
     @property
     def box(self) -> Box | None:
@@ -68,6 +74,7 @@ class Answer:
         roi_logits: (gh, gw) SD-RPN scores when the twig ran, for heat maps.
         boxes: every box spliced in (SD-RPN on LLaVA may splice two); ``[bbox]`` or ``[]`` elsewhere.
         cells: per box, the token cells it came from.
+        layer_tokens: decoder layer-tokens run (tokens x layers, Q-Zoom heads included): a hardware-free cost.
     """
 
     text: str
@@ -84,6 +91,7 @@ class Answer:
     roi_logits: torch.Tensor | None = field(default=None, repr=False)
     boxes: list[Box] = field(default_factory=list)
     cells: list[Cells] = field(default_factory=list)
+    layer_tokens: int = 0
 
     def to_json(self) -> dict[str, Any]:
         """The CLI's ``--json`` record."""
@@ -97,6 +105,7 @@ class Answer:
             "roi_tokens": self.roi_tokens,
             "forward_passes": self.forward_passes,
             "generated_tokens": self.generated_tokens,
+            "layer_tokens": self.layer_tokens,
             "latency_s": round(self.latency_s, 4),
             "image_size": list(self.image_size),
         }

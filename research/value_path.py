@@ -54,7 +54,7 @@ def measure(qz: QZoomModel, n: int, alphabet: str) -> dict:
             for i in tqdm(range(n), desc=f"value path {variant}", mininterval=2.0):
                 s = sample(variant, "test", i, alphabet=alphabet, mix={"color": 1.0})
                 img = adapter.prepare_image(s.image, min_tokens=BUDGET[0], max_tokens=BUDGET[1])
-                prompt = adapter.build_prompt(img, s.question, system=qz.system_prompt)
+                prompt = adapter.build_prompt(img, s.question, system=None)
                 out = net(**adapter.hf_inputs(prompt.input_ids.to(adapter.device), [img]), output_attentions=True,
                           output_hidden_states=True)
                 image = slice(prompt.image_start, prompt.image_end)

@@ -10,6 +10,7 @@ from tiny_models import QUESTION, make_image, make_model
 
 from qzoom_agent import boxes as box_lib
 from qzoom_agent.model import QZoomModel
+from qzoom_agent.perception import Located
 
 FAMILIES = ["qwen2_5_vl", "qwen3_vl", "llava"]
 
@@ -23,7 +24,7 @@ def test_resume_from_layer_k_reproduces_full_forward(family):
     qm = make_model(family)
     a = qm.adapter
     with torch.inference_mode():
-        fp = qm._first_pass(make_image(), QUESTION, (16, 64))
+        fp = qm.prefill(make_image(), QUESTION, budget=(16, 64))
         ref = a.model(**hf_inputs(qm, fp.prompt.input_ids, [fp.prompt.image])).logits
         hidden = qm.runner.run(2, a.num_layers, fp.hidden_k, fp.rotary, fp.mask, fp.cache)
         ours = a.lm_head(a.norm(hidden))
@@ -53,19 +54,20 @@ def test_prefix_cache_reuse_matches_from_scratch_forward(family, reuse_src_pos):
     image = make_image()
     box = box_lib.Box(60, 40, 260, 200)
     with torch.inference_mode():
-        fp = qm._first_pass(image, QUESTION, (16, 64))
+        fp = qm.prefill(image, QUESTION, budget=(16, 64))
         src_visual = fp.visual
         src = fp.prompt.image
         cells = box_lib.box_to_cells(box, src.grid, src.resized_size, image.size, src.canvas)
-        reuse_logits, next_pos, n_roi = qm._zoom_prefill(fp, [box], [cells])
+        pre = qm.zoom(fp, Located(None, [box], [cells]))
+        reuse_logits, next_pos, n_roi = pre.logits, pre.next_position, pre.roi_tokens
         # One decode step from the reused cache as well, so the cache itself is checked, not only the logits.
         token = int(reuse_logits.argmax(-1))
         step_hidden = a.embed_tokens(torch.tensor([[token]]))
-        step_hidden = qm.runner.run(0, a.num_layers, step_hidden, a.rotary(step_hidden, next_pos), None, fp.cache)
+        step_hidden = qm.runner.run(0, a.num_layers, step_hidden, a.rotary(step_hidden, next_pos), None, pre.cache)
         reuse_step = qm.runner.logits(step_hidden)
 
         # Rebuild the spliced sequence independently and run it from scratch.
-        fp2 = qm._first_pass(image, QUESTION, (16, 64))
+        fp2 = qm.prefill(image, QUESTION, budget=(16, 64))
         roi_in = a.prepare_roi(box_lib.crop(image, box), min_tokens=16, max_tokens=64)
         splice = a.splice_roi(fp2.prompt, fp2.positions, [roi_in], [cells], reuse_src_pos)
         from qzoom_agent.backbones import VisualFeatures
@@ -88,7 +90,7 @@ def test_source_aligned_positions_follow_the_design(family):
     a = qm.adapter
     image = make_image()
     with torch.inference_mode():
-        fp = qm._first_pass(image, QUESTION, (16, 64))
+        fp = qm.prefill(image, QUESTION, budget=(16, 64))
         roi_in = a.prepare_image(image.crop((0, 0, 200, 150)), min_tokens=16, max_tokens=64)
         splice = a.splice_roi(fp.prompt, fp.positions, [roi_in], [(1, 2, 4, 6)], True)
     p, pos = fp.prompt.image_end, splice.positions[:, 0]
@@ -110,7 +112,7 @@ def test_never_mode_matches_hf_generate(family):
     a = qm.adapter
     image = make_image(seed=3)
     with torch.inference_mode():
-        fp = qm._first_pass(image, QUESTION, (16, 64))
+        fp = qm.prefill(image, QUESTION, budget=(16, 64))
         out = a.model.generate(**hf_inputs(qm, fp.prompt.input_ids, [fp.prompt.image]), max_new_tokens=8,
                                do_sample=False)
     expected = a.tokenizer.decode(out[0, fp.prompt.input_ids.shape[1] :], skip_special_tokens=True).strip()
@@ -167,10 +169,34 @@ def test_answer_resumes_from_perception(family):
     fresh = qm.answer(image, QUESTION, mode="always", max_new_tokens=6, budget=(16, 64))
     p = qm.perceive(image, QUESTION, roi="always", budget=(16, 64))
     resumed = qm.answer(image, QUESTION, mode="always", max_new_tokens=6, perception=p)
-    assert p.state is None  # consumed: the cache was extended in place
     assert resumed.text == fresh.text and resumed.bbox == fresh.bbox and resumed.zoomed == fresh.zoomed
     assert resumed.gate_score == pytest.approx(fresh.gate_score, abs=1e-6)
     assert resumed.forward_passes == fresh.forward_passes
+    assert resumed.layer_tokens == fresh.layer_tokens > 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_perception_is_never_consumed(family):
+    """Answering, zooming and looking work on forks: the same perception gives the same logits every time, in any
+    order; before the steps were public, a second answer from one perception read a cache the zoom had cut."""
+    qm = make_model(family, roi_threshold=0.3)
+    image = make_image(seed=7)
+    p = qm.perceive(image, QUESTION, roi="always", budget=(16, 64))
+    assert p.boxes, "the test needs a zoom"
+    zoomed = [qm.zoom(p).logits for _ in range(2)]
+    direct = qm.look(p).logits
+    modes = ("always", "never", "always")
+    answers = [qm.answer(image, QUESTION, mode=m, max_new_tokens=4, perception=p) for m in modes]
+    assert torch.equal(zoomed[0], zoomed[1]) and torch.equal(zoomed[0], qm.zoom(p).logits)
+    assert torch.equal(direct, qm.look(p).logits)
+    assert not torch.allclose(direct, zoomed[0])
+    assert answers[0] == dataclasses.replace(answers[2], latency_s=answers[0].latency_s)
+    fresh = qm.answer(image, QUESTION, mode="never", max_new_tokens=4, budget=(16, 64))
+    assert answers[1].text == fresh.text and not answers[1].zoomed
+    with pytest.raises(ValueError, match="perceive this question first"):
+        qm.answer(image, "another question?", perception=p)
+    with pytest.raises(ValueError, match="holds no prefill"):
+        qm.zoom(dataclasses.replace(p, state=None))
 
 
 def test_plain_model_refuses_zoom_modes():
@@ -241,13 +267,13 @@ def test_stem_query_without_a_shared_prefix_runs_in_full():
     qm = make_model("qwen2_5_vl")
     image = make_image(seed=5)
     alone = qm.perceive(image, QUESTION, roi="always", budget=(16, 64))
-    fp = qm._first_pass(image, MCQ, (16, 64))
+    fp = qm.prefill(image, MCQ, budget=(16, 64))
     fp.hidden_k = torch.zeros_like(fp.hidden_k)  # a shared prefix would carry this into the twig ...
-    assert not torch.allclose(qm._roi(fp, QUESTION)[0], alone.roi_logits, atol=1e-3)
+    assert not torch.allclose(qm.locate(fp, QUESTION).logits, alone.roi_logits, atol=1e-3)
     ids = fp.prompt.input_ids.clone()
     ids[0, 0] += 1  # ... but now the first pass's tokens no longer match the query prompt's
     fp.prompt = dataclasses.replace(fp.prompt, input_ids=ids)
-    assert torch.allclose(qm._roi(fp, QUESTION)[0], alone.roi_logits, atol=1e-5)
+    assert torch.allclose(qm.locate(fp, QUESTION).logits, alone.roi_logits, atol=1e-5)
 
 
 def test_cache_keyword_follows_the_signature():

@@ -85,7 +85,7 @@ def test_the_graph_sees_the_package():
     assert "qzoom_agent.zoomworld.samples" in GRAPH["qzoom_agent.zoomworld"]
     assert "qzoom_agent.train.stage1_config" in GRAPH["qzoom_agent.train.stage1"]
     assert "qzoom_agent.recipes.zoomworld_tiny.cli" in GRAPH["qzoom_agent.cli"]  # a function-level import
-    assert "qzoom_agent.images" in GRAPH["qzoom_agent.tools.deepeyes"]  # tools/ is qzoom_agent.tools
+    assert "qzoom_agent.images" in GRAPH["qzoom_agent.tools.crop"]  # tools/ is qzoom_agent.tools
     assert len(MODULES) > 60
 
 

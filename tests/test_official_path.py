@@ -14,6 +14,7 @@ from qzoom_agent.backbones import VisualFeatures
 from qzoom_agent.boxes import Box, box_to_cells, crop
 from qzoom_agent.cli import main
 from qzoom_agent.model import QZoomModel
+from qzoom_agent.perception import Located
 from qzoom_agent.presets import get_preset, preset_names
 from qzoom_agent.tiny import make_tiny
 
@@ -75,12 +76,13 @@ def test_llava_splices_every_box_at_contiguous_positions():
     img = make_image()
     boxes = [Box(10, 20, 150, 120), Box(200, 150, 400, 290)]
     with torch.inference_mode():
-        fp = qm._first_pass(img, QUESTION, (16, 1000))
+        fp = qm.prefill(img, QUESTION, budget=(16, 1000))
         src = fp.prompt.image
         cells = [box_to_cells(b, src.grid, src.resized_size, src.source_size, src.canvas) for b in boxes]
-        logits, _, n_roi = qm._zoom_prefill(fp, boxes, cells)
+        pre = qm.zoom(fp, Located(None, boxes, cells))
+        logits, n_roi = pre.logits, pre.roi_tokens
         rois = [a.prepare_roi(crop(img, b), min_tokens=16, max_tokens=1000) for b in boxes]
-        fp2 = qm._first_pass(img, QUESTION, (16, 1000))
+        fp2 = qm.prefill(img, QUESTION, budget=(16, 1000))
         splice = a.splice_roi(fp2.prompt, fp2.positions, rois, cells, qm.reuse_src_pos)
         # the stock HF forward on the spliced ids, all three images in order, plain positions
         hf = a.model(**a.hf_inputs(splice.input_ids, [src, *rois])).logits[:, -1]
@@ -97,7 +99,7 @@ def test_llava_twig_norm_and_no_rope():
     with torch.no_grad():
         heads.twig_norm.weight.fill_(2.0)
     with torch.inference_mode():
-        fp = qm._first_pass(make_image(), QUESTION, (16, 1000))
+        fp = qm.prefill(make_image(), QUESTION, budget=(16, 1000))
         start, end = fp.prompt.image_start, fp.prompt.image_end
         raw = fp.hidden_k
         for layer in heads.twig_layers[:-1]:

@@ -10,6 +10,7 @@ import torch
 
 from qzoom_agent.boxes import Box
 from qzoom_agent.model import QZoomModel
+from qzoom_agent.perception import Located
 from qzoom_agent.tiny import make_tiny
 from qzoom_agent.train.judges import exact_judge, make_judge, normalized_judge
 from qzoom_agent.train.stage2 import (
@@ -51,8 +52,8 @@ def test_roi_loss_scores_the_same_sequence_the_zoom_answers_from(tiny, reuse_src
     box = [100, 120, 400, 380]
     cells = (2, 1, 6, 5)  # the mask cells the box came from: they, not the box, place source-aligned positions
     with torch.inference_mode():
-        fp = qz._first_pass(s.image, s.question, BUDGET)
-        logits, _, _ = qz._zoom_prefill(fp, [Box(*box)], [cells])
+        fp = qz.prefill(s.image, s.question, budget=BUDGET)
+        logits = qz.zoom(fp, Located(None, [Box(*box)], [cells])).logits
     end = qz.adapter.tokenizer.convert_tokens_to_ids("<|im_end|>")
     expected = -torch.log_softmax(logits[0].float(), -1)[end]
     with torch.no_grad():

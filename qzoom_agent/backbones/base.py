@@ -196,6 +196,41 @@ class BackboneAdapter(ABC):
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
         return Prompt(input_ids, at, at + image.n_tokens, image)
 
+    def render_chat(self, messages: list[dict], tools: list[dict] | None = None) -> str:
+        """A whole conversation as prompt text ending with the assistant header, one visual placeholder per image.
+
+        Images may sit in user and in tool turns. Qwen's tool format is used: a tool turn is a user turn holding
+        ``<tool_response>`` blocks (Qwen3-VL's template; the stock Qwen2.5-VL template drops images in tool turns, so
+        a tokenizer whose template does is rendered with TRL's Qwen3-VL template instead).
+
+        Args:
+            messages: chat messages (``role`` system, user, assistant or tool; ``content`` a string or parts such
+                as ``{"type": "image", ...}`` and ``{"type": "text", "text": ...}``; assistant ``tool_calls``).
+            tools: function schemas to list in the system turn, or None.
+        """
+        bare = [_without_payloads(m) for m in messages]
+        return self.tokenizer.apply_chat_template(bare, tools=tools or None, tokenize=False,
+                                                  add_generation_prompt=True, chat_template=self._tool_template())
+
+    def _tool_template(self) -> str | None:
+        """None when the tokenizer's own template renders an image in a tool turn, else TRL's Qwen3-VL template."""
+        if not hasattr(self, "_tool_template_choice"):
+            probe = [{"role": "user", "content": [{"type": "text", "text": "q"}]},
+                     {"role": "assistant", "content": "a"},
+                     {"role": "tool", "content": [{"type": "image"}, {"type": "text", "text": "r"}]}]
+            placeholder = self.tokenizer.convert_ids_to_tokens(self.image_token_id)
+            try:
+                text = self.tokenizer.apply_chat_template(probe, tokenize=False)
+            except Exception:  # noqa: BLE001 - a template that rejects tool turns altogether
+                text = ""
+            if text.count(placeholder) == 1:
+                self._tool_template_choice = None
+            else:
+                from trl.chat_template_utils import qwen3_vl_chat_template
+
+                self._tool_template_choice = qwen3_vl_chat_template
+        return self._tool_template_choice
+
     def expand_images(self, ids: list[int], images: list[ImageInputs]) -> list[int]:
         """Replace the chat template's visual placeholders in ``ids``, in order, by each image's token count.
 
@@ -268,3 +303,16 @@ class BackboneAdapter(ABC):
         hidden = hidden.clone()
         hidden[mask] = visual.embeds.to(hidden.dtype)
         return hidden
+
+
+def _without_payloads(message: dict) -> dict:
+    """``message`` with image parts reduced to ``{"type": "image"}``: templates only need to know where they are."""
+    content = message.get("content")
+    if not isinstance(content, list):
+        return message
+    parts = [{"type": "image"} if _is_image_part(part) else part for part in content]
+    return {**message, "content": parts}
+
+
+def _is_image_part(part) -> bool:
+    return isinstance(part, dict) and (part.get("type") in ("image", "image_url") or "image" in part)

@@ -7,6 +7,8 @@ input. RoI tokens go right behind the image tokens (LLaVA has no vision start or
 
 from __future__ import annotations
 
+import json
+
 import torch
 from PIL import Image
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
@@ -79,6 +81,31 @@ class LlavaAdapter(BackboneAdapter):
         self._check_budget(max_tokens)
         return self._inputs(crop, crop.size, None)
 
+    def render_chat(self, messages: list[dict], tools: list[dict] | None = None) -> str:
+        """The conversation in LLaVA-1.5's ``USER: ... ASSISTANT:`` format, one ``<image>`` per image.
+
+        The first user turn renders exactly as :meth:`build_prompt` (so a conversation's first prefill is the
+        perception's); tool turns are user turns holding a ``<tool_response>`` block, as in Qwen's tool format; the
+        tool listing, when given, follows the system text.
+        """
+        out = []
+        for m in messages:
+            role, content = m.get("role"), m.get("content")
+            if role == "system":
+                out.append(_text_of(content) + (_tools_block(tools) if tools else "") + "\n")
+            elif role == "user":
+                out.append("USER: " + _parts_text(content) + " ")
+            elif role == "tool":
+                out.append("USER: <tool_response>\n" + _parts_text(content) + "\n</tool_response> ")
+            elif role == "assistant":
+                out.append("ASSISTANT: " + _text_of(content) + _calls_text(m.get("tool_calls"), _text_of(content))
+                           + "</s>")
+            else:
+                raise ValueError(f"unknown chat role {role!r}; use system, user, assistant or tool")
+        if tools and not (messages and messages[0].get("role") == "system"):
+            out.insert(0, _tools_block(tools).lstrip() + "\n")
+        return "".join(out) + "ASSISTANT:"
+
     def hf_inputs(self, input_ids: torch.LongTensor, images: list[ImageInputs]) -> dict[str, torch.Tensor]:
         """Keyword arguments for the stock HF ``forward``/``generate`` on ``input_ids`` holding ``images``."""
         pixels = torch.cat([im.pixel_values for im in images], 0).to(self.device, self.dtype)
@@ -128,3 +155,43 @@ class LlavaAdapter(BackboneAdapter):
             pos = positions.to(torch.float32)
             new_pos = torch.cat([pos[:, :p], *parts, pos[:, p:]], 1)
         return Splice(new_ids, new_pos, p, p, p + n_roi)
+
+
+def _text_of(content) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type", "text") == "text")
+
+
+def _parts_text(content) -> str:
+    """User or tool content with ``<image>\n`` where each image part sits."""
+    if isinstance(content, str):
+        return content
+    out = []
+    for part in content or []:
+        if isinstance(part, dict) and (part.get("type") in ("image", "image_url") or "image" in part):
+            out.append("<image>\n")
+        elif isinstance(part, dict):
+            out.append(part.get("text", ""))
+    return "".join(out)
+
+
+def _calls_text(calls, content: str) -> str:
+    """Tool calls as Qwen writes them: ``<tool_call>\n{"name": ..., "arguments": ...}\n</tool_call>``."""
+    out = []
+    for i, call in enumerate(calls or []):
+        fn = call.get("function", call)
+        args = fn.get("arguments", {})
+        args = args if isinstance(args, str) else json.dumps(args)
+        sep = "\n" if (i or content) else ""
+        out.append(f'{sep}<tool_call>\n{{"name": "{fn.get("name")}", "arguments": {args}}}\n</tool_call>')
+    return "".join(out)
+
+
+def _tools_block(tools: list[dict]) -> str:
+    listing = "\n".join(json.dumps(t) for t in tools)
+    return ("\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n<tools>\n"
+            + listing + "\n</tools>\n\nFor each function call, return a json object with function name and "
+            "arguments within <tool_call></tool_call> XML tags.")

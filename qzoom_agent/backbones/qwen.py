@@ -125,7 +125,7 @@ class QwenAdapter(BackboneAdapter):
 
     def positions(self, input_ids: torch.LongTensor, images: list[ImageInputs]) -> torch.Tensor:
         """(3, 1, L) M-RoPE position ids, exactly as the HF model computes them."""
-        thw = torch.cat([im.image_grid_thw for im in images], 0).to(input_ids.device)
+        thw = torch.cat([im.image_grid_thw for im in images], 0).to(input_ids.device) if images else None
         types = self.image_mask(input_ids).int()
         pos, _ = self.model.model.get_rope_index(input_ids, mm_token_type_ids=types, image_grid_thw=thw)
         return pos

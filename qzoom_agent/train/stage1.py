@@ -169,7 +169,7 @@ class TwigInputs:
 @torch.no_grad()
 def twig_inputs(qz: QZoomModel, s: ZoomWorldSample, budget: tuple[int, int]) -> TwigInputs:
     """The frozen prefill to layer K of ``s`` at ``budget`` (no gradients: only the twig trains)."""
-    fp = qz._first_pass(s.image, s.question, budget)
+    fp = qz.prefill(s.image, s.question, budget=budget)
     return TwigInputs(fp.hidden_k, fp.rotary, fp.mask, fp.prompt.image_start, fp.prompt.image_end,
                       tuple(fp.prompt.image.grid))
 

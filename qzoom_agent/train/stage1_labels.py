@@ -82,7 +82,7 @@ def response_attention(model, image, question: str, budget: tuple[int, int], max
     if answer is None:
         answer = model.answer(image, question, mode="never", budget=budget, max_new_tokens=max_new_tokens).text
     img = adapter.prepare_image(image, min_tokens=budget[0], max_tokens=budget[1])
-    prompt = adapter.build_prompt(img, question, system=model.system_prompt)
+    prompt = adapter.build_prompt(img, question, system=None)
     response = adapter.tokenizer(answer + "<|im_end|>", add_special_tokens=False)["input_ids"]
     ids = torch.cat([prompt.input_ids[0].cpu(), torch.tensor(response, dtype=torch.long)])[None]
     net = adapter.model

@@ -124,7 +124,7 @@ def roi_answer_loss(qz: QZoomModel, s: ZoomWorldSample, box: list[int], answer: 
     a, runner = qz.adapter, qz.runner
     with torch.no_grad():
         src = a.prepare_image(s.image, min_tokens=budget[0], max_tokens=budget[1])
-        prompt = a.build_prompt(src, s.question, system=qz.system_prompt)
+        prompt = a.build_prompt(src, s.question, system=None)
         positions = a.positions(prompt.input_ids, [src])
         region = Box(*box)
         roi = a.prepare_roi(crop(s.image, region), min_tokens=budget[0], max_tokens=budget[1])

@@ -141,7 +141,7 @@ def categorise(rows: list[dict]) -> list[GateSample]:
 def gate_loss(qz: QZoomModel, s: ZoomWorldSample, budget: tuple[int, int], label: int) -> torch.Tensor:
     """BCE-with-logits of the gate on the view at ``budget``; the prefill to layer K runs without gradients."""
     with torch.no_grad():
-        fp = qz._first_pass(s.image, s.question, budget)
+        fp = qz.prefill(s.image, s.question, budget=budget)
     logit = qz.heads.gate_logit(fp.hidden_k, fp.rotary, fp.mask)
     return F.binary_cross_entropy_with_logits(logit.float(), torch.full_like(logit.float(), float(label)))
 
