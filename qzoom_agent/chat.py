@@ -29,7 +29,7 @@ from transformers import DynamicCache
 from .backbones import ImageInputs, Prompt, VisualFeatures
 from .engine import Sampling
 from .images import load_image
-from .perception import PerceptionState, fork_cache
+from .perception import Located, PerceptionState, fork_cache
 from .results import Perception
 
 if TYPE_CHECKING:
@@ -121,6 +121,7 @@ class ChatSession:
     state: PerceptionState | None = None
     perception_source: PerceptionSource | None = None
     _perception: Perception | None = None
+    _located: Located | None = None
     totals: CallStats = field(default_factory=CallStats)
 
     # ---- rendering ---------------------------------------------------------------------------------------------
@@ -275,6 +276,15 @@ class ChatSession:
         self._perception = Perception(gate, None, [], img.grid, img.resized_size, img.source_size, img.n_tokens, 0.0,
                                       state=self.state, canvas=img.canvas)
         return self._perception
+
+    def locate(self, hint: str | None = None) -> Located:
+        """The twig's box for the question (cached after the first call) or for ``hint``, on the perception."""
+        p = self.perception()
+        if hint:
+            return self.model.locate(p, hint)
+        if self._located is None:
+            self._located = self.model.locate(p)
+        return self._located
 
     @torch.inference_mode()
     def _rebuild(self, first: list[dict], tools: list[dict] | None) -> None:

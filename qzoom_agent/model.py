@@ -29,6 +29,7 @@ from .heads import QZoomHeads
 from .images import load_image
 from .loading import load_backbone, resolve_model_path
 from .perception import Located, PerceptionState, Prefilled
+from .policy import PolicyConfig
 from .query import question_stem
 from .results import Answer, Perception
 
@@ -58,6 +59,7 @@ class QZoomModel:
         self.heads = heads.eval() if heads is not None else None
         self.config = config
         self.runner = DecoderRunner(adapter)
+        self.policy: PolicyConfig | None = None  # set when a tool-calling policy delta was applied (`policy.py`)
 
     # ---- loading -----------------------------------------------------------------------------------------------
     @classmethod
@@ -74,7 +76,8 @@ class QZoomModel:
         """Load a base VLM and, optionally, Q-Zoom heads.
 
         Args:
-            base: a local model directory, or ``"zoomworld-tiny"`` for the bundled default.
+            base: a local model directory, ``"zoomworld-tiny"`` for the bundled default, or a tool-calling policy
+                (a directory with ``policy.json``, or ``"zoomworld-tiny-tool"``): its base with the policy's delta.
             qzoom: a Q-Zoom adapter directory or an official Q-Zoom checkpoint. None looks for ``qzoom/`` inside
                 ``base``, then for heads inside ``base`` itself (an official checkpoint); False loads no heads.
             device: torch device.
@@ -85,10 +88,18 @@ class QZoomModel:
         """
         from .checkpoint import load_heads
         from .checkpoint_official import is_official_checkpoint
+        from .policy import apply_policy, is_policy, read_policy, resolve_policy_path
         from .presets import get_preset
 
+        policy, delta, policy_path = None, None, None
+        if is_policy(base):
+            policy_path = resolve_policy_path(base)
+            policy, delta = read_policy(policy_path)
+            base = policy.base
         path = resolve_model_path(base)
         adapter = load_backbone(path, device=device, dtype=dtype)
+        if delta is not None:
+            apply_policy(adapter.model, delta, policy_path)
         heads, config = None, None
         if qzoom is None and (path / "qzoom").is_dir():
             qzoom = path / "qzoom"
@@ -102,7 +113,12 @@ class QZoomModel:
             overrides = {**get_preset(preset, adapter.family).overrides(), **overrides}
         if overrides:
             config = QZoomConfig.model_validate({**config.model_dump(), **overrides})
-        return cls(adapter, heads, config)
+        if policy is not None and heads is not None and policy.frozen_below < config.twig_K:
+            logger.warning("the policy trained layers below K=%d: the Q-Zoom heads read shifted states",
+                           config.twig_K)
+        out = cls(adapter, heads, config)
+        out.policy = policy
+        return out
 
     def init_heads(self) -> QZoomHeads:
         """Attach heads initialised as copies of base layers K..K+T-1 (the start of stage 1 training)."""

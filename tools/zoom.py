@@ -21,6 +21,7 @@ from ..images import resize_to
 from .output import ToolOutput
 
 if TYPE_CHECKING:
+    from ..chat import ChatSession
     from ..model import QZoomModel
     from ..results import Perception
 
@@ -86,3 +87,30 @@ def zoom_once(model: QZoomModel, image: Image.Image, question: str, hint: str | 
     p = model.perceive(image, question, roi="always", budget=budget, roi_query=hint or None)
     return zoom_output(image, p.box, p.gate_score, "fresh", px_per_token=model.adapter.px_per_token,
                        hint=hint or None), p
+
+
+def session_zoom(session: ChatSession, hint: str | None = None, *, messages: list[dict] | None = None,
+                 tools: list[dict] | None = None) -> ToolOutput:
+    """The zoom tool inside a conversation: the box from the session's cached perception of its first image and
+    question (free: the policy's first prefill computed it), or, with ``hint``, from the hint's own tokens scored
+    against the cached image prefix.
+
+    Without a cached perception (a thread resumed after a restart) it is rebuilt once from ``messages``' first user
+    turn, and the artifact's ``source`` says ``"fresh"``. Never raises on bad input: a missing image or an empty
+    hint is an error result.
+    """
+    if hint is not None and (not isinstance(hint, str) or not hint.strip()):
+        hint = None  # an empty hint means "the question", as an absent one
+    try:
+        p = session.perception(messages, tools)
+    except ValueError as err:
+        return ToolOutput.error(f"zoom needs an image: {err}")
+    model = session.model
+    if model.heads is None:
+        return ToolOutput.error("this model has no Q-Zoom heads, so it cannot zoom; load Q-Zoom heads (qzoom=...)")
+    located = session.locate(hint)
+    source: BoxSource = "hinted" if hint else ("cached" if session.perception_source == "captured" else "fresh")
+    out = zoom_output(p.state.image, located.box, p.gate_score, source, px_per_token=model.adapter.px_per_token,
+                      hint=hint)
+    out.artifact.update(perception=session.perception_source, layer_tokens=located.layer_tokens)
+    return out
