@@ -18,6 +18,7 @@ import binascii
 import dataclasses
 import hashlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -90,6 +91,7 @@ class ChatTurn:
 class _Image:
     source: Image.Image
     inputs: ImageInputs
+    key: str  # content fingerprint and budget: equal placeholders of different images must not share a cache
     features: VisualFeatures | None = None
 
 
@@ -116,6 +118,7 @@ class ChatSession:
     budget: tuple[int, int] | None = None
     tool_budget: tuple[int, int] = ToolImageBudget
     ids: list[int] = field(default_factory=list)  # the tokens the cache holds
+    cached_images: dict[int, str] = field(default_factory=dict)  # start of each cached image span -> its image key
     cache: DynamicCache | None = None
     images: dict[str, _Image] = field(default_factory=dict)  # by content fingerprint and budget
     state: PerceptionState | None = None
@@ -123,6 +126,7 @@ class ChatSession:
     _perception: Perception | None = None
     _located: Located | None = None
     totals: CallStats = field(default_factory=CallStats)
+    external_tool: Any = None  # an external-crop tool bound to this conversation's images, when one is used
 
     # ---- rendering ---------------------------------------------------------------------------------------------
     def _image(self, payload: Any, budget: tuple[int, int]) -> _Image:
@@ -130,7 +134,7 @@ class ChatSession:
         key = hashlib.blake2b(image.tobytes(), digest_size=16).hexdigest() + f"{image.size}{budget}"
         if key not in self.images:
             inputs = self.model.adapter.prepare_image(image, min_tokens=budget[0], max_tokens=budget[1])
-            self.images[key] = _Image(image, inputs)
+            self.images[key] = _Image(image, inputs, key)
         return self.images[key]
 
     def render(self, messages: list[dict], tools: list[dict] | None = None) -> _Rendered:
@@ -164,7 +168,8 @@ class ChatSession:
     # ---- prefill and decoding ----------------------------------------------------------------------------------
     @torch.inference_mode()
     def generate(self, messages: list[dict], *, tools: list[dict] | None = None, max_new_tokens: int = 128,
-                 stop_strings: tuple[str, ...] = (), sampling: Sampling | None = None) -> ChatTurn:
+                 stop_strings: tuple[str, ...] = (), sampling: Sampling | None = None,
+                 on_token: Callable[[int], None] | None = None) -> ChatTurn:
         """The assistant's next turn for ``messages``, continuing the cache where the prompt extends it.
 
         Args:
@@ -173,6 +178,7 @@ class ChatSession:
             max_new_tokens: decoding budget.
             stop_strings: texts that end the turn (e.g. ``"</tool_call>"``), besides the end-of-turn ids.
             sampling: sampled decoding, or None for greedy.
+            on_token: called with each generated id as it is chosen (streaming).
         """
         t0 = time.perf_counter()
         m, a = self.model, self.model.adapter
@@ -183,8 +189,9 @@ class ChatSession:
         stats = CallStats(prompt_tokens=len(r.ids), kv_reused=reuse)
         logits, next_pos = self._prefill(r, reuse, stats)
         out = m.runner.decode(logits, self.cache, next_pos, max_new_tokens, stop_strings=stop_strings,
-                              sampling=sampling)
+                              sampling=sampling, on_token=on_token)
         self.ids = r.ids + out.tokens[:-1]  # every token but the last was fed back
+        self.cached_images = {start: im.key for im, (start, _) in zip(r.images, r.spans, strict=True)}
         stats.forward_passes = 1 + out.steps
         stats.generated_tokens = len(out.tokens)
         stats.layer_tokens += out.steps * a.num_layers
@@ -202,8 +209,9 @@ class ChatSession:
         limit = min(len(self.ids), len(r.ids) - 1)
         while n < limit and self.ids[n] == r.ids[n]:
             n += 1
-        for start, end in r.spans:
-            if start < n < end:
+        for im, (start, end) in zip(r.images, r.spans, strict=True):
+            # the same placeholder ids hold another image's keys and values: cut before it
+            if start < n and (n < end or self.cached_images.get(start) != im.key):
                 n = start
         return n if self.cache is not None else 0
 
@@ -284,7 +292,8 @@ class ChatSession:
             return self.model.locate(p, hint)
         if self._located is None:
             self._located = self.model.locate(p)
-        return self._located
+            return self._located
+        return dataclasses.replace(self._located, layer_tokens=0)  # already paid for
 
     @torch.inference_mode()
     def _rebuild(self, first: list[dict], tools: list[dict] | None) -> None:
@@ -301,7 +310,8 @@ class ChatSession:
         start, end = r.spans[0]
         self.state = PerceptionState(im.source, r.question, None, Prompt(ids, start, end, im.inputs),
                                      im.features, positions, rotary, mask, cache, hidden_k,
-                                     self.budget or (m.config.min_tokens, m.config.max_tokens))
+                                     self.budget or (m.config.min_tokens, m.config.max_tokens),
+                                     layer_tokens=len(r.ids) * m.config.twig_K)
         self.perception_source = "rebuilt"
 
 

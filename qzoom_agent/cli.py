@@ -132,6 +132,43 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_agent(args: argparse.Namespace) -> int:
+    from transformers.utils import logging as hf_logging
+
+    from .agent.chat_model import ChatQZoom
+    from .agent.graph import build_graph
+    from .agent.run import ask_agent, format_trace
+    from .images import load_image
+
+    image = load_image(args.image)  # a bad image fails before the model loads
+    hf_logging.disable_progress_bar()
+    name = args.model or ("zoomworld-tiny-tool" if args.mode == "tool" else "zoomworld-tiny")
+    chat = ChatQZoom.from_pretrained(name, max_new_tokens=args.max_new_tokens)
+    if chat.model.heads is None:
+        raise UsageError(f"{name} has no Q-Zoom heads: neither auto mode nor the zoom tool can run without them")
+    run = ask_agent(build_graph(chat, max_turns=args.max_turns), image, args.question, args.mode)
+    if args.json:
+        print(json.dumps(run.to_json()))
+    else:
+        print(format_trace(run))
+    return 0
+
+
+def _add_agent(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("agent", help="answer through the agent loop (auto: the gate zooms; tool: the policy calls "
+                                     "the zoom tool) and print the trace")
+    p.add_argument("image", help="image file")
+    p.add_argument("question", help="the question")
+    p.add_argument("--mode", choices=("auto", "tool"), default="tool",
+                   help="auto: Q-Zoom's gate splices the RoI in one pass; tool: the policy decides to call zoom")
+    p.add_argument("--model", default=None, help="a model, a Q-Zoom checkpoint or a tool-calling policy (default: "
+                                                 "zoomworld-tiny-tool in tool mode, zoomworld-tiny in auto mode)")
+    p.add_argument("--max-turns", type=_int_at_least(1), default=5, help="policy turns before the loop stops")
+    p.add_argument("--max-new-tokens", type=_int_at_least(1), default=64, help="decoding budget per turn")
+    p.add_argument("--json", action="store_true", help="print the run (answer, trace, costs) as one JSON object")
+    p.set_defaults(func=_cmd_agent)
+
+
 def _cmd_serve_mcp(args: argparse.Namespace) -> int:
     from .agent.image_refs import ImageRefPolicy
 
@@ -309,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="qzoom-agent", description="Q-Zoom adaptive perception for vision-language models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for add in (_add_ask, _add_make_tiny, _add_zoomworld, _add_demo, _add_train, _add_serve_mcp,
+    for add in (_add_ask, _add_agent, _add_make_tiny, _add_zoomworld, _add_demo, _add_train, _add_serve_mcp,
                 add_compare_parser):
         add(sub)
     return parser

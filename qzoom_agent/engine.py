@@ -114,6 +114,7 @@ class DecoderRunner:
         stop_ids: set[int] | None = None,
         stop_strings: tuple[str, ...] = (),
         sampling: Sampling | None = None,
+        on_token: Callable[[int], None] | None = None,
     ) -> Decoding:
         """Decode from the prefill's last logits.
 
@@ -126,6 +127,7 @@ class DecoderRunner:
             stop_ids: ids that end decoding (default: the backbone's end-of-turn ids).
             stop_strings: texts that end decoding once the decoded text (special tokens kept) contains one.
             sampling: temperature / top-p sampling with a seeded generator; None decodes greedily.
+            on_token: called with each token as it is chosen (streaming).
 
         Returns:
             The generated ids (ending with the id that stopped decoding, when one did), the decode steps run (the
@@ -141,6 +143,8 @@ class DecoderRunner:
         while True:
             token = _pick(logits, sampling)
             tokens.append(token)
+            if on_token is not None:
+                on_token(token)
             if token in stops:
                 return Decoding(tokens, steps, "stop_id")
             if stop_strings and any(s in tok.decode(tokens, skip_special_tokens=False) for s in stop_strings):

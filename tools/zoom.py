@@ -101,6 +101,8 @@ def session_zoom(session: ChatSession, hint: str | None = None, *, messages: lis
     """
     if hint is not None and (not isinstance(hint, str) or not hint.strip()):
         hint = None  # an empty hint means "the question", as an absent one
+    had = session.state
+    spent = had.layer_tokens if had is not None else 0
     try:
         p = session.perception(messages, tools)
     except ValueError as err:
@@ -112,5 +114,8 @@ def session_zoom(session: ChatSession, hint: str | None = None, *, messages: lis
     source: BoxSource = "hinted" if hint else ("cached" if session.perception_source == "captured" else "fresh")
     out = zoom_output(p.state.image, located.box, p.gate_score, source, px_per_token=model.adapter.px_per_token,
                       hint=hint)
-    out.artifact.update(perception=session.perception_source, layer_tokens=located.layer_tokens)
+    # what this call cost: the gate the first time, the twig (or a hint's tokens and the twig), and a rebuilt
+    # perception's prefill and image encode when the session had none
+    out.artifact.update(perception=session.perception_source, vision_encodes=int(had is None),
+                        layer_tokens=p.state.layer_tokens - spent + located.layer_tokens)
     return out
