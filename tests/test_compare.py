@@ -23,7 +23,8 @@ from qzoom_agent.tiny import make_tiny  # noqa: E402
 
 SUMMARY_KEYS = {"accuracy", "accuracy_fine", "accuracy_coarse", "latency_s_mean", "visual_tokens_mean",
                 "forward_passes_mean", "tool_calls_mean", "n", "zooms_mean", "roi_coverage_mean", "roi_hit_fine",
-                "accuracy_by_family", "roi_hit_by_family"}
+                "accuracy_by_family", "roi_hit_by_family", "generated_tokens_mean", "vision_encodes_mean",
+                "layer_tokens_mean", "tool_call_rate_fine", "tool_call_rate_coarse"}
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +127,11 @@ def _recompute(records: list[dict], agents: list[str]) -> dict:
             "accuracy_by_family": {f: mean(r["correct"] for r in rows if r["family"] == f)
                                    for f in sorted({r["family"] for r in rows})},
             "roi_hit_by_family": {},
+            "generated_tokens_mean": mean(r["generated_tokens"] for r in rows),
+            "vision_encodes_mean": mean(r["vision_encodes"] for r in rows),
+            "layer_tokens_mean": mean(r["layer_tokens"] for r in rows),
+            "tool_call_rate_fine": mean(r["tool_calls"] > 0 for r in rows if r["kind"] == "fine"),
+            "tool_call_rate_coarse": mean(r["tool_calls"] > 0 for r in rows if r["kind"] == "coarse"),
         }
     return out
 
@@ -222,7 +228,7 @@ def test_seeds_pick_held_out_questions(tiny_model, tmp_path, capsys):
     (["--bench", "foo"], "unknown bench 'foo'"),
     (["--agents", "lowres,bogus"],
      "unknown agent 'bogus'; choose from lowres, highres, oracle, qzoom, qzoom-always, qzoom-never, deepeyes, "
-     "plain@N, qzoom@N, qzoom-always@N, qzoom-never@N, deepeyes@N"),
+     "qzoom-tool, plain@N, qzoom@N, qzoom-always@N, qzoom-never@N, deepeyes@N"),
     (["--agents", "deepeyes@-3"], "deepeyes@TOKENS must be a positive integer"),
     (["--agents", "qzoom@0"], "qzoom@TOKENS must be a positive integer, got 0"),
     (["--agents", "plain@x"], "plain@TOKENS must be a positive integer"),

@@ -33,6 +33,8 @@ class AgentResult:
         zooms: internal Q-Zoom zooms (0 for plain agents).
         gate_score: the Q-Zoom gate score, or None when no gate ran.
         bbox: the zoom box ``[x1, y1, x2, y2]`` in source pixels, or None.
+        vision_encodes: images run through the vision tower, when the agent counts them (else None).
+        layer_tokens: decoder layer-tokens (tokens x layers, Q-Zoom heads included), when counted (else None).
     """
 
     answer: str
@@ -44,13 +46,16 @@ class AgentResult:
     zooms: int = 0
     gate_score: float | None = None
     bbox: list[int] | None = None
+    vision_encodes: int | None = None
+    layer_tokens: int | None = None
 
     @classmethod
     def from_answer(cls, ans: Answer, latency_s: float) -> AgentResult:
         """The result of an agent that answered with one `QZoomModel.answer` call taking ``latency_s``."""
         return cls(answer=ans.text, latency_s=latency_s, visual_tokens=ans.visual_tokens,
                    forward_passes=ans.forward_passes, generated_tokens=ans.generated_tokens, zooms=int(ans.zoomed),
-                   gate_score=ans.gate_score, bbox=ans.bbox.to_json() if ans.bbox else None)
+                   gate_score=ans.gate_score, bbox=ans.bbox.to_json() if ans.bbox else None,
+                   vision_encodes=1 + len(ans.boxes), layer_tokens=ans.layer_tokens)
 
 
 class Agent(Protocol):

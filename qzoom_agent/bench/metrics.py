@@ -52,6 +52,12 @@ def summarize_agent(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "tool_calls_mean": _mean(r.get("tool_calls", 0) for r in records),
         "n": len(records),
         "zooms_mean": _mean(r.get("zooms", 0) for r in records),
+        "generated_tokens_mean": _mean(r["generated_tokens"] for r in records if "generated_tokens" in r),
+        # counted by the agents that report them (older records and some agents do not: then None)
+        "vision_encodes_mean": _mean(r["vision_encodes"] for r in records if r.get("vision_encodes") is not None),
+        "layer_tokens_mean": _mean(r["layer_tokens"] for r in records if r.get("layer_tokens") is not None),
+        "tool_call_rate_fine": _mean(r.get("tool_calls", 0) > 0 for r in fine),
+        "tool_call_rate_coarse": _mean(r.get("tool_calls", 0) > 0 for r in coarse),
         "roi_coverage_mean": None,
         "roi_hit_fine": None,
         "accuracy_by_family": {},

@@ -31,6 +31,7 @@ class AgentContext:
     highres_tokens: int = DEFAULT_HIGHRES_TOKENS
     max_new_tokens: int = 8
     qzoom_tokens: int = DEFAULT_QZOOM_TOKENS
+    policy: str | None = None  # the tool-calling policy of ``qzoom-tool`` (default: the bundled one)
 
 
 QZOOM_MODES = {"qzoom": "auto", "qzoom-always": "always", "qzoom-never": "never"}  # agent name -> answer mode
@@ -46,7 +47,17 @@ FACTORIES: dict[str, Factory] = {
     **{fixed: (lambda ctx, name, mode=mode: QZoomAgent(ctx.model, mode, ctx.qzoom_tokens, name, ctx.max_new_tokens))
        for fixed, mode in QZOOM_MODES.items()},
     "deepeyes": lambda ctx, name: _deepeyes(ctx, name, ctx.qzoom_tokens),
+    "qzoom-tool": lambda ctx, name: _qzoom_tool(ctx, name),
 }
+
+
+def _qzoom_tool(ctx: AgentContext, name: str) -> Agent:
+    from ..model import QZoomModel
+    from .tool_agent import DEFAULT_POLICY, QZoomToolAgent
+
+    policy = ctx.policy or DEFAULT_POLICY
+    model = QZoomModel.from_pretrained(policy, device=ctx.model.adapter.device, dtype=ctx.model.adapter.dtype)
+    return QZoomToolAgent(model, name)
 
 
 def _budget_check(prefix: str) -> Callable[[str], None]:

@@ -216,6 +216,7 @@ def _record(cfg: CompareConfig, s: zoomworld.ZoomWorldSample, name: str, res: Ag
         "latency_s": res.latency_s, "visual_tokens": res.visual_tokens, "forward_passes": res.forward_passes,
         "generated_tokens": res.generated_tokens, "tool_calls": res.tool_calls, "zooms": res.zooms,
         "gate_score": res.gate_score, "bbox": res.bbox, "target_box": target,
+        "vision_encodes": res.vision_encodes, "layer_tokens": res.layer_tokens,
         "iou": boxes.iou(res.bbox, target), "coverage": boxes.coverage(res.bbox, target),
     }
 
