@@ -129,7 +129,23 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         print(f"[{row.kind}] {row.question.splitlines()[0]}")
         print(demo_line(row, with_heads=model.heads is not None))
     print(f"wrote {draw_panels(panels, args.out)}")
+    _demo_agent(args, rows, alphabet)
     return 0
+
+
+def _demo_agent(args: argparse.Namespace, rows: list, alphabet: str) -> None:
+    """The same demo, one question through the agent loop in tool mode, with its trace."""
+    from .agent.run import format_trace
+    from .demo import agent_demo
+    from .policy import is_policy
+
+    policy = args.policy
+    if not rows or not is_policy(policy):
+        print(f"(agent loop skipped: no tool-calling policy {policy!r} in this installation)")
+        return
+    row, run = agent_demo(policy, rows, variant=args.variant, alphabet=alphabet)
+    print(f"\nagent loop, tool mode ({policy}): [{row.kind}] {row.question.splitlines()[0]}  (truth {row.truth!r})")
+    print("\n".join("    " + line for line in format_trace(run).splitlines()))
 
 
 def _cmd_agent(args: argparse.Namespace) -> int:
@@ -189,9 +205,24 @@ def _cmd_serve_mcp(args: argparse.Namespace) -> int:
 
     hf_logging.disable_progress_bar()  # over stdio, stdout carries the protocol: nothing else may be written there
     model = QZoomModel.from_pretrained(args.model)
-    serve(build_server(model, policy), args.transport, args.host or "127.0.0.1", args.port or 8000,
-          max_image_bytes=policy.max_bytes)
+    serve(build_server(model, policy, extra_modes=_tool_mode(args.policy)), args.transport,
+          args.host or "127.0.0.1", args.port or 8000, max_image_bytes=policy.max_bytes)
     return 0
+
+
+def _tool_mode(name: str | None) -> dict:
+    """``ask``'s ``tool`` mode: the agent loop with the tool-calling policy ``name``, when one is installed."""
+    from .policy import is_policy
+
+    if not name or not is_policy(name):
+        return {}
+    from .agent.chat_model import ChatQZoom
+    from .agent.graph import build_graph
+    from .agent.run import ask_agent
+
+    graph = build_graph(ChatQZoom.from_pretrained(name, max_new_tokens=64, max_sessions=1))
+    # the server's lock serialises calls; the loop's own model is the policy, not the server's model
+    return {"tool": lambda _model, image, question: ask_agent(graph, image, question, "tool").to_json()}
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -299,6 +330,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     demo.add_argument("--n", type=_positive, default=4, help="number of questions")
     demo.add_argument("--variant", choices=["hr", "doc"], default="hr")
     demo.add_argument("--out", default="qzoom-demo.png", help="PNG with boxes and RoI heat maps")
+    demo.add_argument("--policy", default="zoomworld-tiny-tool",
+                      help="tool-calling policy that answers one question through the agent loop")
     demo.set_defaults(func=_cmd_demo)
 
 
@@ -330,6 +363,8 @@ def _add_serve_mcp(sub: argparse._SubParsersAction) -> None:
     mcp.add_argument("--port", type=_positive, default=None, help="HTTP port (default 8000)")
     mcp.add_argument("--model", default="zoomworld-tiny", help="model directory or bundled model name (loaded "
                      "before serving)")
+    mcp.add_argument("--policy", default="zoomworld-tiny-tool",
+                     help="tool-calling policy behind ask's mode 'tool' (the agent loop); '' turns that mode off")
     mcp.add_argument("--allow-urls", action="store_true", help="accept file:// URLs under the --allow-dir "
                      "rules (http(s) URLs are refused either way: no remote fetch)")
     mcp.add_argument("--max-bytes", type=_positive, default=None, help="largest encoded image in bytes (default "

@@ -126,3 +126,16 @@ def draw_panels(panels: list, out: str | Path) -> Path:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def agent_demo(policy: str, rows: list[DemoRow], *, variant: str = "hr", alphabet: str = DEFAULT_ALPHABET):
+    """One demo question through the agent loop in tool mode: the first fine question among ``rows`` (else the
+    first), answered by the tool-calling ``policy``. Returns ``(row, run)`` with the `AgentRun` and its trace."""
+    from .agent.chat_model import ChatQZoom
+    from .agent.graph import build_graph
+    from .agent.run import ask_agent
+
+    row = next((r for r in rows if r.kind == "fine"), rows[0])
+    s = zoomworld_sample(variant, "test", row.index, alphabet=alphabet)
+    graph = build_graph(ChatQZoom.from_pretrained(policy, max_new_tokens=64))
+    return row, ask_agent(graph, s.image, s.question, "tool")
