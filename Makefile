@@ -27,7 +27,7 @@ demo: venv
 	$(VENV)/bin/qzoom-agent demo
 
 lint: venv
-	$(PY) -m ruff check qzoom_agent tools rl tests benchmarks research
+	$(PY) -m ruff check qzoom_agent tools rl tests benchmarks research examples
 
 bench: venv
 	$(PY) benchmarks/bench_core_speed.py

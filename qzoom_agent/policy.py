@@ -50,8 +50,9 @@ def resolve_policy_path(name: str | Path) -> Path:
 
 
 def is_policy(name: str | Path) -> bool:
-    """Whether ``name`` names a policy (bundled, or a directory with ``policy.json``)."""
-    return str(name) in BUNDLED_POLICIES or (Path(name).expanduser() / POLICY_CONFIG).is_file()
+    """Whether ``name`` names an installed policy (a bundled one, or a directory with ``policy.json``)."""
+    path = BUNDLED_POLICIES.get(str(name), Path(name).expanduser())
+    return (path / POLICY_CONFIG).is_file()
 
 
 def read_policy(path: Path) -> tuple[PolicyConfig, dict[str, torch.Tensor]]:
