@@ -140,6 +140,10 @@ def _demo_agent(args: argparse.Namespace, rows: list, alphabet: str) -> None:
     from .policy import is_policy
 
     policy = args.policy
+    if args.model != "zoomworld-tiny" and policy == "zoomworld-tiny-tool":
+        print(f"(agent loop skipped: the bundled policy was trained on zoomworld-tiny, not on {args.model}; pass "
+              "--policy for one trained on it)")
+        return
     if not rows or not is_policy(policy):
         print(f"(agent loop skipped: no tool-calling policy {policy!r} in this installation)")
         return
@@ -341,7 +345,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     train.add_argument("stage", choices=["base", "stage1", "stage2", "stage3"], help="what to train")
     train.add_argument("--config", default=DEFAULT_BASE_CONFIG, help="training YAML")
     train.add_argument("--out", required=True, help="run folder; an interrupted run there resumes")
-    train.add_argument("--phase", choices=["1", "2", "3", "4", "all", "export"], default="all",
+    train.add_argument("--phase", choices=["1", "2", "3", "4", "all", "export", "tool-policy"], default="all",
                        help="base only: which phase(s) of the recipe ('all' runs phase 4 when the YAML has a "
                             "'grounding:' section); 'export' ships the latest phase's model as fp16")
     train.add_argument("--to", default=None, help="base export destination (default: the bundled zoomworld-tiny)")
