@@ -100,7 +100,7 @@ class _Rendered:
     ids: list[int]
     images: list[_Image]
     spans: list[tuple[int, int]]  # per image, its token span in ids
-    first_turn_end: int = 0  # tokens of the first user turn's prompt (with the assistant header), 0 if unknown
+    first_turn_only: bool = False  # the prompt is the first user turn (with an image) and its assistant header
     question: str = ""  # the first user turn's text: what the gate and the twig read
 
 
@@ -154,16 +154,13 @@ class ChatSession:
             spans.append((at, at + im.inputs.n_tokens))
             at += im.inputs.n_tokens
         first = _first_turn(messages)
-        end, question = 0, ""
+        question = ""
         if first is not None:
             question = " ".join(p.get("text", "") for p in _parts(first[-1]) if isinstance(p, dict)
                                 and not _is_image(p)).strip() or str(first[-1].get("content") or "")
-        if first is not None and images and first[-1].get("role") == "user":
-            head = a.render_chat(first, tools)
-            head_ids = a.expand_images(a.tokenizer(head, add_special_tokens=False)["input_ids"],
-                                       [images[0].inputs])
-            end = len(head_ids) if ids[: len(head_ids)] == head_ids else 0
-        return _Rendered(ids, images, spans, end, question)
+        # the prompt is the first user turn's alone when that turn is the last message and shows an image
+        first_turn_only = first is not None and len(first) == len(messages) and bool(images)
+        return _Rendered(ids, images, spans, first_turn_only, question)
 
     # ---- prefill and decoding ----------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -238,7 +235,7 @@ class ChatSession:
         mask = m.runner.causal_mask(hidden, self.cache, layer_idx=0)
         vmask = a.image_mask(tail_ids)
         hidden_k = m.runner.run(0, k, hidden, tail_rotary, mask, self.cache, vmask, visual)
-        if reuse == 0 and self.state is None and 0 < r.first_turn_end == len(r.ids):
+        if reuse == 0 and self.state is None and r.first_turn_only:
             self._capture(r, positions, rotary, hidden_k)
         hidden = m.runner.run(k, n_layers, hidden_k, tail_rotary, mask, self.cache, vmask, visual)
         n_new = len(r.ids) - reuse

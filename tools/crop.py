@@ -180,10 +180,15 @@ def crop_for_tool(image: Image.Image, box: Box | tuple[int, int, int, int], *, z
         ToolCallError: a side of at most `MIN_CROP_SIDE` px, or an aspect ratio above `MAX_CROP_ASPECT`.
     """
     box = box.as_tuple() if isinstance(box, Box) else box
-    w, h = box[2] - box[0], box[3] - box[1]
-    check_crop_size(w, h)
-    crop = image.crop(box)
-    if max_pixels is not None:  # no point enlarging past what the encoder will keep
+    check_crop_size(box[2] - box[0], box[3] - box[1])
+    return enlarge(image.crop(box), zoom, max_pixels)
+
+
+def enlarge(crop: Image.Image, zoom: float, max_pixels: float | None = None) -> Image.Image:
+    """``crop`` enlarged ``zoom`` times, but to at most ``max_pixels`` (no point enlarging past what the encoder
+    will keep); returned as is when the scale comes out as 1."""
+    w, h = crop.size
+    if max_pixels is not None:
         zoom = min(zoom, math.sqrt(max_pixels / (w * h)))
     if abs(zoom - 1.0) < 1e-6:
         return crop

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Literal
 from PIL import Image
 
 from ..boxes import Box
-from ..images import resize_to
+from .crop import enlarge
 from .output import ToolOutput
 
 if TYPE_CHECKING:
@@ -35,12 +35,7 @@ def zoom_view(image: Image.Image, box: Box, *, px_per_token: float = 28.0, zoom:
               max_tokens: int = VIEW_TOKENS) -> Image.Image:
     """The image the zoom tool returns: ``box`` cut from the original ``image``, enlarged ``zoom`` times but no
     further than ``max_tokens`` visual tokens of ``px_per_token`` pixels a side would keep."""
-    crop = image.crop(box.as_tuple())
-    w, h = crop.size
-    scale = min(zoom, (max_tokens * px_per_token**2 / (w * h)) ** 0.5)
-    if abs(scale - 1.0) < 1e-6:
-        return crop
-    return resize_to(crop, (max(1, round(w * scale)), max(1, round(h * scale))))
+    return enlarge(image.crop(box.as_tuple()), zoom, max_tokens * px_per_token**2)
 
 
 def zoom_output(image: Image.Image, box: Box | None, gate_score: float | None, source: BoxSource, *,
