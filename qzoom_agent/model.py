@@ -19,15 +19,14 @@ from typing import Literal
 import torch
 
 from . import boxes as box_lib
-from . import roi as roi_lib
-from . import roi_official
-from .backbones import BackboneAdapter, Prompt
+from .backbones import BackboneAdapter
 from .boxes import Cells
 from .config import QZoomConfig
 from .engine import DecoderRunner, Sampling
 from .heads import QZoomHeads
 from .images import load_image
 from .loading import load_backbone, resolve_model_path
+from .locating import twig_regions
 from .perception import Located, PerceptionState, Prefilled
 from .policy import PolicyConfig
 from .query import question_stem
@@ -199,93 +198,6 @@ class QZoomModel:
             return None
         return None if query == question else query
 
-    def _query_pass(self, fp: PerceptionState, query: str) -> tuple[torch.Tensor, tuple, torch.Tensor | None, Prompt]:
-        """Layers < K for the prompt built from ``query`` on the same image, for the twig only.
-
-        The tokens up to the end of the image are the first pass's, so their cache below K is reused (in a new
-        cache: the first pass's must stay as it is for the answer); only the query's own tokens run.
-
-        Returns:
-            ``(hidden_k, rotary, mask, prompt)`` for the query prompt, as in :class:`PerceptionState`.
-        """
-        a, k = self.adapter, self.config.twig_K
-        img = fp.prompt.image
-        prompt = a.build_prompt(img, query, system=fp.system)
-        positions = a.positions(prompt.input_ids, [img])
-        ids, old = prompt.input_ids, fp.prompt.input_ids
-        p = fp.prompt.image_end
-        shared = prompt.image_end == p and ids.shape[1] > p and torch.equal(ids[:, :p], old[:, :p])
-        if not shared:  # a template that puts text before the image: run the query prompt in full
-            hidden_k, rotary, mask, _ = self._below_k(ids, positions, fp.visual)
-            fp.layer_tokens += ids.shape[1] * k
-            return hidden_k, rotary, mask, prompt
-        cache = self.runner.new_cache()  # the shared prefix's keys and values below K, not the question's
-        for i in range(k):
-            layer = fp.cache.layers[i]
-            cache.update(layer.keys[..., :p, :], layer.values[..., :p, :], i)
-        tail_ids = ids[:, p:]
-        tail = a.embed(tail_ids, None)
-        rotary = a.rotary(tail, positions)
-        tail_rotary = (rotary[0][:, p:], rotary[1][:, p:])
-        tail_mask = self.runner.causal_mask(tail, cache, layer_idx=0)
-        tail = self.runner.run(0, k, tail, tail_rotary, tail_mask, cache, a.image_mask(tail_ids), None)
-        fp.layer_tokens += tail_ids.shape[1] * k
-        hidden_k = torch.cat([fp.hidden_k[:, :p], tail], 1)
-        mask = self.runner.causal_mask(hidden_k, self.runner.new_cache())
-        return hidden_k, rotary, mask, prompt
-
-    def _roi(self, fp: PerceptionState, query: str | None = None
-             ) -> tuple[torch.Tensor, list[box_lib.Box], list[Cells]]:
-        """The twig's (gh, gw) logits for ``query`` (default: the question) and the boxes and cells they give."""
-        a, cfg, img = self.adapter, self.config, fp.prompt.image
-        hidden_k, rotary, mask, prompt = (fp.hidden_k, fp.rotary, fp.mask, fp.prompt) if query is None else \
-            self._query_pass(fp, query)
-        states = self.heads.twig_states(hidden_k, rotary, mask)
-        fp.layer_tokens += hidden_k.shape[1] * self.heads.T  # the last twig layer's q/k counted as a layer
-        logits = self.heads.roi_scores(a, states, rotary, prompt.image_start, prompt.image_end, rope=cfg.twig_rope,
-                                       multi_head=cfg.roi_multi_head).reshape(img.grid)
-        if (cfg.roi_mode or "official") == "official":
-            regions = self._official_regions(logits, states, rotary, prompt)
-            return logits, [b for b, _ in regions], [c for _, c in regions]
-        if a.family == "llava":
-            raise ValueError(f"roi_mode {cfg.roi_mode!r} maps boxes on an unpadded view; LLaVA pads its view to a "
-                             "square, so it zooms with SD-RPN's rule (roi_mode 'official')")
-        roi_cfg = roi_lib.RoiConfig(
-            threshold=cfg.roi_threshold,
-            sink_min_tokens=cfg.sink_min_tokens,
-            mode=cfg.roi_mode,
-            peak_ratio=cfg.roi_peak_ratio,
-            min_side_tokens=cfg.roi_min_side_tokens,
-        )
-        sink = None if roi_cfg.mode == "components" else roi_lib.qwen_sink_mask(*img.grid, roi_cfg.sink_min_tokens)
-        boxes = roi_lib.propose_boxes(
-            logits.float().cpu(),  # a few hundred scores: box geometry runs on the CPU, like the sink mask
-            grid=img.grid,
-            resized_size=img.resized_size,
-            source_size=img.source_size,
-            cfg=roi_cfg,
-            sink_mask=sink,
-        )
-        # this project's rules take the cells a box overlaps for its positions
-        return logits, boxes, [box_lib.box_to_cells(b, img.grid, img.resized_size, img.source_size) for b in boxes]
-
-    def _official_regions(self, logits: torch.Tensor, states: torch.Tensor, rotary: tuple, prompt: Prompt
-                          ) -> list[tuple[box_lib.Box, Cells]]:
-        """The released rule of the family (`roi_official`): Qwen2.5-VL's corner-strip sinks, Qwen3-VL's
-        query-based sinks, SD-RPN's components on LLaVA."""
-        a, cfg, img = self.adapter, self.config, prompt.image
-        scores = logits.float().cpu()
-        if a.family == "llava":
-            return roi_official.llava_regions(scores, threshold=cfg.roi_threshold, grid=img.grid,
-                                              image_side=img.resized_size[0], source_size=img.source_size)
-        if a.family == "qwen3_vl":
-            first = self.heads.first_token_scores(a, states, rotary, prompt.image_start, prompt.image_end)
-            keep = roi_official.qwen3_sink_keep(first.reshape(img.grid))
-        else:
-            keep = roi_lib.qwen_sink_mask(*img.grid, cfg.sink_min_tokens)
-        return roi_official.qwen_regions(scores, threshold=cfg.roi_threshold, keep=keep, grid=img.grid,
-                                         resized_size=img.resized_size, source_size=img.source_size)
-
     def _require_heads(self, what: str) -> QZoomHeads:
         if self.heads is None:
             raise ValueError(f"{what} needs Q-Zoom heads; load an adapter (qzoom=...) or use mode='never'")
@@ -368,7 +280,7 @@ class QZoomModel:
         return located
 
     def _locate(self, fp: PerceptionState, query: str | None) -> Located:
-        logits, boxes, cells = self._roi(fp, query)
+        logits, boxes, cells = twig_regions(self, fp, query)
         return Located(logits, boxes, cells, query)
 
     @torch.inference_mode()
