@@ -28,6 +28,7 @@ from tqdm import tqdm
 from qzoom_agent.bench.deepeyes_agent import DeepEyesAgent
 from qzoom_agent.bench.tool_agent import DEFAULT_POLICY, QZoomToolAgent
 from qzoom_agent.config import budget_for
+from qzoom_agent.loading import resolve_model_path, trained_alphabet
 from qzoom_agent.model import QZoomModel
 from qzoom_agent.scoring import is_correct
 from qzoom_agent.zoomworld import sample
@@ -66,10 +67,12 @@ def main() -> None:
     tool = QZoomToolAgent(policy, "tool")
     deepeyes = DeepEyesAgent(base, 576, "deepeyes")
     budget = budget_for(576)
+    # the questions use the characters the model was trained to read (as `compare` does)
+    alphabet = trained_alphabet(resolve_model_path("zoomworld-tiny"))
     records = []
     for variant in args.variants.split(","):
         for i in tqdm(range(args.start, args.start + args.n), desc=variant):
-            s = sample(variant, "test", i)
+            s = sample(variant, "test", i, alphabet=alphabet)
             row = {"variant": variant, "index": i, "kind": s.kind, "family": s.family}
             for name in ("no-zoom", "auto"):
                 t0 = time.perf_counter()

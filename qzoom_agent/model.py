@@ -59,6 +59,7 @@ class QZoomModel:
         self.config = config
         self.runner = DecoderRunner(adapter)
         self.policy: PolicyConfig | None = None  # set when a tool-calling policy delta was applied (`policy.py`)
+        self.path: Path | None = None  # the base model's directory, when loaded from one
 
     # ---- loading -----------------------------------------------------------------------------------------------
     @classmethod
@@ -116,7 +117,7 @@ class QZoomModel:
             logger.warning("the policy trained layers below K=%d: the Q-Zoom heads read shifted states",
                            config.twig_K)
         out = cls(adapter, heads, config)
-        out.policy = policy
+        out.policy, out.path = policy, path
         return out
 
     def init_heads(self) -> QZoomHeads:

@@ -24,7 +24,8 @@ from qzoom_agent.tiny import make_tiny  # noqa: E402
 SUMMARY_KEYS = {"accuracy", "accuracy_fine", "accuracy_coarse", "latency_s_mean", "visual_tokens_mean",
                 "forward_passes_mean", "tool_calls_mean", "n", "zooms_mean", "roi_coverage_mean", "roi_hit_fine",
                 "accuracy_by_family", "roi_hit_by_family", "generated_tokens_mean", "vision_encodes_mean",
-                "layer_tokens_mean", "tool_call_rate_fine", "tool_call_rate_coarse"}
+                "layer_tokens_mean", "tool_call_rate_fine", "tool_call_rate_coarse", "external_calls_mean",
+                "failed_mean"}
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +133,8 @@ def _recompute(records: list[dict], agents: list[str]) -> dict:
             "layer_tokens_mean": mean(r["layer_tokens"] for r in rows),
             "tool_call_rate_fine": mean(r["tool_calls"] > 0 for r in rows if r["kind"] == "fine"),
             "tool_call_rate_coarse": mean(r["tool_calls"] > 0 for r in rows if r["kind"] == "coarse"),
+            "external_calls_mean": mean(r["external_calls"] for r in rows),
+            "failed_mean": mean(r["error"] is not None for r in rows),
         }
     return out
 
@@ -170,9 +173,11 @@ def test_text_output_and_interleaving(tiny_model, tmp_path, capsys):
     stdout = _run(_argv(tiny_model, out, 3, 5), capsys)
     assert stdout.startswith("| agent | n | accuracy | fine | coarse |") and "| highres | 3 |" in stdout
     records = _lines(out)
-    assert [r["agent"] for r in records] == ["lowres", "highres"] * 3
     indices = question_indices(5, 3)
     assert [r["index"] for r in records] == [i for i in indices for _ in range(2)]
+    # both agents answer each question before the next; who goes first rotates with the question
+    firsts = [records[2 * q]["agent"] for q in range(3)]
+    assert firsts == [["lowres", "highres"][i % 2] for i in indices]
     assert not (out / "accuracy_by_budget.png").exists()  # no budget sweep
 
 
@@ -228,7 +233,8 @@ def test_seeds_pick_held_out_questions(tiny_model, tmp_path, capsys):
     (["--bench", "foo"], "unknown bench 'foo'"),
     (["--agents", "lowres,bogus"],
      "unknown agent 'bogus'; choose from lowres, highres, oracle, qzoom, qzoom-always, qzoom-never, deepeyes, "
-     "qzoom-tool, plain@N, qzoom@N, qzoom-always@N, qzoom-never@N, deepeyes@N"),
+     "deepeyes-cached, qzoom-tool, vicrop, zoomeye, plain@N, qzoom@N, qzoom-always@N, qzoom-never@N, deepeyes@N, "
+     "deepeyes-cached@N, crop@DIALECT"),
     (["--agents", "deepeyes@-3"], "deepeyes@TOKENS must be a positive integer"),
     (["--agents", "qzoom@0"], "qzoom@TOKENS must be a positive integer, got 0"),
     (["--agents", "plain@x"], "plain@TOKENS must be a positive integer"),

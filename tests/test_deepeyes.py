@@ -21,6 +21,7 @@ from qzoom_agent.tools.deepeyes import (
 
 from qzoom_agent.backbones.qwen2_5_vl import Qwen2_5_VLAdapter
 from qzoom_agent.bench import registry
+from qzoom_agent.bench.crop_agent import ExternalCropAgent
 from qzoom_agent.bench.deepeyes_agent import TOOL_ZOOM, DeepEyesAgent, policy_messages
 from qzoom_agent.model import QZoomModel
 from qzoom_agent.recipes.zoomworld_tiny.joint_eval import inference_model
@@ -99,14 +100,19 @@ def test_agent_loop_zooms_through_the_tool_then_answers(tiny_model, monkeypatch)
     x1, y1, x2, y2 = s.target_box
     pad = 40
     call_box = (int((x1 - pad) * sx), int((y1 - pad) * sy), int((x2 + pad) * sx) + 1, int((y2 + pad) * sy) + 1)
-    script = [("<tool_call>\n{bad}\n</tool_call>", "{bad}"), (format_zoom_call(call_box), ""), ("42<|im_end|>", "42")]
+    script = ["<tool_call>\n{bad}\n</tool_call>", format_zoom_call(call_box), "42<|im_end|>"]
     seen: list[tuple[int, int]] = []
 
-    def scripted(question, turns, images):
-        seen.append((len(turns), len(images)))
-        return *script[len(seen) - 1], 5
+    def scripted(session, ep):  # the policy's turns, scripted; each "costs" 5 tokens and re-encodes its images
+        seen.append((sum(m["role"] == "tool" for m in ep.messages), len(ep.images)))
+        rendered = session.render(ep.messages)
+        ep.costs.visual_tokens += sum(im.inputs.n_tokens for im in rendered.images)
+        ep.costs.forward_passes += 5
+        ep.costs.generated_tokens += 5
+        said = script[len(seen) - 1]
+        return said, said.split("<|im_end|>")[0]
 
-    monkeypatch.setattr(agent, "_generate", scripted)
+    monkeypatch.setattr(agent, "_turn_stock", scripted)
     res = agent.run(s.image, s.question)
     assert res.answer == "42" and res.tool_calls == 2 and res.forward_passes == res.generated_tokens == 15
     assert seen == [(0, 1), (1, 1), (2, 2)]  # the refused call added no image; the zoom added its crop
@@ -119,7 +125,7 @@ def test_agent_runs_the_real_model_and_is_registered(tiny_model):
     s = generate("doc", 3_000_000_011, alphabet="0123456789", size_range=(1024, 1536))
     ctx = registry.AgentContext(model=tiny_model)
     agent = registry.make_agent("deepeyes@64", ctx)
-    assert isinstance(agent, DeepEyesAgent) and registry.agent_tokens("deepeyes@64", {}) == 64
+    assert isinstance(agent, ExternalCropAgent) and registry.agent_tokens("deepeyes@64", {}) == 64
     agent.max_new_tokens = 4
     res = agent.run(s.image, s.question)
     assert res.forward_passes >= 1 and res.visual_tokens >= 1 and isinstance(res.answer, str)

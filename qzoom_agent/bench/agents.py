@@ -29,12 +29,14 @@ class AgentResult:
         visual_tokens: visual tokens processed, over all views and calls.
         forward_passes: prefills plus decode steps, over all model calls.
         generated_tokens: tokens generated, over all model calls.
-        tool_calls: external crop/zoom tool calls (0 for agents without tools).
+        tool_calls: tool calls the policy wrote, any tool, refused ones included (0 for agents without tools).
         zooms: internal Q-Zoom zooms (0 for plain agents).
+        external_calls: calls of an external crop tool (a box written as text); an internal zoom is not one.
         gate_score: the Q-Zoom gate score, or None when no gate ran.
         bbox: the zoom box ``[x1, y1, x2, y2]`` in source pixels, or None.
         vision_encodes: images run through the vision tower, when the agent counts them (else None).
         layer_tokens: decoder layer-tokens (tokens x layers, Q-Zoom heads included), when counted (else None).
+        trace: per step of a multi-step agent, what it did (turn text, call, box, error), else None.
     """
 
     answer: str
@@ -48,6 +50,8 @@ class AgentResult:
     bbox: list[int] | None = None
     vision_encodes: int | None = None
     layer_tokens: int | None = None
+    external_calls: int = 0
+    trace: list[dict] | None = None
 
     @classmethod
     def from_answer(cls, ans: Answer, latency_s: float) -> AgentResult:

@@ -1,34 +1,22 @@
-"""The external-crop baseline: a DeepEyes-style tool loop around a plain VLM policy.
+"""The DeepEyes-style external-crop agent as the bundled ZoomWorld policies were trained to run it.
 
-Each turn re-renders the whole conversation and calls the stock HF ``generate`` (no cache is carried between
-turns, as in the DeepEyes harness), stopping at ``</tool_call>`` or the end of the turn. A zoom call is mapped
-from the policy's coordinate frame to the original image (`tools.deepeyes.to_source_box`), the region is cropped,
-enlarged like the oracle view (`tool_response_view`), and returned as a ``<tool_response>`` image turn; a call the
-harness refuses returns its error text instead. The loop stops at the first turn without a call, or after
-`MAX_TURNS` turns. Costs count every turn: visual tokens are re-encoded each time.
+`crop_agent.ExternalCropAgent` runs every dialect; this module keeps the conventions our ZoomWorld recipe trained
+the bundled model's grounding phase on (`recipes.zoomworld_tiny.grounding_data` renders its conversations with
+`policy_messages`): the short system prompt `POLICY_SYSTEM`, no tool listing, the crop returned alone in the tool
+turn (no reference instruction text), enlarged `TOOL_ZOOM` times up to `TOOL_TOKENS` tokens, because the bundled
+model reads glyphs only when they are enlarged. `DeepEyesAgent` is the DeepEyes dialect with those settings;
+``deepeyes_preset`` chooses them for a model trained by that recipe and DeepEyes' reference settings otherwise.
 """
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING, Any
 
-import torch
 from PIL import Image
 
-from ..backbones import ImageInputs
-from ..config import budget_for
-from ..images import load_image
-from ..tools.deepeyes import (
-    MAX_TURNS,
-    Frame,
-    ToolCallError,
-    crop_for_tool,
-    parse_zoom_call,
-    to_source_box,
-    zoom_tool_schema,
-)
-from .agents import AgentResult
+from ..tools.deepeyes import MAX_TURNS, crop_for_tool
+from ..tools.dialects import get_dialect
+from .crop_agent import ExternalCropAgent
 from .oracle import ORACLE_TOKENS, ORACLE_ZOOM
 
 if TYPE_CHECKING:
@@ -61,85 +49,55 @@ def policy_messages(question: str, turns: list[tuple[str, str | None]] | None = 
     return messages
 
 
-class DeepEyesAgent:
-    """A plain VLM run as a DeepEyes-style external-crop tool agent.
+def trained_on_zoomworld(model: QZoomModel) -> bool:
+    """Whether ``model`` was trained by our ZoomWorld recipe (its directory holds ``zoomworld.json``), and so expects
+    the conventions of `policy_messages` rather than DeepEyes' reference prompt."""
+    from ..loading import trained_alphabet
+
+    path = getattr(model, "path", None)
+    return path is not None and trained_alphabet(path) is not None
+
+
+def trained_settings() -> dict[str, Any]:
+    """How our ZoomWorld recipes train DeepEyes-format policies to be run (`policy_messages`): image-only tool
+    turns (the chat template wraps them), no appended instruction, crops enlarged `TOOL_ZOOM` times up to
+    `TOOL_TOKENS` tokens; the system prompt is the caller's."""
+    return {"dialect": get_dialect("deepeyes", zoom=TOOL_ZOOM, max_pixels=TOOL_TOKENS * 28 * 28, reply_text=False),
+            "instruction": False, "reply_role": "tool", "tool_tokens": (4, TOOL_TOKENS)}
+
+
+def deepeyes_preset(model: QZoomModel) -> dict[str, Any]:
+    """`ExternalCropAgent` keyword arguments for the DeepEyes dialect on ``model``.
+
+    * a policy delta (`policy.py`, e.g. the bundled ``zoomworld-tiny-deepeyes``): the prompt it records (system
+      prompt, tool listing), image-only tool turns, crops enlarged as in its training;
+    * another model trained by our ZoomWorld recipe (phase 4): `POLICY_SYSTEM`, image-only tool turns, enlarged crops;
+    * any other model (a DeepEyes checkpoint): DeepEyes' reference prompt, instruction, reply text and crop sizes.
+    """
+    trained = trained_settings()
+    if model.policy is not None:
+        return {**trained, "system": model.policy.system or "", "list_tools": model.policy.list_tools}
+    if trained_on_zoomworld(model):
+        return {**trained, "system": POLICY_SYSTEM}
+    return {"dialect": get_dialect("deepeyes")}
+
+
+class DeepEyesAgent(ExternalCropAgent):
+    """DeepEyes' dialect run with the conventions the bundled ZoomWorld policies were trained on.
 
     Args:
-        model: the loaded model (its heads, if any, are not used).
-        tokens: max visual tokens of the global view; min is ``min(256, tokens)``.
+        model: the policy.
+        tokens: max visual tokens of the global view.
         name: the agent's name in results.
-        frame: the policy's box frame ("absolute" for Qwen2.5-VL policies such as zoomworld-tiny).
+        cached: continue the KV cache across turns (``deepeyes-cached``) instead of re-running every turn.
         max_new_tokens: decoding budget per turn (a call is about 80 characters for a character tokenizer).
-        max_turns: assistant turns before the loop gives up.
-        system: the system prompt; `POLICY_SYSTEM` is what phase 4 trained zoomworld-tiny on.
-        list_tools: also pass the tool's schema to the chat template (``tools=[...]``), as policies trained
-            with a tool listing (DeepEyes on Qwen2.5-VL) expect; off for zoomworld-tiny, which never saw one.
+        max_turns: assistant turns before the loop gives up (DeepEyes' 5).
+        system: the system prompt; `POLICY_SYSTEM` is what the grounding phase trained zoomworld-tiny on.
+        list_tools: also list the tool's schema in the system turn, as policies trained with a listing expect.
     """
 
-    def __init__(self, model: QZoomModel, tokens: int, name: str, *, frame: Frame = "absolute",
+    def __init__(self, model: QZoomModel, tokens: int, name: str, *, cached: bool = False,
                  max_new_tokens: int = 96, max_turns: int = MAX_TURNS, system: str = POLICY_SYSTEM,
                  list_tools: bool = False) -> None:
-        self.model = model
-        self.budget = budget_for(tokens)
-        self.name = name
-        self.frame = frame
-        self.max_new_tokens = max_new_tokens
-        self.max_turns = max_turns
-        self.system = system
-        self.tools = [zoom_tool_schema()] if list_tools else None
-        vocab = model.adapter.tokenizer.get_vocab()
-        # a call ends the turn at its closing tag, as in the DeepEyes harness (when the vocabulary has one)
-        self.stop_ids = sorted({*model.adapter.eos_token_ids, *(vocab[t] for t in ("</tool_call>",) if t in vocab)})
-
-    def _generate(self, question: str, turns: list[tuple[str, str | None]],
-                  images: list[ImageInputs]) -> tuple[str, str, int]:
-        """One policy turn: its raw text (special tokens kept, for the call parser), its text without special
-        tokens (the answer, when there is no call), and the number of tokens generated."""
-        adapter = self.model.adapter
-        text = adapter.tokenizer.apply_chat_template(policy_messages(question, turns, system=self.system),
-                                                     tools=self.tools, tokenize=False, add_generation_prompt=True)
-        ids = adapter.expand_images(adapter.tokenizer(text, add_special_tokens=False)["input_ids"], images)
-        inputs = adapter.hf_inputs(torch.tensor([ids], device=adapter.device), images)
-        with torch.inference_mode():
-            out = adapter.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
-                                         eos_token_id=self.stop_ids, pad_token_id=adapter.tokenizer.pad_token_id)
-        new = out[0, len(ids):]
-        raw = adapter.tokenizer.decode(new, skip_special_tokens=False)
-        return raw, adapter.tokenizer.decode(new, skip_special_tokens=True), int(new.shape[0])
-
-    def run(self, image: Any, question: str) -> AgentResult:
-        """Answer ``question`` about ``image``, zooming through the tool as the policy asks."""
-        t0 = time.perf_counter()
-        adapter = self.model.adapter
-        source = load_image(image)
-        view = adapter.prepare_image(source, min_tokens=self.budget[0], max_tokens=self.budget[1])
-        images, turns = [view], []
-        visual = passes = generated = calls = 0
-        answer, bbox = "", None
-        for _ in range(self.max_turns):
-            said, plain, n_new = self._generate(question, turns, images)
-            visual += sum(im.n_tokens for im in images)
-            passes += n_new  # one prefill and n_new - 1 decode steps
-            generated += n_new
-            said = said.split("<|im_end|>")[0]
-            try:
-                call = parse_zoom_call(said)
-            except ToolCallError as err:
-                calls += 1
-                turns.append((said, f"Error: {err}"))
-                continue
-            if call is None:
-                answer = plain.strip()
-                break
-            calls += 1
-            try:
-                box = to_source_box(call.bbox, self.frame, view.resized_size, view.source_size)
-                crop = tool_response_view(source, box)
-            except ToolCallError as err:
-                turns.append((said, f"Error: {err}"))
-                continue
-            bbox = bbox or list(box)  # the first successful zoom is the one scored against the target
-            images.append(adapter.prepare_image(crop, min_tokens=4, max_tokens=TOOL_TOKENS))
-            turns.append((said, None))
-        return AgentResult(answer=answer, latency_s=time.perf_counter() - t0, visual_tokens=visual,
-                           forward_passes=passes, generated_tokens=generated, tool_calls=calls, bbox=bbox)
+        super().__init__(model, tokens, name, cached=cached, system=system, list_tools=list_tools,
+                         max_new_tokens=max_new_tokens, max_turns=max_turns, **trained_settings())

@@ -52,6 +52,8 @@ def summarize_agent(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "tool_calls_mean": _mean(r.get("tool_calls", 0) for r in records),
         "n": len(records),
         "zooms_mean": _mean(r.get("zooms", 0) for r in records),
+        "external_calls_mean": _mean(r.get("external_calls", 0) for r in records),
+        "failed_mean": _mean(r.get("error") is not None for r in records),
         "generated_tokens_mean": _mean(r["generated_tokens"] for r in records if "generated_tokens" in r),
         # counted by the agents that report them (older records and some agents do not: then None)
         "vision_encodes_mean": _mean(r["vision_encodes"] for r in records if r.get("vision_encodes") is not None),

@@ -7,12 +7,11 @@ New agents are added by writing a class with ``name`` and ``run`` (`agents.Agent
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ..checks import int_at_least
 from .agents import Agent, OracleAgent, PlainAgent, QZoomAgent
-from .deepeyes_agent import DeepEyesAgent
 
 if TYPE_CHECKING:
     from ..model import QZoomModel
@@ -20,6 +19,7 @@ if TYPE_CHECKING:
 DEFAULT_LOWRES_TOKENS = 256
 DEFAULT_HIGHRES_TOKENS = 4096
 DEFAULT_QZOOM_TOKENS = 576  # global view of the Q-Zoom agents
+BUNDLED_CROP_POLICY = "zoomworld-tiny-deepeyes"  # the bundled base trained as a DeepEyes-format policy
 
 
 @dataclass
@@ -32,6 +32,17 @@ class AgentContext:
     max_new_tokens: int = 8
     qzoom_tokens: int = DEFAULT_QZOOM_TOKENS
     policy: str | None = None  # the tool-calling policy of ``qzoom-tool`` (default: the bundled one)
+    crop_policy: str | None = None  # the external-crop policy of ``deepeyes*`` (default: see `crop_policy_for`)
+    loaded: dict = field(default_factory=dict)  # policy models by name, loaded once and shared between agents
+
+    def load(self, name: str) -> QZoomModel:
+        """The model or policy ``name`` on the run's device, loaded once per run."""
+        from ..model import QZoomModel
+
+        if name not in self.loaded:
+            a = self.model.adapter
+            self.loaded[name] = QZoomModel.from_pretrained(name, device=a.device, dtype=a.dtype)
+        return self.loaded[name]
 
 
 QZOOM_MODES = {"qzoom": "auto", "qzoom-always": "always", "qzoom-never": "never"}  # agent name -> answer mode
@@ -47,17 +58,30 @@ FACTORIES: dict[str, Factory] = {
     **{fixed: (lambda ctx, name, mode=mode: QZoomAgent(ctx.model, mode, ctx.qzoom_tokens, name, ctx.max_new_tokens))
        for fixed, mode in QZOOM_MODES.items()},
     "deepeyes": lambda ctx, name: _deepeyes(ctx, name, ctx.qzoom_tokens),
+    "deepeyes-cached": lambda ctx, name: _deepeyes(ctx, name, ctx.qzoom_tokens, cached=True),
     "qzoom-tool": lambda ctx, name: _qzoom_tool(ctx, name),
+    "vicrop": lambda ctx, name: _vicrop(ctx, name),
+    "zoomeye": lambda ctx, name: _zoomeye(ctx, name),
 }
 
 
 def _qzoom_tool(ctx: AgentContext, name: str) -> Agent:
-    from ..model import QZoomModel
     from .tool_agent import DEFAULT_POLICY, QZoomToolAgent
 
-    policy = ctx.policy or DEFAULT_POLICY
-    model = QZoomModel.from_pretrained(policy, device=ctx.model.adapter.device, dtype=ctx.model.adapter.dtype)
-    return QZoomToolAgent(model, name)
+    return QZoomToolAgent(ctx.load(ctx.policy or DEFAULT_POLICY), name)
+
+
+def crop_policy_for(ctx: AgentContext) -> str | None:
+    """The external-crop policy the ``deepeyes*`` agents run: ``ctx.crop_policy`` when given, else the bundled
+    ``zoomworld-tiny-deepeyes`` when the run's model is the bundled base it was trained from, else None (the run's
+    model itself is the policy, e.g. a DeepEyes checkpoint given by path)."""
+    from ..loading import resolve_model_path
+    from ..policy import is_policy
+
+    if ctx.crop_policy:
+        return ctx.crop_policy
+    bundled = ctx.model.path is not None and ctx.model.path.resolve() == resolve_model_path("zoomworld-tiny").resolve()
+    return BUNDLED_CROP_POLICY if bundled and is_policy(BUNDLED_CROP_POLICY) else None
 
 
 def _budget_check(prefix: str) -> Callable[[str], None]:
@@ -67,8 +91,38 @@ def _budget_check(prefix: str) -> Callable[[str], None]:
     return check
 
 
-def _deepeyes(ctx: AgentContext, name: str, tokens: int) -> Agent:
-    return DeepEyesAgent(ctx.model, tokens, name)
+def _deepeyes(ctx: AgentContext, name: str, tokens: int, *, cached: bool = False) -> Agent:
+    from .crop_agent import ExternalCropAgent
+    from .deepeyes_agent import deepeyes_preset
+
+    policy = crop_policy_for(ctx)
+    model = ctx.load(policy) if policy else ctx.model
+    return ExternalCropAgent(model, tokens, name, cached=cached, **deepeyes_preset(model))
+
+
+def _crop(ctx: AgentContext, name: str, dialect: str) -> Agent:
+    from .crop_agent import ExternalCropAgent
+
+    return ExternalCropAgent(ctx.model, ctx.qzoom_tokens, name, dialect=dialect, list_tools=True)
+
+
+def _check_dialect(arg: str) -> None:
+    from ..tools.dialects import DIALECTS
+
+    if arg not in DIALECTS:
+        raise ValueError(f"unknown dialect in crop@{arg}; choose from {', '.join(DIALECTS)}")
+
+
+def _vicrop(ctx: AgentContext, name: str) -> Agent:
+    from .vicrop_agent import ViCropAgent
+
+    return ViCropAgent(ctx.model, ctx.qzoom_tokens, name, max_new_tokens=ctx.max_new_tokens)
+
+
+def _zoomeye(ctx: AgentContext, name: str) -> Agent:
+    from .zoomeye_agent import ZoomEyeAgent
+
+    return ZoomEyeAgent(ctx.model, ctx.qzoom_tokens, name, max_new_tokens=ctx.max_new_tokens)
 
 
 def _qzoom_factory(mode: str) -> ParamFactory:
@@ -82,6 +136,10 @@ PARAM_FACTORIES: dict[str, tuple[Callable[[str], None], ParamFactory]] = {
               lambda ctx, name, arg: PlainAgent(ctx.model, int(arg), name, ctx.max_new_tokens)),
     **{prefix: (_budget_check(prefix), _qzoom_factory(mode)) for prefix, mode in QZOOM_MODES.items()},
     "deepeyes": (_budget_check("deepeyes"), lambda ctx, name, arg: _deepeyes(ctx, name, int(arg))),
+    "deepeyes-cached": (_budget_check("deepeyes-cached"),
+                        lambda ctx, name, arg: _deepeyes(ctx, name, int(arg), cached=True)),
+    # an external-crop agent in any dialect with its reference prompt, e.g. crop@minio3 (policies by --model)
+    "crop": (_check_dialect, lambda ctx, name, arg: _crop(ctx, name, arg)),
 }
 
 
@@ -98,15 +156,15 @@ def agent_tokens(name: str, ctx_tokens: dict[str, int]) -> int | None:
     """
     prefix, sep, arg = name.partition("@")
     if sep and prefix in PARAM_FACTORIES:
-        return int(arg)
-    if name in QZOOM_MODES or name == "deepeyes":
+        return int(arg) if arg.isdigit() else ctx_tokens.get("qzoom")
+    if name in QZOOM_MODES or name in ("deepeyes", "deepeyes-cached", "qzoom-tool", "vicrop", "zoomeye"):
         return ctx_tokens.get("qzoom")
     return ctx_tokens.get(name)
 
 
 def known_agents() -> list[str]:
     """Agent names and name patterns, for error messages."""
-    return [*FACTORIES, *(f"{prefix}@N" for prefix in PARAM_FACTORIES)]
+    return [*FACTORIES, *(f"{prefix}@{'DIALECT' if prefix == 'crop' else 'N'}" for prefix in PARAM_FACTORIES)]
 
 
 def check_agent_name(name: str) -> None:

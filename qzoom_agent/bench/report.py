@@ -1,4 +1,5 @@
-"""Reports of a comparison run: the markdown summary table and the accuracy-by-budget plot."""
+"""Reports of a comparison run: the markdown summary table and the plots (accuracy by budget, accuracy against
+throughput and latency, tool calls per question)."""
 
 from __future__ import annotations
 
@@ -16,10 +17,13 @@ _COLUMNS = (
     ("fine", "accuracy_fine"),
     ("coarse", "accuracy_coarse"),
     ("latency_s mean", "latency_s_mean"),
-    ("visual tokens mean", "visual_tokens_mean"),
-    ("forward passes mean", "forward_passes_mean"),
-    ("tool calls mean", "tool_calls_mean"),
-    ("zooms mean", "zooms_mean"),
+    ("external calls", "external_calls_mean"),
+    ("zooms", "zooms_mean"),
+    ("forward passes", "forward_passes_mean"),
+    ("layer-tokens", "layer_tokens_mean"),
+    ("vision encodes", "vision_encodes_mean"),
+    ("visual tokens", "visual_tokens_mean"),
+    ("generated tokens", "generated_tokens_mean"),
     ("RoI hit (fine)", "roi_hit_fine"),
 )
 
@@ -33,20 +37,23 @@ def _cell(key: str, value: Any) -> str:
         return f"{value:.3f}"
     if key == "latency_s_mean":
         return f"{value:.4f}"
-    if key == "zooms_mean":
+    if key in ("zooms_mean", "external_calls_mean", "vision_encodes_mean"):
         return f"{value:.2f}"
+    if key == "layer_tokens_mean":
+        return f"{value:,.0f}"
     return f"{value:.1f}"
 
 
 def markdown_table(summary: Mapping[str, Any]) -> str:
-    """The summary ``{"agents": {...}}`` as a markdown table, one row per agent; accuracies are fractions.
+    """The summary ``{"agents": {...}}`` as a markdown table, one row per agent; accuracies are fractions, every
+    cost a mean per question ("-" where an agent does not count it).
 
     Examples:
         >>> s = {"agents": {"lowres": {"n": 2, "accuracy": 0.5, "accuracy_fine": 0.0, "accuracy_coarse": 1.0,
         ...      "latency_s_mean": 0.01, "visual_tokens_mean": 256, "forward_passes_mean": 5,
-        ...      "tool_calls_mean": 0}}}
+        ...      "external_calls_mean": 0, "layer_tokens_mean": 12345.0}}}
         >>> print(markdown_table(s).splitlines()[2])
-        | lowres | 2 | 0.500 | 0.000 | 1.000 | 0.0100 | 256.0 | 5.0 | 0.0 | - | - |
+        | lowres | 2 | 0.500 | 0.000 | 1.000 | 0.0100 | 0.00 | - | 5.0 | 12,345 | - | 256.0 | - | - |
     """
     header = "| " + " | ".join(title for title, _ in _COLUMNS) + " |"
     rule = "|" + "|".join("---" if key is None else "---:" for _, key in _COLUMNS) + "|"
@@ -277,3 +284,54 @@ def plot_pareto(summary: Mapping[str, Any], path: str | Path, title: str = "", k
     ax.set_xlabel("throughput (questions/s, batch 1, log scale)")
     ax.set_ylabel(key.replace("_", " "))
     return _finish(ax, title or f"{key.replace('_', ' ')} against throughput", path)
+
+
+def plot_accuracy_latency(summary: Mapping[str, Any], path: str | Path, title: str = "",
+                          key: str = "accuracy") -> Path | None:
+    """One point per agent: ``key`` against mean latency per question (log axis); the better corner is top left.
+
+    Returns:
+        The path, or None when fewer than two agents have both figures (nothing is written).
+    """
+    points = [(name, st["latency_s_mean"], st[key]) for name, st in summary["agents"].items()
+              if st.get(key) is not None and (st.get("latency_s_mean") or 0) > 0]
+    if len(points) < 2:
+        return None
+    ax = _axes((6.5, 4.5))
+    for name, x, y in points:
+        external = (summary["agents"][name].get("external_calls_mean") or 0) > 0
+        ax.plot([x], [y], marker="^" if external else "*" if name.startswith("qzoom") else "o", linestyle="",
+                markersize=9, label=name)
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("mean latency per question (s, batch 1, log scale)")
+    ax.set_ylabel(key.replace("_", " "))
+    return _finish(ax, title or f"{key.replace('_', ' ')} against latency", path)
+
+
+def plot_tool_calls(records: list[Mapping[str, Any]], agents: list[str], path: str | Path,
+                    title: str = "") -> Path | None:
+    """The distribution of tool calls (external calls, or internal zooms for Q-Zoom agents) per question: one group
+    of bars per count, one bar per agent that made any.
+
+    Returns:
+        The path, or None when no agent made a call or a zoom (nothing is written).
+    """
+    def calls(r: Mapping[str, Any]) -> int:
+        return int(r.get("tool_calls") or 0) or int(r.get("zooms") or 0)
+
+    per_agent = {a: [calls(r) for r in records if r["agent"] == a] for a in agents}
+    per_agent = {a: v for a, v in per_agent.items() if v and any(v)}
+    if not per_agent:
+        return None
+    top = max(max(v) for v in per_agent.values())
+    ax = _axes((6.5, 4.0))
+    width = 0.8 / len(per_agent)
+    for i, (name, values) in enumerate(per_agent.items()):
+        shares = [values.count(k) / len(values) for k in range(top + 1)]
+        ax.bar([k - 0.4 + width * (i + 0.5) for k in range(top + 1)], shares, width=width, label=name)
+    ax.set_xticks(range(top + 1))
+    ax.set_xlabel("tool calls (or internal zooms) per question")
+    ax.set_ylabel("share of questions")
+    return _finish(ax, title or "Tool calls per question", path)

@@ -5,7 +5,12 @@ size of ZoomWorld's TEST split, so every seed gives held-out questions and the s
 (a larger N with the same seed extends the list: the first N' indices are the same).
 
 Timing: batch size 1; one unrecorded warm-up question per agent (from the val split); then, for each question,
-every agent in turn before the next question, so machine drift cancels and costs are compared side by side.
+every agent in turn before the next question, so machine drift cancels and costs are compared side by side. The
+order of the agents rotates by one each question, so no agent always runs first (after another's allocations) or
+last.
+
+Robustness: an agent that raises on a question (a bug, never a policy's bad output, which agents turn into trace
+entries) does not stop the run: the record keeps the error, scores the answer wrong, and the run goes on.
 
 Output in ``--out DIR``:
     results.jsonl  one line per (question, agent), written and flushed as it goes; an interrupted run resumes,
@@ -14,6 +19,9 @@ Output in ``--out DIR``:
                    is refused.
     summary.json, summary.md  per-agent accuracy and mean costs, recomputed from all of results.jsonl.
     accuracy_by_budget.png    fine/coarse accuracy against the token budget, when two or more plain@B agents ran.
+    pareto.png, pareto_fine.png  accuracy against throughput for plain@N, qzoom@N and deepeyes@N agents.
+    accuracy_latency.png      accuracy against mean latency, one point per agent.
+    tool_calls.png            the distribution of tool calls (or internal zooms) per question, per agent.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import json
 import logging
 import random
 import sys
+import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -41,6 +50,7 @@ WARMUP_SPLIT, WARMUP_INDEX = "val", 0
 RESULTS, RUN, SUMMARY_JSON, SUMMARY_MD, PLOT = (
     "results.jsonl", "run.json", "summary.json", "summary.md", "accuracy_by_budget.png")
 PARETO, PARETO_FINE = "pareto.png", "pareto_fine.png"  # accuracy against throughput, plain@N and qzoom@N
+ACC_LATENCY, TOOL_CALLS = "accuracy_latency.png", "tool_calls.png"  # one point per agent; calls per question
 IDENTITY_KEYS = ("bench", "agents", "seed", "n", "model", "lowres_tokens", "highres_tokens", "max_new_tokens",
                  "alphabet", "qzoom_tokens")
 
@@ -207,7 +217,8 @@ def load_results(path: Path) -> list[dict[str, Any]]:
 
 
 # ---- running ---------------------------------------------------------------------------------------------------
-def _record(cfg: CompareConfig, s: zoomworld.ZoomWorldSample, name: str, res: AgentResult) -> dict:
+def _record(cfg: CompareConfig, s: zoomworld.ZoomWorldSample, name: str, res: AgentResult,
+            error: str | None = None) -> dict:
     target = list(s.target_box) if s.target_box is not None else None
     return {
         "index": s.index, "seed": s.seed, "run_seed": cfg.seed, "split": s.split, "variant": s.variant,
@@ -216,8 +227,9 @@ def _record(cfg: CompareConfig, s: zoomworld.ZoomWorldSample, name: str, res: Ag
         "latency_s": res.latency_s, "visual_tokens": res.visual_tokens, "forward_passes": res.forward_passes,
         "generated_tokens": res.generated_tokens, "tool_calls": res.tool_calls, "zooms": res.zooms,
         "gate_score": res.gate_score, "bbox": res.bbox, "target_box": target,
-        "vision_encodes": res.vision_encodes, "layer_tokens": res.layer_tokens,
+        "vision_encodes": res.vision_encodes, "layer_tokens": res.layer_tokens, "external_calls": res.external_calls,
         "iou": boxes.iou(res.bbox, target), "coverage": boxes.coverage(res.bbox, target),
+        "trace": res.trace, "error": error,
     }
 
 
@@ -248,17 +260,29 @@ def _run_pending(cfg: CompareConfig, pending: list[tuple[int, list[str]]], path:
     runners = {name: registry.make_agent(name, ctx) for name in names}
     warm = zoomworld.sample(cfg.variant, WARMUP_SPLIT, WARMUP_INDEX, alphabet=cfg.alphabet)
     for agent in runners.values():
-        agent.run(warm.image, warm.question, **_extra(agent, warm))  # warm-up: not recorded
+        _run_one(agent, warm)  # warm-up: not recorded (a failure is logged)
     done = cfg.n - len(pending)
     with path.open("a", encoding="utf-8") as fh, tqdm(total=cfg.n, initial=done, unit="q", file=sys.stderr,
                                                       desc=f"compare {cfg.bench}", disable=None) as bar:
         for index, todo in pending:
             s = zoomworld.sample(cfg.variant, TEST_SPLIT, index, alphabet=cfg.alphabet)
-            for name in todo:
-                res = runners[name].run(s.image, s.question, **_extra(runners[name], s))
-                fh.write(json.dumps(_record(cfg, s, name, res)) + "\n")
+            shift = index % len(cfg.agents)  # rotate the order, by question, so no agent always goes first
+            for name in sorted(todo, key=lambda a: (cfg.agents.index(a) - shift) % len(cfg.agents)):
+                fh.write(json.dumps(_record(cfg, s, name, *_run_one(runners[name], s))) + "\n")
                 fh.flush()
             bar.update(1)
+
+
+def _run_one(agent: Agent, s: zoomworld.ZoomWorldSample) -> tuple[AgentResult, str | None]:
+    """Run one agent on one question; an exception is logged and recorded (answer "", costs 0), not raised."""
+    t0 = time.perf_counter()
+    try:
+        return agent.run(s.image, s.question, **_extra(agent, s)), None
+    except Exception as err:  # noqa: BLE001 - one agent's failure must not lose a long run; it is recorded
+        logger.warning("agent %s failed on question %d: %s: %s", agent.name, s.index, type(err).__name__, err)
+        empty = AgentResult(answer="", latency_s=time.perf_counter() - t0, visual_tokens=0, forward_passes=0,
+                            generated_tokens=0)
+        return empty, f"{type(err).__name__}: {err}"
 
 
 def run_compare(cfg: CompareConfig) -> dict[str, Any]:
@@ -313,6 +337,8 @@ def write_summary(cfg: CompareConfig, records: list[dict[str, Any]]) -> dict[str
     for key, name in (("accuracy", PARETO), ("accuracy_fine", PARETO_FINE)):
         report.plot_pareto(summary, out / name, title=f"{key.replace('_', ' ')} against throughput\n{title}",
                            key=key)
+    report.plot_accuracy_latency(summary, out / ACC_LATENCY, title=f"Accuracy against latency\n{title}")
+    report.plot_tool_calls(records, cfg.agents, out / TOOL_CALLS, title=f"Tool calls per question\n{title}")
     return summary
 
 
