@@ -52,7 +52,8 @@ RESULTS, RUN, SUMMARY_JSON, SUMMARY_MD, PLOT = (
 PARETO, PARETO_FINE = "pareto.png", "pareto_fine.png"  # accuracy against throughput, plain@N and qzoom@N
 ACC_LATENCY, TOOL_CALLS = "accuracy_latency.png", "tool_calls.png"  # one point per agent; calls per question
 IDENTITY_KEYS = ("bench", "agents", "seed", "n", "model", "lowres_tokens", "highres_tokens", "max_new_tokens",
-                 "alphabet", "qzoom_tokens")
+                 "alphabet", "qzoom_tokens", "policy", "crop_policy")
+NEW_KEY_DEFAULTS = {"policy": "", "crop_policy": ""}
 
 
 @dataclass
@@ -73,6 +74,9 @@ class CompareConfig:
         qzoom_tokens: global-view tokens of the Q-Zoom agents.
         alphabet: tag characters of the questions; "" means the model's training alphabet (``zoomworld.json``
             next to its weights), else A-Z0-9.
+        policy: the tool-calling policy of ``qzoom-tool``; "" for the bundled one.
+        crop_policy: the external-crop policy of the ``deepeyes*`` agents; "" for the default
+            (`registry.crop_policy_for`).
     """
 
     bench: str
@@ -87,6 +91,8 @@ class CompareConfig:
     device: str = "auto"
     alphabet: str = ""
     qzoom_tokens: int = registry.DEFAULT_QZOOM_TOKENS
+    policy: str = ""
+    crop_policy: str = ""
 
     @property
     def variant(self) -> str:
@@ -138,7 +144,8 @@ def config_from_args(args: argparse.Namespace) -> CompareConfig:
     if alphabet:
         zoomworld.check_alphabet(alphabet)
     return CompareConfig(bench, names, args.n, args.seed, str(args.out), str(args.model), args.lowres_tokens,
-                         args.highres_tokens, args.max_new_tokens, args.device, alphabet, args.qzoom_tokens)
+                         args.highres_tokens, args.max_new_tokens, args.device, alphabet, args.qzoom_tokens,
+                         args.policy or "", args.crop_policy or "")
 
 
 # ---- run directory -------------------------------------------------------------------------------------------
@@ -160,7 +167,8 @@ def prepare_run_dir(cfg: CompareConfig, model_path: Path) -> dict[str, Any]:
     if path.exists():
         try:
             old = json.loads(path.read_text(encoding="utf-8"))
-            changed = [k for k in IDENTITY_KEYS if old["args"].get(k) != identity[k]]
+            # keys added later (the policies) read as their defaults in older run.json files
+            changed = [k for k in IDENTITY_KEYS if old["args"].get(k, NEW_KEY_DEFAULTS.get(k)) != identity[k]]
         except (ValueError, KeyError, TypeError, AttributeError):
             raise ValueError(f"{path} is unreadable; choose another --out or remove {out}") from None
         if changed:
@@ -255,7 +263,7 @@ def _run_pending(cfg: CompareConfig, pending: list[tuple[int, list[str]]], path:
     from tqdm import tqdm
 
     ctx = registry.AgentContext(_load_model(cfg), cfg.lowres_tokens, cfg.highres_tokens, cfg.max_new_tokens,
-                                  cfg.qzoom_tokens)
+                                  cfg.qzoom_tokens, cfg.policy or None, cfg.crop_policy or None)
     names = [a for a in cfg.agents if any(a in todo for _, todo in pending)]
     runners = {name: registry.make_agent(name, ctx) for name in names}
     warm = zoomworld.sample(cfg.variant, WARMUP_SPLIT, WARMUP_INDEX, alphabet=cfg.alphabet)
@@ -366,6 +374,10 @@ def add_compare_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--alphabet", default=None,
                    help="tag characters of the questions (default: the model's training alphabet, else A-Z0-9)")
     p.add_argument("--device", default="auto", help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--policy", default=None, help="tool-calling policy of qzoom-tool (default: zoomworld-tiny-tool)")
+    p.add_argument("--crop-policy", default=None,
+                   help="external-crop policy of the deepeyes agents (default: zoomworld-tiny-deepeyes on the bundled "
+                        "model, else --model itself)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     p.set_defaults(func=cmd_compare)
     return p
