@@ -23,7 +23,6 @@ strings), so one bad call never stops a run.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 
 from .crop import (
@@ -33,17 +32,16 @@ from .crop import (
     ZOOM_TOOL,
     Frame,
     ToolCallError,
-    check_bbox,
     crop_for_tool,
     map_box,
     zoom_tool_schema,
 )
+from .dialects import DeepEyesDialect
 
 __all__ = ["FRAMES", "MAX_CROP_ASPECT", "MAX_TURNS", "MIN_CROP_SIDE", "ZOOM_TOOL", "Frame", "ToolCallError",
            "ZoomCall", "crop_for_tool", "format_zoom_call", "parse_zoom_call", "to_source_box", "zoom_tool_schema"]
 
 MAX_TURNS = 5  # assistant turns per question, the DeepEyes default
-_CALL = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -64,27 +62,16 @@ def format_zoom_call(bbox: tuple[float, float, float, float], label: str | None 
 
 
 def parse_zoom_call(text: str) -> ZoomCall | None:
-    """The first zoom call in ``text``, or None when it holds no ``<tool_call>`` (a direct answer).
+    """The zoom call of a policy turn as DeepEyes' harness reads it (`dialects.DeepEyesDialect`: the last
+    ``<tool_call>``), or None when the turn holds no call or an ``<answer>`` (which ends the episode).
 
     Raises:
         ToolCallError: a call that is not JSON, names another function, or lacks four finite numbers.
     """
-    match = _CALL.search(text)
-    if match is None:
-        return None
-    try:
-        call = json.loads(match.group(1).strip())
-    except json.JSONDecodeError as err:
-        raise ToolCallError(f"the tool call is not valid JSON: {err.msg}") from err
-    except (ValueError, RecursionError) as err:  # an integer past Python's digit limit; absurdly deep nesting
-        raise ToolCallError(f"the tool call is not valid JSON: {type(err).__name__}") from err
-    if not isinstance(call, dict) or call.get("name") != ZOOM_TOOL:
-        name = call.get("name") if isinstance(call, dict) else None
-        raise ToolCallError(f"unknown tool {name!r}; the only tool is {ZOOM_TOOL}")
-    args = call.get("arguments")
-    bbox = check_bbox(args.get("bbox_2d") if isinstance(args, dict) else None)
-    label = args.get("label")
-    return ZoomCall(bbox, label if isinstance(label, str) else None)
+    turn = DeepEyesDialect().parse(text)
+    if turn.error is not None:
+        raise ToolCallError(turn.error)
+    return None if turn.call is None else ZoomCall(turn.call.bbox, turn.call.label)
 
 
 def to_source_box(bbox: tuple[float, float, float, float], frame: Frame, view_size: tuple[int, int],
