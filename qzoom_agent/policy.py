@@ -6,13 +6,15 @@ the layer-K hidden states that the Q-Zoom heads read are the base model's: the g
 the policy, and the policy's first prefill *is* the perception. Only the trained tensors are stored (fp16), beside
 ``policy.json``:
 
-    policy.json          {"format": "qzoom-policy", "base": ..., "system": ..., "list_tools": ..., "trained": [...]}
+    policy.json          {"format": "qzoom-policy", "base": ..., "system": ..., "list_tools": ..., "call": ...,
+                          "trained": [...]}
     policy.safetensors   the trained tensors, named as in the base model's state dict
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -23,7 +25,11 @@ from .head_io import SAFETENSORS_META, atomic_write, read_json, savable, write_j
 POLICY_FORMAT = "qzoom-policy"
 POLICY_CONFIG = "policy.json"
 POLICY_WEIGHTS = "policy.safetensors"
-BUNDLED_POLICIES = {"zoomworld-tiny-tool": Path(__file__).parent / "assets" / "zoomworld-tiny" / "policy"}
+_ASSETS = Path(__file__).parent / "assets" / "zoomworld-tiny"
+BUNDLED_POLICIES = {
+    "zoomworld-tiny-tool": _ASSETS / "policy",  # calls the internal zoom (tool mode, agent qzoom-tool)
+    "zoomworld-tiny-deepeyes": _ASSETS / "policy-deepeyes",  # writes DeepEyes' box call (agents deepeyes[-cached])
+}
 
 
 class PolicyConfig(BaseModel):
@@ -35,6 +41,9 @@ class PolicyConfig(BaseModel):
     base: str = Field(description="the base model (a bundled name or a path) the delta applies to")
     system: str | None = Field(None, description="the system prompt the policy was trained with; None: none")
     list_tools: bool = Field(False, description="whether the chat template listed the tools' schemas in training")
+    call: Literal["zoom", "crop"] = Field("zoom", description="the tool it calls: 'zoom' (the internal zoom, no "
+                                          "arguments) or 'crop' (DeepEyes' image_zoom_in_tool, bbox_2d in pixels "
+                                          "of the resized view, the crop returned alone in a tool turn)")
     frozen_below: int = Field(ge=0, description="decoder layers below this index kept the base weights (K)")
     trained: list[str] = Field(default_factory=list, description="state-dict prefixes of the trained tensors")
     notes: str = Field("", description="how it was trained and what it measured")

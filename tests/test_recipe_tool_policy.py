@@ -9,12 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from qzoom_agent.tools.crop import ToolImage
+from qzoom_agent.tools.dialects import get_dialect
 from qzoom_agent.tools.zoom import zoom_output
 
+from qzoom_agent.bench.deepeyes_agent import tool_response_view
 from qzoom_agent.boxes import Box, coverage
 from qzoom_agent.chat import ChatSession
 from qzoom_agent.model import QZoomModel
-from qzoom_agent.policy import read_policy
+from qzoom_agent.policy import PolicyConfig, read_policy
 from qzoom_agent.recipes.zoomworld_tiny.answer_data import IGNORE
 from qzoom_agent.recipes.zoomworld_tiny.tool_policy import (
     ToolPolicyConfig,
@@ -30,8 +33,10 @@ from qzoom_agent.recipes.zoomworld_tiny.tool_policy_data import (
     CALL_MESSAGE,
     ToolExample,
     ToolPolicyDataConfig,
+    crop_call,
     encode_tool_example,
     jittered_box,
+    make_tool_example,
     tool_message,
     user_message,
 )
@@ -208,3 +213,81 @@ def test_run_end_to_end_exports_logs_evaluates_and_resumes(base_dir, tmp_path):
     assert again["step"] == 2 and len((folder / "train_log.jsonl").read_text().splitlines()) == 2
     with pytest.raises(ValueError, match="different config"):
         run_tool_policy(cfg.model_copy(update={"lr": 1e-3}), tmp_path)
+
+
+# ---- the DeepEyes-style crop-call policy (data.call: crop, zoomworld-tiny-deepeyes) ---------------------------------
+def test_crop_call_writes_view_pixels_of_the_box_and_the_tool_turn_is_the_crop_alone(base_dir):
+    model = QZoomModel.from_pretrained(base_dir, min_tokens=16, max_tokens=64)
+    tok, deepeyes = model.adapter.tokenizer, get_dialect("deepeyes")
+    s = _sample("read")
+    box = jittered_box(random.Random(0), tuple(s.target_box), s.image.size, (2.0, 3.0))
+    enc = encode_tool_example(model, ToolExample(s, box, None, "truth", "crop"))
+    call, answer = [tok.decode(enc.input_ids[a:b]) for a, b, _ in enc.spans]
+    assert answer == s.answer + "<|im_end|>" and [w for *_, w in enc.spans] == ["call", "answer"]
+    assert call.startswith('<tool_call>\n{"name": "image_zoom_in_tool", "arguments": {"bbox_2d": [')
+    written = json.loads(call.split("\n")[1])["arguments"]["bbox_2d"]  # whole numbers, as written
+    assert all(type(v) is int for v in written) and call == deepeyes.format_call(written)
+    parsed = deepeyes.parse(call)
+    # in pixels of the view the policy saw: mapped back, the box within one view pixel, holding it whole
+    first = ChatSession(model).render([user_message(s.image, s.question)])
+    (vw, vh), (w, h) = first.images[0].inputs.resized_size, s.image.size
+    back = [written[0] * w / vw, written[1] * h / vh, written[2] * w / vw, written[3] * h / vh]
+    assert all(abs(b - v) <= scale for b, v, scale in zip(back, box.as_tuple(), (w / vw, h / vh) * 2, strict=True))
+    assert back[0] <= box.x1 and back[1] <= box.y1 and back[2] >= box.x2 and back[3] >= box.y2
+    # the tool turn holds one image, exactly the DeepEyes agent's crop of the region it locates for that call,
+    # and no text: between the call and the answer there is only the chat template's wrapping
+    region = deepeyes.locate(parsed.call, [ToolImage(s.image, (vw, vh), 0, Box(0, 0, w, h))])
+    assert coverage(region, box.as_tuple()) == 1.0
+    crop = model.adapter.prepare_image(tool_response_view(s.image, region.as_tuple()), min_tokens=4, max_tokens=256)
+    assert len(enc.images) == 2 and torch.equal(enc.images[1].pixel_values, crop.pixel_values)
+    between = tok.decode(enc.input_ids[enc.spans[0][1] : enc.spans[1][0]])
+    assert between.replace("<|image_pad|>", "") == ("<|im_end|>\n<|im_start|>user\n<tool_response>\n"
+                                                    "<|vision_start|><|vision_end|>\n</tool_response><|im_end|>\n"
+                                                    "<|im_start|>assistant\n")
+    assert between.count("<|image_pad|>") == crop.n_tokens
+
+
+def test_crop_call_grows_a_region_deepeyes_refuses():
+    written, region = crop_call(Box(100, 100, 110, 112), (2000, 1500), (560, 420))
+    assert region.width > 30 and region.height > 30 and coverage(region, (100, 100, 110, 112)) == 1.0
+    assert region.width < 60 and region.height < 60  # grown just enough
+    assert all(isinstance(v, int) for v in written) and written[2] - written[0] >= 9  # 31 px at 3.57 px a pixel
+
+
+def test_crop_examples_use_jittered_truth_boxes_without_twig_boxes():
+    cfg = ToolPolicyDataConfig(call="crop", fine_share=1.0, size_range=(1024, 1280))
+    for k in range(4):
+        ex = make_tool_example(cfg, ALPHABET, k, None)
+        assert ex.call == "crop" and ex.box_source == "truth" and coverage(ex.box, ex.sample.target_box) == 1.0
+    with pytest.raises(ValueError, match="call"):
+        ToolPolicyDataConfig(call="bbox")
+    with pytest.raises(ValueError, match="twig boxes"):
+        make_tool_example(ToolPolicyDataConfig(fine_share=1.0, size_range=(1024, 1280)), ALPHABET, 0, None)
+
+
+def test_crop_policy_config_differs_from_the_tool_policy_only_in_the_call():
+    tool = load_tool_policy_config("configs/recipes/zoomworld_tiny/tool_policy.yaml").model_dump()
+    crop = load_tool_policy_config("configs/recipes/zoomworld_tiny/crop_policy.yaml").model_dump()
+    assert crop["data"].pop("call") == "crop" and tool["data"].pop("call") == "zoom"
+    assert {k for k in crop if crop[k] != tool[k]} == {"threads"}
+
+
+def test_crop_run_end_to_end_records_the_call_and_runs_the_deepeyes_agent(base_dir, tmp_path):
+    cfg = CFG.model_copy(update={"base": str(base_dir), "steps": 1, "warmup_steps": 0,
+                                 "data": DATA.model_copy(update={"call": "crop"})})
+    row = run_tool_policy(cfg, tmp_path)
+    assert row["step"] == 1 and row["n_fine"] + row["n_coarse"] == cfg.eval_items and "croppable" in row
+    assert not (tmp_path / "tool_policy" / "twig_boxes.jsonl").exists()
+    policy = QZoomModel.from_pretrained(row["policy"]).policy
+    assert policy.call == "crop" and policy.system is None and not policy.list_tools
+
+
+def test_policy_json_without_a_call_reads_as_zoom():
+    assert PolicyConfig(base="zoomworld-tiny", frozen_below=1).call == "zoom"
+
+
+def test_bundled_policies_load_with_their_calls():
+    assert QZoomModel.from_pretrained("zoomworld-tiny-tool").policy.call == "zoom"
+    deepeyes = QZoomModel.from_pretrained("zoomworld-tiny-deepeyes")
+    assert deepeyes.policy.call == "crop" and deepeyes.policy.system is None
+    assert deepeyes.policy.base == "zoomworld-tiny" and not deepeyes.policy.list_tools

@@ -5,6 +5,9 @@ The tool-calling policy (`tool_policy`) also runs on its own::
 
     python -m qzoom_agent.recipes.zoomworld_tiny.cli tool-policy --out runs/tp [--steps N] [--to DIR]
     python -m qzoom_agent.recipes.zoomworld_tiny.cli tool-policy-eval --policy runs/tp/tool_policy/policy --n 200
+
+A crop-call policy (``data.call: crop``, ``configs/recipes/zoomworld_tiny/crop_policy.yaml``) trains the same way and
+is evaluated by the DeepEyes agent (``--policy zoomworld-tiny-deepeyes``).
 """
 
 from __future__ import annotations
@@ -101,35 +104,50 @@ def _pct(value: float | None) -> str:
 
 EVAL_COLUMNS = ("n_fine", "n_coarse", "call_fine", "call_coarse", "acc_fine", "acc_coarse", "box_holds",
                 "acc_fine_held", "acc_fine_missed")
+CROP_EVAL_COLUMNS = ("n_fine", "n_coarse", "call_fine", "call_coarse", "n_calls", "croppable", "roi_hit",
+                     "box_holds", "again", "acc_fine", "acc_coarse", "acc_fine_held", "acc_fine_missed")
 
 
 def cmd_tool_policy_eval(args: argparse.Namespace) -> int:
-    """The policy in the real tool loop and its base without zoom (``never``) and gated (``auto``) on the same
-    TEST questions per variant; prints a markdown table (and writes the rows to ``--json``); returns 0."""
+    """The policy in its real loop (the zoom tool loop for a zoom-call policy, the DeepEyes agent for a crop-call
+    one) and, unless ``--policy-only``, its base without zoom (``never``) and gated (``auto``) on the same TEST
+    questions per variant; prints a markdown table (and writes the rows to ``--json``); returns 0."""
+    import time
+
     import torch
 
     from ...model import QZoomModel
     from ...policy import read_policy, resolve_policy_path
-    from .tool_policy import evaluate_base, evaluate_policy, test_samples
+    from .tool_policy import evaluate_base, evaluate_crop_policy, evaluate_policy, test_samples
 
     torch.set_num_threads(args.threads)
     policy_path = resolve_policy_path(args.policy)
-    base_name = args.base or read_policy(policy_path)[0].base
-    policy, base = QZoomModel.from_pretrained(str(policy_path)), QZoomModel.from_pretrained(base_name)
+    policy_cfg = read_policy(policy_path)[0]
+    base_name = args.base or policy_cfg.base
+    policy = QZoomModel.from_pretrained(str(policy_path))
+    base = None if args.policy_only else QZoomModel.from_pretrained(base_name)
     alphabet = args.alphabet or trained_alphabet_of(base_name)
+    crop = policy_cfg.call == "crop"
+    loop = ("deepeyes-cached" if args.cached else "deepeyes") if crop else "tool loop"
+    systems = [f"policy ({loop})"] + ([] if args.policy_only else ["base, mode=never", "base, mode=auto"])
     rows = []
     for variant in args.variants.split(","):
         samples = test_samples(variant, args.n, args.seed, alphabet)
-        for system in ("policy (tool loop)", "base, mode=never", "base, mode=auto"):
-            mode = system.rpartition("=")[2]
-            figures = evaluate_policy(policy, samples) if system.startswith("policy") else evaluate_base(
-                base, samples, mode)
-            rows.append({"variant": variant, "system": system, "n": args.n, "seed": args.seed, **figures})
+        for system in systems:
+            t0 = time.perf_counter()
+            if system.startswith("policy"):
+                figures = evaluate_crop_policy(policy, samples, cached=args.cached) if crop else evaluate_policy(
+                    policy, samples)
+            else:
+                figures = evaluate_base(base, samples, system.rpartition("=")[2])
+            rows.append({"variant": variant, "system": system, "n": args.n, "seed": args.seed, **figures,
+                         "seconds": round(time.perf_counter() - t0, 1)})
             print(json.dumps(rows[-1]), file=sys.stderr)
-    print("| variant | system | " + " | ".join(EVAL_COLUMNS) + " |")
-    print("|---|---|" + "---:|" * len(EVAL_COLUMNS))
+    columns = CROP_EVAL_COLUMNS if crop else EVAL_COLUMNS
+    print("| variant | system | " + " | ".join(columns) + " |")
+    print("|---|---|" + "---:|" * len(columns))
     for r in rows:
-        cells = [str(r[c]) if c.startswith("n_") else _pct(r.get(c)) for c in EVAL_COLUMNS]
+        cells = [str(r.get(c, "-")) if c.startswith("n_") else _pct(r.get(c)) for c in columns]
         print(f"| {r['variant']} | {r['system']} | " + " | ".join(cells) + " |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
@@ -162,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--seed", type=int, default=0, help="picks the questions, as compare --seed does")
     ev.add_argument("--alphabet", default=None, help="tag characters (default: the base's)")
     ev.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ev.add_argument("--policy-only", action="store_true", help="skip the base's never/auto rows")
+    ev.add_argument("--cached", action="store_true", help="crop-call policies: run deepeyes-cached (the KV cache "
+                    "continued across turns) instead of deepeyes (same prompts, re-run every turn)")
     ev.add_argument("--json", default=None, help="write the rows here")
     args = p.parse_args(argv)
     try:

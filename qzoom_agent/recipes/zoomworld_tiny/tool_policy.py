@@ -12,14 +12,19 @@ same logits as the chat session's continued cache. The loss (`span_losses`) is a
 span's mean cross-entropy (each call, weighted ``call_weight``, each answer) and one decision term per conversation
 (call or answer at its first token).
 
+With ``data.call: crop`` (``configs/recipes/zoomworld_tiny/crop_policy.yaml``, the bundled ``zoomworld-tiny-deepeyes``)
+the same recipe trains a DeepEyes-style external-crop policy instead: the call writes a box as text and the tool turn
+is DeepEyes' crop (`tool_policy_data`); everything else is the same, so the two policies compare fairly. It is
+evaluated by the DeepEyes agent itself (`evaluate_crop_policy`).
+
 Usage (``cli.cmd_train_base`` also takes ``--phase tool-policy``)::
 
     python -m qzoom_agent.recipes.zoomworld_tiny.cli tool-policy \
         --config configs/recipes/zoomworld_tiny/tool_policy.yaml --out runs/tp [--steps N] [--to DIR]
 
-Writes ``OUT/tool_policy/``: ``twig_boxes.jsonl`` (the heads' box per training scene), ``checkpoint.pt``
-(resumed from), ``train_log.jsonl`` (losses), ``policy/`` (`policy.write_policy`: ``policy.json`` and the trained
-tensors in fp16) and ``metrics.jsonl`` (the real tool loop on held-out VAL conversations).
+Writes ``OUT/tool_policy/``: ``twig_boxes.jsonl`` (the heads' box per training scene; zoom calls only),
+``checkpoint.pt`` (resumed from), ``train_log.jsonl`` (losses), ``policy/`` (`policy.write_policy`: ``policy.json``
+and the trained tensors in fp16) and ``metrics.jsonl`` (the real tool loop on held-out VAL conversations).
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from ...bench.runner import question_indices
-from ...boxes import ROI_COVERAGE, coverage
+from ...boxes import ROI_COVERAGE, coverage, roi_hit
 from ...chat import ChatSession
 from ...loading import BUNDLED_MODELS, resolve_model_path, trained_alphabet
 from ...model import QZoomModel
@@ -195,7 +200,10 @@ def span_losses(logits: torch.Tensor, labels: torch.Tensor, spans: list[list[tup
 
 def config_key(cfg: ToolPolicyConfig) -> str:
     """Hash of everything shaping the trajectory; a checkpoint resumes only under the same key."""
-    blob = json.dumps(cfg.model_dump(exclude=_FREE_FIELDS), sort_keys=True)
+    dump = cfg.model_dump(exclude=_FREE_FIELDS)
+    if dump["data"]["call"] == "zoom":  # the default: keys written before the switch existed stay valid
+        del dump["data"]["call"]
+    blob = json.dumps(dump, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -210,8 +218,11 @@ def train_tool_policy(model: QZoomModel, cfg: ToolPolicyConfig, folder: Path, al
     folder.mkdir(parents=True, exist_ok=True)
     ckpt, log_path, key = folder / "checkpoint.pt", folder / "train_log.jsonl", config_key(cfg)
     stop = min(cfg.steps, max_steps if max_steps is not None else cfg.steps)
-    boxes = TwigBoxes(folder / "twig_boxes.jsonl")
-    boxes.fill(model, cfg.data, alphabet, sorted({scene_index(cfg.data, k) for k in range(stop * cfg.batch_size)}))
+    boxes = None  # a crop-call policy writes jittered ground-truth boxes: no twig box to precompute
+    if cfg.data.call == "zoom":
+        boxes = TwigBoxes(folder / "twig_boxes.jsonl")
+        scenes = sorted({scene_index(cfg.data, k) for k in range(stop * cfg.batch_size)})
+        boxes.fill(model, cfg.data, alphabet, scenes)
     params = freeze_below_k(model)
     hf = model.adapter.model
     call_id = model.adapter.tokenizer.convert_tokens_to_ids("<tool_call>")
@@ -258,11 +269,14 @@ def train_tool_policy(model: QZoomModel, cfg: ToolPolicyConfig, folder: Path, al
 def export_policy(model: QZoomModel, out: Path, cfg: ToolPolicyConfig, step: int) -> Path:
     """Write the trained tensors and ``policy.json`` (`policy.write_policy`) into ``out``."""
     base = cfg.base if cfg.base in BUNDLED_MODELS else str(resolve_model_path(cfg.base).resolve())
+    flow = ("fine question -> zoom call -> tool crop -> answer" if cfg.data.call == "zoom" else
+            "fine question -> DeepEyes image_zoom_in_tool call (bbox_2d in pixels of the resized view, a jittered "
+            "ground-truth box) -> the DeepEyes agent's crop alone -> answer")
     notes = (f"SFT from {cfg.base} on ZoomWorld train conversations (qzoom_agent/recipes/zoomworld_tiny/"
              f"tool_policy.py): {step} steps of {cfg.batch_size}, fine share {cfg.data.fine_share}, lr {cfg.lr}; "
-             "fine question -> zoom call -> tool crop -> answer, coarse -> answer. Figures: docs/zoomworld-tiny.md.")
+             f"{flow}, coarse -> answer. Figures: docs/zoomworld-tiny.md.")
     policy = PolicyConfig(base=base, system=None, list_tools=False, frozen_below=model.config.twig_K,
-                          trained=trained_prefixes(model), notes=notes)
+                          trained=trained_prefixes(model), call=cfg.data.call, notes=notes)
     return write_policy(model.adapter.model, Path(out), policy)
 
 
@@ -283,8 +297,8 @@ def run_tool_policy(cfg: ToolPolicyConfig, out_dir: str | Path, *, max_steps: in
     if to is not None:
         export_policy(model, Path(to), cfg, step)
     samples = [training_scene(cfg.data, alphabet, k, split="val") for k in range(cfg.eval_items)]
-    row = {"step": step, "policy": str(policy_dir),
-           **evaluate_policy(QZoomModel.from_pretrained(policy_dir), samples)}
+    evaluate = evaluate_policy if cfg.data.call == "zoom" else evaluate_crop_policy
+    row = {"step": step, "policy": str(policy_dir), **evaluate(QZoomModel.from_pretrained(policy_dir), samples)}
     with open(folder / "metrics.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
     return row
@@ -350,6 +364,54 @@ def evaluate_policy(model: QZoomModel, samples: list[ZoomWorldSample], max_new_t
             rec["box_holds"].append(held)
             rec["acc_fine_held" if held else "acc_fine_missed"].append(right)
     return {"n_fine": len(rec["acc_fine"]), "n_coarse": len(rec["acc_coarse"]),
+            **{k: _share(v) for k, v in rec.items()}}
+
+
+def evaluate_crop_policy(model: QZoomModel, samples: list[ZoomWorldSample], *, cached: bool = False) -> dict:
+    """A crop-call policy run by the real `bench.deepeyes_agent.DeepEyesAgent` (``deepeyes``, or ``deepeyes-cached``
+    with ``cached``) at the model config's view budget, with the policy's system prompt (none when it has none).
+
+    Raises:
+        RuntimeError: the agent keeps no per-turn trace.
+
+    Returns:
+        ``n_fine``, ``n_coarse``; ``call_fine`` / ``call_coarse`` (the first turn wrote a ``<tool_call>``);
+        ``croppable`` (calls, all turns, that parsed into a box the agent cropped) over ``n_calls``; ``roi_hit``
+        (`boxes.roi_hit` of the first crop, over fine questions with a call) and ``box_holds`` (the first crop holds
+        >= 70% of the target, as `evaluate_policy` counts it); ``again`` (fine calls followed by another call);
+        ``acc_fine``, ``acc_coarse``, ``acc_fine_held`` / ``acc_fine_missed`` (fine calls by ``box_holds``);
+        rates are None over no question.
+    """
+    from ...bench.deepeyes_agent import DeepEyesAgent
+    from ...config import budget_for
+
+    tokens, budget = model.config.max_tokens, (model.config.min_tokens, model.config.max_tokens)
+    if budget_for(tokens) != budget:  # the agent's view would differ from the one the policy was trained on
+        logger.warning("the agent's view budget %s differs from the model config's %s", budget_for(tokens), budget)
+    system = (model.policy.system if model.policy is not None else None) or ""
+    extra = {"cached": True} if cached else {}
+    agent = DeepEyesAgent(model, tokens, "deepeyes-cached" if cached else "deepeyes", system=system, **extra)
+    rec: dict[str, list[bool]] = {k: [] for k in ("call_fine", "call_coarse", "croppable", "roi_hit", "box_holds",
+                                                  "again", "acc_fine", "acc_coarse", "acc_fine_held",
+                                                  "acc_fine_missed")}
+    for s in samples:
+        r = agent.run(s.image, s.question)
+        if r.trace is None:  # the figures read each turn from it
+            raise RuntimeError("the DeepEyes agent returned no trace (it must run on bench.crop_agent)")
+        trace = r.trace
+        calls = [e for e in trace if e.get("action") == "call"]
+        called = bool(trace) and trace[0].get("action") == "call"
+        right = is_correct(r.answer, s.answer, s.options)
+        rec[f"call_{s.kind}"].append(called)
+        rec[f"acc_{s.kind}"].append(right)
+        rec["croppable"] += ["box" in e for e in calls]
+        if s.kind == "fine" and called:
+            held = r.bbox is not None and (coverage(r.bbox, s.target_box) or 0.0) >= ROI_COVERAGE
+            rec["roi_hit"].append(roi_hit(r.bbox, s.target_box))
+            rec["box_holds"].append(held)
+            rec["again"].append(len(calls) > 1)
+            rec["acc_fine_held" if held else "acc_fine_missed"].append(right)
+    return {"n_fine": len(rec["acc_fine"]), "n_coarse": len(rec["acc_coarse"]), "n_calls": len(rec["croppable"]),
             **{k: _share(v) for k, v in rec.items()}}
 
 

@@ -8,7 +8,8 @@ with no system prompt and no tool listing, so the first turn's prompt is the one
 
 The call tokens (through ``</tool_call>``, where inference stops) and the answers are supervised, nothing else.
 
-The crop is what the zoom tool returns at test time (`tools.zoom.zoom_output`) for a box chosen per example:
+``call`` chooses the tool. ``"zoom"`` (``zoomworld-tiny-tool``): the internal zoom, called with no arguments; the
+crop is what the zoom tool returns at test time (`tools.zoom.zoom_output`) for a box chosen per example:
 
 * ``twig``: the box of the bundled heads for that image and question (`tools.zoom.zoom_once`, cached per scene in
   a JSONL file since it costs 0.1-0.3 s), when it holds the target (>= 70% of it): what the policy will see;
@@ -16,22 +17,35 @@ The crop is what the zoom tool returns at test time (`tools.zoom.zoom_output`) f
   examples and, with chance ``gt_on_miss``, instead of a twig box that misses the target. An answer taught on a
   crop that does not show the target teaches guessing, while the gate score and the box line stay the real ones;
 * ``miss``: the twig's box that misses, kept (with chance ``1 - gt_on_miss``) with its answer supervised.
+
+``"crop"`` (``zoomworld-tiny-deepeyes``): DeepEyes' external crop. The call is DeepEyes' text
+``<tool_call>\n{"name": "image_zoom_in_tool", "arguments": {"bbox_2d": [x1, y1, x2, y2]}}\n</tool_call>`` with the
+box in whole pixels of the resized view the policy saw (the model config's token budget), and the tool turn holds
+only the crop as `bench.deepeyes_agent.DeepEyesAgent` returns it (`tool_response_view`: 3x, at most 256 tokens).
+There is no twig box to imitate, so every fine example writes a jittered ground-truth box (``truth``, drawn as
+above with ``gt_scale``; ``gt_share`` and ``gt_on_miss`` are unused), rounded outward to view pixels; the crop is
+the region the agent locates for that text, so training and inference crop the same pixels.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tqdm import tqdm
 
+from ...bench.deepeyes_agent import tool_response_view
 from ...boxes import ROI_COVERAGE, Box, coverage
 from ...chat import ChatSession
+from ...tools.crop import ToolCallError, ToolImage
+from ...tools.dialect_base import Call
+from ...tools.dialects import get_dialect
 from ...tools.output import ToolOutput
 from ...tools.zoom import ZOOM_TOOL_NAME, zoom_once, zoom_output
 from ...train.common import resume_jsonl
@@ -49,6 +63,8 @@ CALL_END = "</tool_call>"  # one added token; generation stops there
 CALL_MESSAGE = {"role": "assistant", "content": "",
                 "tool_calls": [{"type": "function", "function": {"name": ZOOM_TOOL_NAME, "arguments": {}}}]}
 BOX_SOURCES = ("twig", "truth", "miss")
+CallKind = Literal["zoom", "crop"]
+DEEPEYES = get_dialect("deepeyes")  # writes the call text and locates it, as `DeepEyesAgent` does (view pixels)
 
 
 class ToolPolicyDataConfig(BaseModel):
@@ -56,6 +72,9 @@ class ToolPolicyDataConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    call: CallKind = Field("zoom", description="the tool the policy calls: 'zoom' (the internal zoom, no arguments; "
+                           "crops at the twig's box) or 'crop' (DeepEyes' image_zoom_in_tool with bbox_2d in pixels "
+                           "of the resized view; crops at a jittered ground-truth box)")
     fine_share: float = Field(0.8, ge=0.0, le=1.0, description="share of fine questions (the rest coarse)")
     fine_mix: dict[str, float] = Field(default_factory=lambda: {"read": 0.5, "mcq": 0.2, "relpos": 0.15,
                                                                 "count": 0.15},
@@ -119,6 +138,34 @@ def training_scene(cfg: ToolPolicyDataConfig, alphabet: str, scene: int, split: 
                     mix=cfg.fine_mix if fine else cfg.coarse_mix, size_range=cfg.size_range)
 
 
+def crop_call(box: Box, image_size: tuple[int, int], view_size: tuple[int, int]) -> tuple[list[int], Box]:
+    """The ``bbox_2d`` a DeepEyes policy writes for ``box`` (source pixels) and the region the DeepEyes agent crops
+    for it (`Dialect.locate`, source pixels).
+
+    The box is written in whole pixels of the resized view (``view_size``), rounded outward so the region holds
+    ``box``. A region DeepEyes refuses (a side of at most 30 source px: ~2% of jittered boxes around the smallest
+    targets) is grown by 2 px a side, inside the image, until it is accepted.
+
+    Raises:
+        ValueError: no accepted region (an image too small to hold a 31 px side).
+    """
+    (w, h), (vw, vh) = image_size, view_size
+    original = [ToolImage(None, view_size, 0, Box(0, 0, w, h))]
+    for _ in range(max(w, h)):
+        written = [max(0, math.floor(box.x1 * vw / w)), max(0, math.floor(box.y1 * vh / h)),
+                   min(vw, math.ceil(box.x2 * vw / w)), min(vh, math.ceil(box.y2 * vh / h))]
+        try:
+            return written, DEEPEYES.locate(Call(tuple(written)), original)
+        except ToolCallError:
+            box = Box(max(0, box.x1 - 2), max(0, box.y1 - 2), min(w, box.x2 + 2), min(h, box.y2 + 2))
+    raise ValueError(f"no region DeepEyes accepts around {box} in an image of {image_size}")
+
+
+def crop_call_text(written: list[int]) -> str:
+    """DeepEyes' call text for ``written`` (`Dialect.format_call`: whole numbers, no decimal point)."""
+    return DEEPEYES.format_call(written)
+
+
 class TwigBoxes:
     """The bundled heads' box and gate score per training scene, computed once and appended to a JSONL file (a
     killed run resumes after its last complete row)."""
@@ -174,22 +221,30 @@ class ToolExample:
         box: the crop's box in source pixels (fine), or None (coarse: no call).
         gate_score: the gate's score the tool line reports (the real one for the scene).
         box_source: ``"twig"``, ``"truth"``, ``"miss"`` (see the module doc) or ``""`` for coarse.
+        call: the tool called, ``"zoom"`` or ``"crop"`` (see the module doc).
     """
 
     sample: ZoomWorldSample
     box: Box | None
     gate_score: float | None
     box_source: str
+    call: CallKind = "zoom"
 
 
-def make_tool_example(cfg: ToolPolicyDataConfig, alphabet: str, index: int, boxes: TwigBoxes) -> ToolExample:
-    """Training example ``index``: its scene, and for a fine question the box it is cropped at (see module doc)."""
+def make_tool_example(cfg: ToolPolicyDataConfig, alphabet: str, index: int, boxes: TwigBoxes | None) -> ToolExample:
+    """Training example ``index``: its scene, and for a fine question the box it is cropped at (see module doc;
+    ``boxes`` is unused, and may be None, when ``cfg.call`` is "crop")."""
     scene = scene_index(cfg, index)
     s = training_scene(cfg, alphabet, scene)
     if s.kind != "fine":
-        return ToolExample(s, None, None, "")
-    twig, gate = boxes.get(scene)
+        return ToolExample(s, None, None, "", cfg.call)
     rng = random.Random(f"tool-policy/box/{index}")  # per example: a repeated scene gets a new draw
+    if cfg.call == "crop":
+        box = jittered_box(rng, tuple(s.target_box), s.image.size, cfg.gt_scale)
+        return ToolExample(s, box, None, "truth", "crop")
+    if boxes is None:
+        raise ValueError("a zoom-call policy's examples need the twig boxes")
+    twig, gate = boxes.get(scene)
     holds = twig is not None and (coverage(twig, s.target_box) or 0.0) >= ROI_COVERAGE
     use_truth = (rng.random() < cfg.gt_share) if holds else (twig is None or rng.random() < cfg.gt_on_miss)
     if use_truth:
@@ -216,6 +271,19 @@ class EncodedTool:
     kind: str
 
 
+def call_turns(ex: ToolExample, view_size: tuple[int, int], px_per_token: int) -> list[dict]:
+    """The call turn and the tool turn of fine example ``ex`` (``view_size``: its first image's resized size;
+    ``px_per_token``: the backbone's, for the zoom tool's line)."""
+    s = ex.sample
+    if ex.call == "crop":
+        written, region = crop_call(ex.box, s.image.size, view_size)
+        crop = tool_response_view(s.image, region.as_tuple())
+        return [{"role": "assistant", "content": crop_call_text(written)},
+                {"role": "tool", "content": [{"type": "image", "image": crop}]}]
+    out = zoom_output(s.image, ex.box, ex.gate_score, "cached", px_per_token=px_per_token)
+    return [CALL_MESSAGE, tool_message(out)]
+
+
 def encode_tool_example(model: QZoomModel, ex: ToolExample) -> EncodedTool:
     """Render ``ex`` with `ChatSession.render` (no system prompt, no tool listing) and mark the supervised spans.
 
@@ -231,8 +299,7 @@ def encode_tool_example(model: QZoomModel, ex: ToolExample) -> EncodedTool:
     if ex.box is None:
         ids, images, spans = first.ids + answer, first.images, [(n, n + len(answer), "answer")]
     else:
-        out = zoom_output(s.image, ex.box, ex.gate_score, "cached", px_per_token=a.px_per_token)
-        convo = session.render([user, CALL_MESSAGE, tool_message(out)])
+        convo = session.render([user, *call_turns(ex, first.images[0].inputs.resized_size, a.px_per_token)])
         end_id = a.tokenizer.convert_tokens_to_ids(CALL_END)
         rest = convo.ids[n:]
         if convo.ids[:n] != first.ids or end_id not in rest:
