@@ -5,7 +5,8 @@ On ZoomWorld test questions, interleaved question by question in one process (so
 * ``no-zoom``: the base model at the 576-token view (`QZoomModel.answer(mode="never")`);
 * ``auto``: the base model with its gate (the paper's inference, one pass);
 * ``tool``: the bundled tool-calling policy through the LangGraph loop with the internal ``zoom`` tool;
-* ``deepeyes``: the base model as a DeepEyes-style external-crop agent (the existing baseline).
+* ``deepeyes`` and ``deepeyes-cached``: the external-crop agents of `compare` (the bundled DeepEyes-format policy
+  ``zoomworld-tiny-deepeyes`` when installed, else the base model), re-encoding every turn or continuing the cache.
 
 Zero-cost figures, from the tool runs: vision-tower encodes of the global image per question (counted at the
 adapter's encoder), and for every turn that follows a zoom call, the tokens it prefilled against the tokens the
@@ -25,7 +26,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from qzoom_agent.bench.deepeyes_agent import DeepEyesAgent
+from qzoom_agent.bench import registry
 from qzoom_agent.bench.tool_agent import DEFAULT_POLICY, QZoomToolAgent
 from qzoom_agent.config import budget_for
 from qzoom_agent.loading import resolve_model_path, trained_alphabet
@@ -59,13 +60,17 @@ def main() -> None:
     ap.add_argument("--start", type=int, default=0, help="first test index")
     ap.add_argument("--policy", default=DEFAULT_POLICY)
     ap.add_argument("--out", default=None, help="write the records and summary as JSON here")
+    ap.add_argument("--tool-only", action="store_true",
+                    help="run only the tool agent (its zero-cost figures); compare runs the others side by side")
     args = ap.parse_args()
     torch.set_num_threads(2)
     base = QZoomModel.from_pretrained("zoomworld-tiny")
     policy = QZoomModel.from_pretrained(args.policy)
     counter = EncodeCounter(policy.adapter)
     tool = QZoomToolAgent(policy, "tool")
-    deepeyes = DeepEyesAgent(base, 576, "deepeyes")
+    ctx = registry.AgentContext(base)
+    crop_agents = {} if args.tool_only else {name: registry.make_agent(name, ctx)
+                                             for name in ("deepeyes", "deepeyes-cached")}
     budget = budget_for(576)
     # the questions use the characters the model was trained to read (as `compare` does)
     alphabet = trained_alphabet(resolve_model_path("zoomworld-tiny"))
@@ -74,7 +79,7 @@ def main() -> None:
         for i in tqdm(range(args.start, args.start + args.n), desc=variant):
             s = sample(variant, "test", i, alphabet=alphabet)
             row = {"variant": variant, "index": i, "kind": s.kind, "family": s.family}
-            for name in ("no-zoom", "auto"):
+            for name in () if args.tool_only else ("no-zoom", "auto"):
                 t0 = time.perf_counter()
                 ans = base.answer(s.image, s.question, mode="never" if name == "no-zoom" else "auto", budget=budget,
                                   max_new_tokens=8)
@@ -97,21 +102,25 @@ def main() -> None:
                            "zooms": res.zooms, "layer_tokens": res.layer_tokens,
                            "global_encodes": sum(size == s.image.size for size in counter.sizes),
                            "after_zoom": after_zoom}
-            d = deepeyes.run(s.image, s.question)
-            row["deepeyes"] = {"correct": is_correct(d.answer, s.answer, s.options), "latency_s": d.latency_s,
-                               "generated_tokens": d.generated_tokens, "tool_calls": d.tool_calls}
+            for name, agent in {} if args.tool_only else crop_agents.items():
+                d = agent.run(s.image, s.question)
+                row[name] = {"correct": is_correct(d.answer, s.answer, s.options), "latency_s": d.latency_s,
+                             "generated_tokens": d.generated_tokens, "tool_calls": d.tool_calls,
+                             "vision_encodes": d.vision_encodes, "layer_tokens": d.layer_tokens}
             records.append(row)
     summary = {}
     for variant in args.variants.split(","):
         rows = [r for r in records if r["variant"] == variant]
         out = {"n": len(rows), "n_fine": sum(r["kind"] == "fine" for r in rows)}
-        for name in ("no-zoom", "auto", "tool", "deepeyes"):
+        for name in ("tool",) if args.tool_only else ("no-zoom", "auto", "tool", "deepeyes", "deepeyes-cached"):
             for kind in ("fine", "coarse"):
                 out[f"{name}_accuracy_{kind}"] = _mean(r[name]["correct"] for r in rows if r["kind"] == kind)
             out[f"{name}_latency_s"] = _mean(r[name]["latency_s"] for r in rows)
             out[f"{name}_generated_tokens"] = _mean(r[name]["generated_tokens"] for r in rows)
+            out[f"{name}_layer_tokens"] = _mean(r[name]["layer_tokens"] for r in rows)
         for kind in ("fine", "coarse"):
-            out[f"tool_call_rate_{kind}"] = _mean(r["tool"]["tool_calls"] > 0 for r in rows if r["kind"] == kind)
+            for name in ("tool",) if args.tool_only else ("tool", "deepeyes"):
+                out[f"{name}_call_rate_{kind}"] = _mean(r[name]["tool_calls"] > 0 for r in rows if r["kind"] == kind)
         out["tool_global_encodes_mean"] = _mean(r["tool"]["global_encodes"] for r in rows)
         out["tool_global_encodes_all_one"] = all(r["tool"]["global_encodes"] == 1 for r in rows)
         zoom_turns = [z for r in rows for z in r["tool"]["after_zoom"]]
@@ -120,6 +129,8 @@ def main() -> None:
         out["after_zoom_crop_tokens_mean"] = _mean(z["crop_tokens"] for z in zoom_turns)
         out["after_zoom_nothing_recomputed"] = all(z["prefilled"] == z["uncached"] for z in zoom_turns)
         summary[variant] = out
+    if not args.tool_only:
+        summary["crop_policy"] = registry.crop_policy_for(ctx) or "zoomworld-tiny (base)"
     print(json.dumps(summary, indent=2))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
