@@ -64,3 +64,15 @@ def tiny_phase1(tmp_path_factory) -> Path:
     run_warmup(cfg, out, sizes=ZoomWorldTinySizes(vision_hidden=32, vision_depth=2, hidden=32, layers=2,
                                                   intermediate=64))
     return out
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module: on a shared 2-core machine, two threads that wait on a busy core ran model-heavy
+    files 5-20x slower. Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

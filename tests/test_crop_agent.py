@@ -132,8 +132,11 @@ def test_registry_builds_the_baselines(bundled):
         agent = registry.make_agent(name, ctx)
         assert isinstance(agent, ExternalCropAgent) and agent.name == name
     assert registry.make_agent("deepeyes-cached", ctx).cached and not registry.make_agent("deepeyes", ctx).cached
-    # the bundled policy gets the conventions its grounding phase was trained on
-    assert registry.make_agent("deepeyes", ctx).system == DeepEyesAgent(bundled, 576, "d").system
+    # on the bundled base, the deepeyes agents run the bundled DeepEyes-format policy, prompted as it was trained
+    agent = registry.make_agent("deepeyes", ctx)
+    assert registry.crop_policy_for(ctx) == "zoomworld-tiny-deepeyes" and agent.model.policy.call == "crop"
+    assert agent.system == "" and agent.reply_role == "tool" and agent.instruction == "" and agent.tools is None
+    assert registry.make_agent("deepeyes-cached", ctx).model is agent.model  # loaded once per run
     with pytest.raises(ValueError, match="dialect"):
         registry.check_agent_name("crop@nope")
     assert "crop@DIALECT" in registry.known_agents()

@@ -28,13 +28,7 @@ from qzoom_agent.bench.zoomeye_agent import (
 FAMILIES = ("qwen2_5_vl", "qwen3_vl", "llava")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One thread: on a shared 2-core machine two threads waiting on a busy core run several times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -28,13 +28,7 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 CALL = '<tool_call>\n{"name": "zoom", "arguments": {}}\n</tool_call>'
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One thread: on a shared 2-core machine, two threads that wait on a busy core ran this file 5-20x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

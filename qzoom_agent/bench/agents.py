@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 from ..config import budget_for
 
 if TYPE_CHECKING:
+    from ..backbones import ImageInputs
+    from ..boxes import Box
     from ..model import QZoomModel
     from ..results import Answer
 
@@ -60,6 +62,41 @@ class AgentResult:
                    forward_passes=ans.forward_passes, generated_tokens=ans.generated_tokens, zooms=int(ans.zoomed),
                    gate_score=ans.gate_score, bbox=ans.bbox.to_json() if ans.bbox else None,
                    vision_encodes=1 + len(ans.boxes), layer_tokens=ans.layer_tokens)
+
+
+@dataclass
+class Ledger:
+    """What one question has run so far, counted as it runs: every forward pass of the model (a prefill counts one,
+    its visual tokens and encodes; each decode step one), and the decoder layer-tokens."""
+
+    visual_tokens: int = 0
+    forward_passes: int = 0
+    generated_tokens: int = 0
+    vision_encodes: int = 0
+    layer_tokens: int = 0
+
+    def prefill(self, length: int, images: list[ImageInputs], layers: int) -> None:
+        """One forward pass over ``length`` tokens holding ``images`` (each encoded), through ``layers`` layers."""
+        self.forward_passes += 1
+        self.visual_tokens += sum(im.n_tokens for im in images)
+        self.vision_encodes += len(images)
+        self.layer_tokens += length * layers
+
+    def generated(self, n: int, layers: int) -> None:
+        """``n`` tokens generated after a prefill: the first from the prefill's logits, each further one from one
+        single-token pass through ``layers`` layers (the last token is never fed back)."""
+        steps = max(n - 1, 0)
+        self.forward_passes += steps
+        self.generated_tokens += n
+        self.layer_tokens += steps * layers
+
+    def result(self, answer: str, t0: float, *, zooms: int = 0, bbox: Box | None = None,
+               **extra: Any) -> AgentResult:
+        """The agent's result with these costs, timed from ``t0`` (``extra``: further `AgentResult` fields)."""
+        return AgentResult(answer=answer, latency_s=time.perf_counter() - t0, visual_tokens=self.visual_tokens,
+                           forward_passes=self.forward_passes, generated_tokens=self.generated_tokens,
+                           zooms=zooms, bbox=bbox.to_json() if bbox else None, vision_encodes=self.vision_encodes,
+                           layer_tokens=self.layer_tokens, **extra)
 
 
 class Agent(Protocol):

@@ -30,7 +30,7 @@ from ..config import budget_for
 from ..images import load_image
 from ..tools.crop import ToolCallError, ToolImage
 from ..tools.dialects import get_dialect
-from .agents import AgentResult
+from .agents import AgentResult, Ledger
 
 if TYPE_CHECKING:
     from ..model import QZoomModel
@@ -40,25 +40,16 @@ TRACE_TEXT = 240  # characters of a turn's text kept in the trace
 
 
 @dataclass
-class _Costs:
-    visual_tokens: int = 0
-    vision_encodes: int = 0
-    forward_passes: int = 0
-    generated_tokens: int = 0
-    layer_tokens: int = 0
-
-
-@dataclass
 class _Episode:
     """One question's conversation: the messages, the images the tool can crop, the costs and the trace."""
 
     source: Image.Image
     messages: list[dict]
     images: list[ToolImage]
-    costs: _Costs = field(default_factory=_Costs)
+    costs: Ledger = field(default_factory=Ledger)
     trace: list[dict] = field(default_factory=list)
     calls: int = 0
-    box: list[int] | None = None
+    box: Box | None = None
 
 
 class ExternalCropAgent:
@@ -134,13 +125,8 @@ class ExternalCropAgent:
                                          eos_token_id=self.stop_ids, pad_token_id=adapter.tokenizer.pad_token_id,
                                          **kwargs)
         new = out[0, len(rendered.ids):]
-        n_new = int(new.shape[0])
-        c = ep.costs
-        c.visual_tokens += sum(im.inputs.n_tokens for im in rendered.images)
-        c.vision_encodes += len(rendered.images)
-        c.forward_passes += n_new  # one prefill and n_new - 1 decode steps
-        c.generated_tokens += n_new
-        c.layer_tokens += (len(rendered.ids) + max(n_new - 1, 0)) * adapter.num_layers
+        ep.costs.prefill(len(rendered.ids), [im.inputs for im in rendered.images], adapter.num_layers)
+        ep.costs.generated(int(new.shape[0]), adapter.num_layers)
         tok = adapter.tokenizer
         return tok.decode(new, skip_special_tokens=False), tok.decode(new, skip_special_tokens=True).strip()
 
@@ -166,7 +152,7 @@ class ExternalCropAgent:
             return {"error": str(err)}
         view = self.model.adapter.prepare_image(crop, min_tokens=self.tool_tokens[0], max_tokens=self.tool_tokens[1])
         ep.images.append(ToolImage(crop, view.resized_size, 0, box))
-        ep.box = ep.box or box.to_json()  # the first successful crop is the one scored against the target
+        ep.box = ep.box or box  # the first successful crop is the one scored against the target
         return {"box": box.to_json(), "crop": list(crop.size), "image": crop, "observation": len(ep.images) - 1}
 
     def _reply(self, result: dict) -> dict:
@@ -212,8 +198,4 @@ class ExternalCropAgent:
         else:
             ep.trace.append({"turn": self.max_turns, "action": "max_turns"})
         self.last_trace = ep.trace
-        c = ep.costs
-        return AgentResult(answer=answer, latency_s=time.perf_counter() - t0, visual_tokens=c.visual_tokens,
-                           forward_passes=c.forward_passes, generated_tokens=c.generated_tokens,
-                           tool_calls=ep.calls, bbox=ep.box, vision_encodes=c.vision_encodes,
-                           layer_tokens=c.layer_tokens, external_calls=ep.calls, trace=ep.trace)
+        return ep.costs.result(answer, t0, bbox=ep.box, tool_calls=ep.calls, external_calls=ep.calls, trace=ep.trace)

@@ -25,7 +25,6 @@ import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -37,7 +36,7 @@ from ..boxes import Box, sanitize_box
 from ..config import budget_for
 from ..images import load_image
 from ..tools.crop import enlarge
-from .agents import AgentResult
+from .agents import AgentResult, Ledger
 from .oracle import ORACLE_ZOOM
 
 if TYPE_CHECKING:
@@ -76,30 +75,6 @@ def check_zoom(zoom: object) -> float:
 
 
 # ---- costs and prompts shared with zoomeye_agent -------------------------------------------------------------------
-@dataclass
-class Ledger:
-    """What one question has run so far: every forward pass of the HF model, counted as it runs."""
-
-    visual_tokens: int = 0
-    forward_passes: int = 0
-    generated_tokens: int = 0
-    vision_encodes: int = 0
-    layer_tokens: int = 0
-
-    def prefill(self, length: int, images: list[ImageInputs], layers: int) -> None:
-        """One forward pass over ``length`` tokens holding ``images`` (each encoded), through ``layers`` layers."""
-        self.forward_passes += 1
-        self.visual_tokens += sum(im.n_tokens for im in images)
-        self.vision_encodes += len(images)
-        self.layer_tokens += length * layers
-
-    def result(self, answer: str, t0: float, *, zooms: int, bbox: Box | None) -> AgentResult:
-        return AgentResult(answer=answer, latency_s=time.perf_counter() - t0, visual_tokens=self.visual_tokens,
-                           forward_passes=self.forward_passes, generated_tokens=self.generated_tokens, tool_calls=0,
-                           zooms=zooms, bbox=bbox.to_json() if bbox else None, vision_encodes=self.vision_encodes,
-                           layer_tokens=self.layer_tokens)
-
-
 def chat_ids(adapter: BackboneAdapter, images: list[ImageInputs], text: str) -> torch.LongTensor:
     """(1, L) ids of one user turn holding ``images`` then ``text``, ending with the assistant header; rendered as
     `BackboneAdapter.build_prompt` renders a one-image prompt (the same ids for one image)."""
@@ -129,9 +104,7 @@ def generate_answer(adapter: BackboneAdapter, ids: torch.LongTensor, images: lis
     new = out[0, ids.shape[1]:]
     n = int(new.shape[0])
     ledger.prefill(ids.shape[1], images, adapter.num_layers)
-    ledger.forward_passes += n - 1  # the last token is never fed back
-    ledger.layer_tokens += (n - 1) * adapter.num_layers
-    ledger.generated_tokens += n
+    ledger.generated(n, adapter.num_layers)
     return adapter.tokenizer.decode(new, skip_special_tokens=True).strip()
 
 

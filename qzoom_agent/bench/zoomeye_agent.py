@@ -38,10 +38,9 @@ from ..backbones import ImageInputs
 from ..boxes import Box
 from ..config import budget_for
 from ..images import load_image
-from .agents import AgentResult
+from .agents import AgentResult, Ledger
 from .oracle import ORACLE_ZOOM
 from .vicrop_agent import (
-    Ledger,
     chat_ids,
     check_int,
     check_zoom,
