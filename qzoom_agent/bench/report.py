@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger(__name__)
+CALLS_CAP = 6  # tool_calls.png groups this many calls per question and more in one bar
 
 _COLUMNS = (
     ("agent", None),
@@ -301,8 +302,7 @@ def plot_accuracy_latency(summary: Mapping[str, Any], path: str | Path, title: s
     for name, x, y in points:
         external = (summary["agents"][name].get("external_calls_mean") or 0) > 0
         ax.plot([x], [y], marker="^" if external else "*" if name.startswith("qzoom") else "o", linestyle="",
-                markersize=9, label=name)
-        ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+                markersize=9, label=name)  # the legend names the points: labels beside them overlap
     ax.set_xscale("log")
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("mean latency per question (s, batch 1, log scale)")
@@ -312,8 +312,9 @@ def plot_accuracy_latency(summary: Mapping[str, Any], path: str | Path, title: s
 
 def plot_tool_calls(records: list[Mapping[str, Any]], agents: list[str], path: str | Path,
                     title: str = "") -> Path | None:
-    """The distribution of tool calls (external calls, or internal zooms for Q-Zoom agents) per question: one group
-    of bars per count, one bar per agent that made any.
+    """The distribution of tool calls (external calls, or internal zooms for Q-Zoom agents and crops probed by
+    training-free searches) per question: one group of bars per count, counts from `CALLS_CAP` up in one group, one
+    bar per agent that made any.
 
     Returns:
         The path, or None when no agent made a call or a zoom (nothing is written).
@@ -325,13 +326,13 @@ def plot_tool_calls(records: list[Mapping[str, Any]], agents: list[str], path: s
     per_agent = {a: v for a, v in per_agent.items() if v and any(v)}
     if not per_agent:
         return None
-    top = max(max(v) for v in per_agent.values())
+    top = min(CALLS_CAP, max(max(v) for v in per_agent.values()))
     ax = _axes((6.5, 4.0))
     width = 0.8 / len(per_agent)
     for i, (name, values) in enumerate(per_agent.items()):
-        shares = [values.count(k) / len(values) for k in range(top + 1)]
+        shares = [sum(min(v, top) == k for v in values) / len(values) for k in range(top + 1)]
         ax.bar([k - 0.4 + width * (i + 0.5) for k in range(top + 1)], shares, width=width, label=name)
-    ax.set_xticks(range(top + 1))
+    ax.set_xticks(range(top + 1), [str(k) for k in range(top)] + [f"{top}+" if top == CALLS_CAP else str(top)])
     ax.set_xlabel("tool calls (or internal zooms) per question")
     ax.set_ylabel("share of questions")
     return _finish(ax, title or "Tool calls per question", path)
