@@ -108,6 +108,8 @@ class ExternalCropAgent:
         # a call ends the turn at its closing tag: one id when the vocabulary has it, else by decoded text
         self.stop_ids = sorted({*adapter.eos_token_ids, *(vocab[s] for s in self.dialect.stop_strings if s in vocab)})
         self.stop_strings = tuple(s for s in self.dialect.stop_strings if s not in vocab)
+        # the end-of-turn markers of this tokenizer (``<|im_end|>`` for Qwen, ``</s>`` for LLaVA): a turn ends there
+        self.turn_ends = tuple(t for t in adapter.tokenizer.convert_ids_to_tokens(sorted(adapter.eos_token_ids)) if t)
         self.last_trace: list[dict] = []
 
     # ---- one policy turn ---------------------------------------------------------------------------------------
@@ -184,7 +186,7 @@ class ExternalCropAgent:
         answer = ""
         for turn in range(self.max_turns):
             raw, plain = (self._turn_cached if self.cached else self._turn_stock)(session, ep)
-            said = raw.split("<|im_end|>")[0]
+            said = _cut(raw, self.turn_ends)
             parsed = self.dialect.parse(said)
             entry: dict[str, Any] = {"turn": turn, "said": said[:TRACE_TEXT]}
             if parsed.answer is not None or (parsed.call is None and parsed.error is None):
@@ -199,3 +201,10 @@ class ExternalCropAgent:
             ep.trace.append({"turn": self.max_turns, "action": "max_turns"})
         self.last_trace = ep.trace
         return ep.costs.result(answer, t0, bbox=ep.box, tool_calls=ep.calls, external_calls=ep.calls, trace=ep.trace)
+
+
+def _cut(text: str, ends: tuple[str, ...]) -> str:
+    """``text`` up to the first of the end-of-turn markers ``ends``."""
+    for end in ends:
+        text = text.split(end)[0]
+    return text

@@ -27,14 +27,14 @@ TOOL_ZOOM = ORACLE_ZOOM  # enlargement of the returned region: the scale the ans
 TOOL_TOKENS = ORACLE_TOKENS  # token cap of the tool turn's image
 
 
-def tool_response_view(image: Image.Image, box: tuple[int, int, int, int]) -> Image.Image:
+def tool_response_view(image: Image.Image, box: tuple[int, int, int, int], px_per_token: float = 28) -> Image.Image:
     """What the zoom tool returns for ``box`` (original pixels): the region enlarged `TOOL_ZOOM` times, capped at
-    what `TOOL_TOKENS` tokens keep.
+    what `TOOL_TOKENS` tokens keep at ``px_per_token`` pixels per token side (28: Qwen2.5-VL, the bundled model's).
 
     Raises:
         ToolCallError: a region the DeepEyes harness refuses (a side <= 30 px, aspect > 100).
     """
-    return crop_for_tool(image, box, zoom=TOOL_ZOOM, max_pixels=TOOL_TOKENS * 28 * 28)
+    return crop_for_tool(image, box, zoom=TOOL_ZOOM, max_pixels=round(TOOL_TOKENS * px_per_token ** 2))
 
 
 def policy_messages(question: str, turns: list[tuple[str, str | None]] | None = None, *,
@@ -58,11 +58,12 @@ def trained_on_zoomworld(model: QZoomModel) -> bool:
     return path is not None and trained_alphabet(path) is not None
 
 
-def trained_settings() -> dict[str, Any]:
+def trained_settings(model: QZoomModel) -> dict[str, Any]:
     """How our ZoomWorld recipes train DeepEyes-format policies to be run (`policy_messages`): image-only tool
-    turns (the chat template wraps them), no appended instruction, crops enlarged `TOOL_ZOOM` times up to
-    `TOOL_TOKENS` tokens; the system prompt is the caller's."""
-    return {"dialect": get_dialect("deepeyes", zoom=TOOL_ZOOM, max_pixels=TOOL_TOKENS * 28 * 28, reply_text=False),
+    turns (the chat template wraps them), no appended instruction, crops enlarged `TOOL_ZOOM` times up to what
+    `TOOL_TOKENS` tokens of ``model`` keep; the system prompt is the caller's."""
+    max_pixels = round(TOOL_TOKENS * model.adapter.px_per_token ** 2)
+    return {"dialect": get_dialect("deepeyes", zoom=TOOL_ZOOM, max_pixels=max_pixels, reply_text=False),
             "instruction": False, "reply_role": "tool", "tool_tokens": (4, TOOL_TOKENS)}
 
 
@@ -74,7 +75,7 @@ def deepeyes_preset(model: QZoomModel) -> dict[str, Any]:
     * another model trained by our ZoomWorld recipe (phase 4): `POLICY_SYSTEM`, image-only tool turns, enlarged crops;
     * any other model (a DeepEyes checkpoint): DeepEyes' reference prompt, instruction, reply text and crop sizes.
     """
-    trained = trained_settings()
+    trained = trained_settings(model)
     if model.policy is not None:
         return {**trained, "system": model.policy.system or "", "list_tools": model.policy.list_tools}
     if trained_on_zoomworld(model):
@@ -100,4 +101,4 @@ class DeepEyesAgent(ExternalCropAgent):
                  max_new_tokens: int = 96, max_turns: int = MAX_TURNS, system: str = POLICY_SYSTEM,
                  list_tools: bool = False) -> None:
         super().__init__(model, tokens, name, cached=cached, system=system, list_tools=list_tools,
-                         max_new_tokens=max_new_tokens, max_turns=max_turns, **trained_settings())
+                         max_new_tokens=max_new_tokens, max_turns=max_turns, **trained_settings(model))
