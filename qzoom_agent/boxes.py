@@ -74,9 +74,11 @@ def check_min_side_tokens(value: object) -> None:
         raise ValueError(f"min_side_tokens must be a finite number >= 0, got {value!r}")
 
 
-def check_int(name: str, value: object, minimum: int) -> None:
+def check_int(name: str, value: object, minimum: int) -> int:
+    """``value`` as an int if it is an integer (not a bool) >= ``minimum``, else ValueError naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return int(value)
 
 
 def check_pair(name: str, pair: Pair, minimum: int) -> tuple[int, int]:

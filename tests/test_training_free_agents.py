@@ -229,16 +229,22 @@ class Counter:
             (self.calls, self.visual, self.images, self.layer_tokens)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_vicrop_costs_are_what_ran(tiny, family):
-    qm = tiny[family]
-    agent = ViCropAgent(qm, 64, "vicrop", att_layer=1, zoom=2.0)
+def run_counted(qm, agent) -> AgentResult:
+    """Run ``agent`` on the test image with `Counter` hooks on ``qm``, and check its reported costs against them."""
     counter = Counter(qm)
     try:
         r = agent.run(make_image(), QUESTION)
     finally:
         counter.close()
     counter.check(r)
+    return r
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_vicrop_costs_are_what_ran(tiny, family):
+    qm = tiny[family]
+    agent = ViCropAgent(qm, 64, "vicrop", att_layer=1, zoom=2.0)
+    r = run_counted(qm, agent)
     assert r.zooms == 1 and r.tool_calls == 0 and agent.last_error is None
     x1, y1, x2, y2 = r.bbox
     assert 0 <= x1 < x2 <= 451 and 0 <= y1 < y2 <= 300  # the adaptive box lies inside the image
@@ -249,12 +255,7 @@ def test_vicrop_costs_are_what_ran(tiny, family):
 def test_zoomeye_costs_are_what_ran(tiny, family):
     qm = tiny[family]
     agent = ZoomEyeAgent(qm, 64, "zoomeye", max_depth=1)
-    counter = Counter(qm)
-    try:
-        r = agent.run(make_image(), QUESTION)
-    finally:
-        counter.close()
-    counter.check(r)
+    r = run_counted(qm, agent)
     assert agent.last_error is None and r.tool_calls == 0
     assert r.forward_passes == (r.vision_encodes - 1) + r.generated_tokens  # probes, then one answer image
     assert 0 <= r.zooms <= 4

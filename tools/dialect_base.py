@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 
 from PIL import Image
 
-from ..boxes import Box, crop
+from ..boxes import Box, check_int, crop
 from ..images import resize_to
 from . import dialect_rules as rules
 from .crop import Frame, ToolCallError, ToolImage, enlarge
@@ -58,11 +58,6 @@ class Turn:
             raise ValueError(f"a Turn holds at most one of answer, call and error, got {self!r}")
 
 
-def _positive_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-
-
 @dataclass(frozen=True)
 class Dialect:
     """What every dialect shares; use a subclass (`DIALECTS`). Subclasses are frozen, validated configs.
@@ -99,9 +94,9 @@ class Dialect:
     reply_text: bool = True  # False: a successful reply is the image alone (a policy trained on image-only turns)
 
     def __post_init__(self) -> None:
-        _positive_int("max_turns", self.max_turns)
-        _positive_int("min_pixels", self.min_pixels)
-        _positive_int("max_pixels", self.max_pixels)
+        check_int("max_turns", self.max_turns, 1)
+        check_int("min_pixels", self.min_pixels, 1)
+        check_int("max_pixels", self.max_pixels, 1)
         if self.min_pixels > self.max_pixels:
             raise ValueError(f"min_pixels ({self.min_pixels}) must not exceed max_pixels ({self.max_pixels})")
         if self.zoom is not None and (isinstance(self.zoom, bool) or not isinstance(self.zoom, (int, float))

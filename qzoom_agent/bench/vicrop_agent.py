@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 
 from ..backbones import BackboneAdapter, ImageInputs
-from ..boxes import Box, sanitize_box
+from ..boxes import Box, check_int, sanitize_box
 from ..config import budget_for
 from ..images import load_image
 from ..tools.crop import enlarge
@@ -58,13 +58,6 @@ def default_att_layer(num_layers: int) -> int:
         (22, 28, 3)
     """
     return min(num_layers - 1, max(0, round(num_layers * REFERENCE_LAYER / REFERENCE_DEPTH)))
-
-
-def check_int(name: str, value: object, minimum: int) -> int:
-    """``value`` if it is an int >= ``minimum``, else ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
 
 
 def check_zoom(zoom: object) -> float:
@@ -116,7 +109,7 @@ def encoder_side(view: ImageInputs) -> float:
 
 def zoom_view(adapter: BackboneAdapter, source: Image.Image, box: Box, zoom: float, tokens: int) -> ImageInputs:
     """The crop of ``box`` enlarged ``zoom`` times (no further than ``tokens`` keep), encoded at <= ``tokens``."""
-    px = getattr(adapter, "px_per_token", 28)
+    px = adapter.px_per_token
     crop = enlarge(source.crop(box.as_tuple()), zoom, max_pixels=tokens * px * px)
     return adapter.prepare_image(crop, min_tokens=min(4, tokens), max_tokens=tokens)
 

@@ -35,14 +35,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..backbones import ImageInputs
-from ..boxes import Box
+from ..boxes import Box, check_int
 from ..config import budget_for
 from ..images import load_image
 from .agents import AgentResult, Ledger
 from .oracle import ORACLE_ZOOM
 from .vicrop_agent import (
     chat_ids,
-    check_int,
     check_zoom,
     encoder_side,
     generate_answer,

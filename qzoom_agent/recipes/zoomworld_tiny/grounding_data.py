@@ -154,7 +154,7 @@ def encode_policy(adapter: BackboneAdapter, ex: PolicyExample) -> EncodedPolicy:
         if not full.startswith(head):
             raise RuntimeError("the chat template does not render an assistant turn as its content + <|im_end|>")
         pieces += [(call + END_TOKEN, True), (full[len(head):], False)]
-        images.append(adapter.prepare_image(tool_response_view(s.image, ex.window), min_tokens=4,
+        images.append(adapter.prepare_image(tool_response_view(s.image, ex.window, adapter.px_per_token), min_tokens=4,
                                             max_tokens=TOOL_TOKENS))
     pieces.append((s.answer + END_TOKEN, True))
     ids: list[int] = []

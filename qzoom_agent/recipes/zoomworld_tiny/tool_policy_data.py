@@ -273,11 +273,11 @@ class EncodedTool:
 
 def call_turns(ex: ToolExample, view_size: tuple[int, int], px_per_token: int) -> list[dict]:
     """The call turn and the tool turn of fine example ``ex`` (``view_size``: its first image's resized size;
-    ``px_per_token``: the backbone's, for the zoom tool's line)."""
+    ``px_per_token``: the backbone's, for the zoom tool's line and the crop's token cap)."""
     s = ex.sample
     if ex.call == "crop":
         written, region = crop_call(ex.box, s.image.size, view_size)
-        crop = tool_response_view(s.image, region.as_tuple())
+        crop = tool_response_view(s.image, region.as_tuple(), px_per_token)
         return [{"role": "assistant", "content": crop_call_text(written)},
                 {"role": "tool", "content": [{"type": "image", "image": crop}]}]
     out = zoom_output(s.image, ex.box, ex.gate_score, "cached", px_per_token=px_per_token)
