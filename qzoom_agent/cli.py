@@ -386,16 +386,44 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for add in (_add_ask, _add_agent, _add_make_tiny, _add_zoomworld, _add_demo, _add_train, _add_serve_mcp,
-                add_compare_parser):
+                add_compare_parser, _add_grpo):
         add(sub)
     return parser
+
+
+def _add_grpo(sub: argparse._SubParsersAction) -> None:
+    # TRL's own parser reads the recipe (every GRPOConfig field), so everything after `grpo` goes to it untouched.
+    p = sub.add_parser("grpo", add_help=False, help="GRPO-train a thinking-with-images policy with a zoom tool in "
+                       "the loop (TRL); --config configs/grpo/NAME.yaml, any GRPOConfig field as --FIELD VALUE")
+    p.set_defaults(func=_grpo, recipe_args=[])
+
+
+def _grpo(args: argparse.Namespace) -> int:
+    import json
+
+    from .rl.gpu import AcceleratorError
+    from .rl.recipe import run
+
+    argv = list(args.recipe_args)
+    if not argv:
+        argv = ["--help"]
+    try:
+        summary = run(argv)
+    except AcceleratorError as err:
+        raise UsageError(str(err)) from None
+    print(json.dumps(summary, indent=2))
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `qzoom-agent` console script; returns the exit code."""
     expected: tuple[type[Exception], ...] = (UsageError, ImageLoadError, FileNotFoundError, ValueError)
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args, extra = parser.parse_known_args(argv)
+        if extra and args.command != "grpo":
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.recipe_args = extra  # grpo: TRL's parser reads them, in order
         if args.command == "ask" and args.no_qzoom:
             args.mode = "never"
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
