@@ -11,8 +11,10 @@ Dict-valued settings (``rewards``, ``curiosity``) are mappings in YAML and JSON 
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +23,7 @@ ENVIRONMENTS = ("zoom", "crop", "none")
 EVAL_AGENTS = {"zoom": "qzoom-tool", "crop": "deepeyes-cached", "none": "plain@576"}
 CHAT_TEMPLATES = ("model", "qwen3_vl")
 DEFAULT_REWARDS = {"accuracy": 1.0, "format": 0.2}
+_JUDGE_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
 def _mapping(name: str, value: Any, allow_none: bool = False) -> dict[str, Any] | None:
@@ -67,6 +70,8 @@ class RecipeArguments:
         fine_share: share of fine questions among generated ZoomWorld rows; None keeps ZoomWorld's own mix.
         rewards: reward name -> weight (`qzoom_agent.rl.rewards.REWARDS`, ``curiosity``, ``judge_accuracy``).
         curiosity: settings of the ``curiosity`` reward (``target_rate``, ``max_calls``, ``penalty``).
+        judge: the scorer of the ``judge_accuracy`` reward as ``package.module:function``, called as
+            ``judge(prediction, answer, options) -> float`` (e.g. an LLM judge); "" for none.
         eval_bench: held-out questions for `compare` (ZoomWorld TEST split: never the training scenes).
         eval_n: held-out questions per evaluation (0: no evaluation).
         eval_seed: which held-out questions (`qzoom_agent.bench.runner.question_indices`).
@@ -91,6 +96,7 @@ class RecipeArguments:
     fine_share: float | None = None
     rewards: dict | str | None = field(default_factory=lambda: dict(DEFAULT_REWARDS))
     curiosity: dict | str | None = None
+    judge: str = ""
     eval_bench: str = "zoomworld:hr"
     eval_n: int = 100
     eval_seed: int = 1
@@ -107,6 +113,10 @@ class RecipeArguments:
         for name, weight in self.rewards.items():
             if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
                 raise ValueError(f"the weight of reward {name!r} must be a finite number, got {weight!r}")
+        if self.judge and not _JUDGE_PATH.match(self.judge):
+            raise ValueError(f"judge must be 'package.module:function', got {self.judge!r}")
+        if ("judge_accuracy" in self.rewards) != bool(self.judge):
+            raise ValueError("the judge_accuracy reward and the judge setting go together: name both or neither")
         if self.environment not in ENVIRONMENTS:
             raise ValueError(f"environment must be one of {ENVIRONMENTS}, got {self.environment!r}")
         if self.chat_template not in CHAT_TEMPLATES:
@@ -136,8 +146,29 @@ class RecipeArguments:
 
     @property
     def agent(self) -> str:
-        """The `compare` agent that evaluates the policy."""
-        return self.eval_agent or EVAL_AGENTS[self.environment]
+        """The `compare` agent that evaluates the policy: ``eval_agent``, else by environment (a crop policy in
+        another dialect than DeepEyes' runs as ``crop@DIALECT``, which reads its calls)."""
+        if self.eval_agent:
+            return self.eval_agent
+        if self.environment == "crop" and self.dialect != "deepeyes":
+            return f"crop@{self.dialect}"
+        return EVAL_AGENTS[self.environment]
+
+
+def load_judge(path: str):
+    """The function ``package.module:function`` names.
+
+    Raises:
+        ValueError: the module cannot be imported or has no such callable.
+    """
+    module, _, name = path.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"judge {path!r} cannot be loaded: {err}") from None
+    if not callable(fn):
+        raise ValueError(f"judge {path!r} is not callable")
+    return fn
 
 
 def _int_at_least(name: str, value: Any, low: int) -> None:
@@ -150,10 +181,25 @@ def parse_recipe(argv: Sequence[str] | None = None) -> tuple[RecipeArguments, An
 
     Raises:
         ValueError: a bad value, with the field's name (TRL's parser exits on unknown or malformed options).
+        AcceleratorError: bf16/fp16 asked for on a machine without a GPU.
     """
     from trl import GRPOConfig, TrlParser
 
     parser = TrlParser((RecipeArguments, GRPOConfig), prog="qzoom-agent grpo",
                        description="GRPO for thinking-with-images policies with the zoom tools in the loop")
-    recipe, grpo = parser.parse_args_and_config(args=list(argv) if argv is not None else None)
+    try:
+        recipe, grpo = parser.parse_args_and_config(args=list(argv) if argv is not None else None)
+    except ValueError as err:
+        if "bf16" in str(err) or "fp16" in str(err):  # transformers' check, raised while the config is built
+            from .gpu import AcceleratorError
+
+            raise AcceleratorError("this recipe trains in bf16/fp16, which this machine cannot (no CUDA GPU); run "
+                                   "it on a GPU node, or pass --use_cpu true --bf16 false to try it here") from None
+        raise
+    if recipe.environment != "none":
+        room = recipe.view_tokens + 64
+        if grpo.max_completion_length is not None and grpo.max_completion_length < room:
+            raise ValueError(f"max_completion_length {grpo.max_completion_length} leaves no room for one tool "
+                             f"result: a crop alone may take view_tokens={recipe.view_tokens} tokens (TRL drops a "
+                             f"result that overflows, silently); use at least {room}")
     return recipe, grpo

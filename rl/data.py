@@ -114,6 +114,8 @@ def _zoomworld(spec: str, cache: Path, size: int, start: int, alphabet: str | No
     parts = []
     for k, variant in enumerate(variants):
         n = size // len(variants) + (k < size % len(variants))
+        if n == 0:  # fewer rows than variants: the first variants get them
+            continue
         kw: dict[str, Any] = {"alphabet": alphabet} if alphabet else {}
         mix = zoomworld_mix(fine_share)
         if mix:

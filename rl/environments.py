@@ -15,6 +15,8 @@ generation the same partial prefill runs on the trainer's HF model, which holds 
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import logging
 from collections.abc import Callable
@@ -148,10 +150,16 @@ def dialect_environment(dialect: Dialect, view_size_of: ViewSizeOf) -> type:
         raise ValueError(f"dialect {dialect.name!r} has no GRPO environment; choose one of {', '.join(_TOOLS)}")
     name, fn = _TOOLS[dialect.name]
 
-    def tool(self: DialectEnvironment, *args: Any, **kwargs: Any) -> list[dict]:
-        return fn(self, *args, **kwargs)
+    names = list(inspect.signature(fn).parameters)[1:]
 
-    import functools
+    def tool(self: DialectEnvironment, *args: Any, **kwargs: Any) -> list[dict]:
+        # TRL calls a tool with the policy's arguments as keywords, whatever they are; the dialect reads them (a
+        # missing or unknown one is an error reply and a counted failed call, never a TypeError). ``fn`` only
+        # gives the schema TRL shows the policy.
+        if len(args) > len(names):
+            error = f"{name} takes at most {len(names)} arguments ({', '.join(names)}), got {len(args)}"
+            return self._record(ToolOutput.error(error), self._dialect.reply(False, error=error))
+        return self._run({**dict(zip(names, args, strict=False)), **kwargs})  # fewer positionals: fine
 
     tool = functools.wraps(fn)(tool)
     tool.__name__ = tool.__qualname__ = name
@@ -182,6 +190,10 @@ def build_environment(recipe: RecipeArguments, model: QZoomModel, view_size_of: 
     if recipe.dialect == "deepeyes" and (model.policy is not None or trained_on_zoomworld(model)):
         dialect = trained_settings(model)["dialect"]
     else:
+        from ..tools.dialects import DIALECTS
+
         px = float(model.adapter.px_per_token)
-        dialect = get_dialect(recipe.dialect, max_pixels=round(recipe.view_tokens * px * px))
+        most = round(recipe.view_tokens * px * px)
+        least = min(DIALECTS[recipe.dialect].min_pixels, most)  # a small view_tokens lowers the dialect's floor too
+        dialect = get_dialect(recipe.dialect, max_pixels=most, min_pixels=least)
     return dialect_environment(dialect, view_size_of)

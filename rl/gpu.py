@@ -58,3 +58,23 @@ def check_accelerator(args: Any, *, cuda_available: bool | None = None, vllm_ins
         raise AcceleratorError("this recipe trains on a GPU (use_cpu: false) and no CUDA GPU is visible; run it on "
                                "a GPU node, or pass --use_cpu true --bf16 false to try it on this CPU")
     return "cuda"
+
+
+def check_zero_stage(environ: dict[str, str] | None = None) -> None:
+    """Refuse DeepSpeed ZeRO-3, under which these recipes cannot run correctly yet.
+
+    The internal zoom runs the policy's lower layers once per call, and the number of calls differs between ranks,
+    while ZeRO-3 makes every rank join each forward to gather the sharded weights (a hang); and the policy delta
+    and the held-out evaluation read the weights on the main process alone, where ZeRO-3 holds only its shard.
+    ZeRO-2 (``configs/accelerate/zero2.yaml``) keeps the weights whole on every rank.
+
+    Raises:
+        AcceleratorError: ``ACCELERATE_DEEPSPEED_ZERO_STAGE`` is 3.
+    """
+    import os
+
+    env = os.environ if environ is None else environ
+    if str(env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "")).strip() == "3":
+        raise AcceleratorError("DeepSpeed ZeRO-3 is not supported by the GRPO recipes (zoom calls differ between "
+                               "ranks, and the policy is saved from the main process); launch with "
+                               "configs/accelerate/zero2.yaml")

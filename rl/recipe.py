@@ -91,8 +91,15 @@ def load_policy(recipe: RecipeArguments, device: str) -> QZoomModel:
     return QZoomModel.from_pretrained(recipe.model, qzoom, device=device, dtype=dtype)
 
 
-def build_trainer(recipe: RecipeArguments, args: Any) -> tuple[Any, QZoomModel]:
+def build_trainer(recipe: RecipeArguments, args: Any,
+                  extra_rewards: Sequence[tuple[Any, float]] = ()) -> tuple[Any, QZoomModel]:
     """TRL's `GRPOTrainer` for the recipe, and the policy (whose ``adapter.model`` the trainer trains).
+
+    Args:
+        recipe: the recipe's settings.
+        args: its `trl.GRPOConfig` (``reward_weights`` is set here, from ``recipe.rewards``).
+        extra_rewards: ``(reward function, weight)`` pairs added to the recipe's rewards (Python API: any TRL
+            reward function, e.g. a task-specific scorer).
 
     Raises:
         ValueError, RuntimeError: a setting that cannot work (with what to change).
@@ -104,11 +111,12 @@ def build_trainer(recipe: RecipeArguments, args: Any) -> tuple[Any, QZoomModel]:
     from .data import load_rows, prompt_messages
     from .environments import build_environment
     from .evaluate import HeldOutEvalCallback
-    from .gpu import check_accelerator
+    from .gpu import check_accelerator, check_zero_stage
     from .processor import grpo_processor, view_size_of
     from .rewards import build_rewards
 
     device = check_accelerator(args)
+    check_zero_stage()
     model = load_policy(recipe, device)
     if recipe.freeze_perception:
         freeze_perception(model)
@@ -134,8 +142,13 @@ def build_trainer(recipe: RecipeArguments, args: Any) -> tuple[Any, QZoomModel]:
     rows = rows.map(lambda q: {"prompt": prompt_messages(q, system=system, instruction=instruction)},
                     input_columns=["question"], desc="prompts")
 
-    funcs, weights = build_rewards(recipe.rewards, num_generations=args.num_generations, curiosity=recipe.curiosity)
-    funcs, weights = [*funcs, _rollout_stats], [*weights, 0.0]
+    from .config import load_judge
+
+    judge = load_judge(recipe.judge) if recipe.judge else None
+    funcs, weights = build_rewards(recipe.rewards, num_generations=args.num_generations, curiosity=recipe.curiosity,
+                                   judge=judge)
+    funcs = [*funcs, *(fn for fn, _ in extra_rewards), _rollout_stats]
+    weights = [*weights, *(float(w) for _, w in extra_rewards), 0.0]
     args.reward_weights = weights
     if args.beta > 0:
         _save_reference(model, Path(args.output_dir) / "reference")

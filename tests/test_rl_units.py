@@ -196,8 +196,6 @@ def test_load_rows_generates_zoomworld_fine_rows_once(tmp_path):
     assert again["question"] == ds["question"] and again["answer"] == ds["answer"]
 
 
-@pytest.mark.xfail(strict=True, reason="rl/data.py _zoomworld: a two-variant source with train_size 1 gives the "
-                   "second variant n=0 rows, and read_jsonl of its empty export raises 'holds no records'")
 def test_load_rows_two_variants_with_one_row(tmp_path):
     ds = load_rows("zoomworld:hr+doc", cache=tmp_path, size=1, start=START, alphabet=DIGITS)
     assert len(ds) == 1
@@ -357,10 +355,6 @@ def test_pixelreasoner_environment_pads_the_normalized_box_as_the_dialect():
     assert (env.calls, env.failed_calls) == (4, 1)
 
 
-@pytest.mark.xfail(strict=True, reason="rl/environments.py _pixelreasoner_tool/_deepeyes_tool: a call whose "
-                   "arguments do not fit the Python signature (a missing target_image or bbox_2d, an unknown "
-                   "argument) raises TypeError instead of replying with the dialect's error; TRL then catches it, "
-                   "so the rollout's calls/failed_calls (call_cost, tool_bonus) never see the call")
 @pytest.mark.parametrize(("dialect", "arguments"), [
     ("pixelreasoner", {"bbox_2d": [0.2, 0.3, 0.5, 0.6]}),
     ("deepeyes", {}),
@@ -420,9 +414,6 @@ def test_build_environment_crop_on_another_model_uses_the_reference_reply(plain_
     assert _tools(pr) == ["crop_image_normalized"]
 
 
-@pytest.mark.xfail(strict=True, reason="rl/environments.py build_environment: get_dialect(dialect, max_pixels="
-                   "view_tokens*px^2) keeps the dialect's own min_pixels (qwen3vl: 65536), so a valid recipe with "
-                   "view_tokens < 84 fails with 'min_pixels (65536) must not exceed max_pixels (50176)'")
 def test_build_environment_qwen3vl_crop_with_a_small_view_budget(plain_qwen):
     recipe = RecipeArguments(environment="crop", dialect="qwen3vl", view_tokens=64)
     try:
@@ -684,9 +675,6 @@ def test_recipe_agent_by_environment():
     assert RecipeArguments(environment="zoom", eval_agent="qzoom@256").agent == "qzoom@256"
 
 
-@pytest.mark.xfail(strict=True, reason="rl/config.py RecipeArguments.agent: a crop recipe in the pixelreasoner "
-                   "dialect is evaluated by deepeyes-cached by default, whose DeepEyes parser refuses every "
-                   "crop_image_normalized call the trained policy writes")
 def test_default_eval_agent_reads_the_crop_dialect_it_trains():
     recipe = RecipeArguments(environment="crop", dialect="pixelreasoner")
     agent = recipe.agent

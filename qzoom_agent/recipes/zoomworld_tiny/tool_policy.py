@@ -111,7 +111,15 @@ def load_tool_policy_config(path: str | Path) -> ToolPolicyConfig:
 
 def base_alphabet(cfg: ToolPolicyConfig) -> str:
     """The tag characters of the conversations: the config's, else the base model's, else ZoomWorld's default."""
-    return cfg.alphabet or trained_alphabet(resolve_model_path(cfg.base)) or DEFAULT_ALPHABET
+    return cfg.alphabet or trained_alphabet(resolve_model_path(underlying_base(cfg.base))) or DEFAULT_ALPHABET
+
+
+def underlying_base(name: str) -> str:
+    """The base model of ``name``: itself, or the base a policy delta applies to (a policy can be the starting
+    point of further training; its export is a delta on the same base)."""
+    from ...policy import is_policy, read_policy, resolve_policy_path
+
+    return read_policy(resolve_policy_path(name))[0].base if is_policy(name) else name
 
 
 # ---- what trains ---------------------------------------------------------------------------------------------
@@ -268,7 +276,8 @@ def train_tool_policy(model: QZoomModel, cfg: ToolPolicyConfig, folder: Path, al
 
 def export_policy(model: QZoomModel, out: Path, cfg: ToolPolicyConfig, step: int) -> Path:
     """Write the trained tensors and ``policy.json`` (`policy.write_policy`) into ``out``."""
-    base = cfg.base if cfg.base in BUNDLED_MODELS else str(resolve_model_path(cfg.base).resolve())
+    start = underlying_base(cfg.base)
+    base = start if start in BUNDLED_MODELS else str(resolve_model_path(start).resolve())
     flow = ("fine question -> zoom call -> tool crop -> answer" if cfg.data.call == "zoom" else
             "fine question -> DeepEyes image_zoom_in_tool call (bbox_2d in pixels of the resized view, a jittered "
             "ground-truth box) -> the DeepEyes agent's crop alone -> answer")

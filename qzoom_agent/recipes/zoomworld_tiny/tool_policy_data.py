@@ -62,7 +62,7 @@ EVAL_OFFSET = 4 * 10**6  # val-split indices of the in-training check: clear of 
 CALL_END = "</tool_call>"  # one added token; generation stops there
 CALL_MESSAGE = {"role": "assistant", "content": "",
                 "tool_calls": [{"type": "function", "function": {"name": ZOOM_TOOL_NAME, "arguments": {}}}]}
-BOX_SOURCES = ("twig", "truth", "miss")
+BOX_SOURCES = ("twig", "truth", "miss", "coarse")
 CallKind = Literal["zoom", "crop"]
 DEEPEYES = get_dialect("deepeyes")  # writes the call text and locates it, as `DeepEyesAgent` does (view pixels)
 
@@ -91,6 +91,9 @@ class ToolPolicyDataConfig(BaseModel):
                               "the target is cropped at a jittered ground-truth box instead")
     gt_scale: tuple[float, float] = Field((1.5, 4.0), description="side of a jittered ground-truth box over the "
                                           "target's (twig boxes are about 2-4x a tag)")
+    coarse_calls: float = Field(0.0, ge=0.0, le=1.0, description="share of coarse examples that also call zoom "
+                                "(crop at the twig's box) before answering: a start for RL that zooms on coarse "
+                                "questions too, which GRPO then has to unlearn ('zoom' calls only)")
 
     @field_validator("fine_mix")
     @classmethod
@@ -185,8 +188,9 @@ class TwigBoxes:
         return (Box(*row["box"]) if row["box"] else None), row["gate"]
 
     def fill(self, model: QZoomModel, cfg: ToolPolicyDataConfig, alphabet: str, scenes: list[int]) -> None:
-        """Run the zoom tool (`zoom_once`) on the fine ones of ``scenes`` not cached yet, appending as it goes."""
-        todo = [k for k in scenes if k not in self.rows and scene_draw(cfg, k)[0]]
+        """Run the zoom tool (`zoom_once`) on the fine ones of ``scenes`` (all of them with ``coarse_calls``) not
+        cached yet, appending as it goes."""
+        todo = [k for k in scenes if k not in self.rows and (scene_draw(cfg, k)[0] or cfg.coarse_calls > 0)]
         with open(self.path, "a") as f:
             for k in tqdm(todo, desc="twig boxes", dynamic_ncols=True, mininterval=2.0, disable=not todo):
                 s = training_scene(cfg, alphabet, k)
@@ -218,9 +222,10 @@ class ToolExample:
 
     Attributes:
         sample: the ZoomWorld scene, question and answer.
-        box: the crop's box in source pixels (fine), or None (coarse: no call).
+        box: the crop's box in source pixels (fine, and coarse with ``coarse_calls``), or None (no call).
         gate_score: the gate's score the tool line reports (the real one for the scene).
-        box_source: ``"twig"``, ``"truth"``, ``"miss"`` (see the module doc) or ``""`` for coarse.
+        box_source: ``"twig"``, ``"truth"``, ``"miss"`` (see the module doc), ``"coarse"`` (a coarse example that
+            calls, at the twig's box) or ``""`` (no call).
         call: the tool called, ``"zoom"`` or ``"crop"`` (see the module doc).
     """
 
@@ -237,6 +242,14 @@ def make_tool_example(cfg: ToolPolicyDataConfig, alphabet: str, index: int, boxe
     scene = scene_index(cfg, index)
     s = training_scene(cfg, alphabet, scene)
     if s.kind != "fine":
+        # its own draw, so that coarse_calls = 0 leaves every other example as it was
+        if cfg.call == "zoom" and cfg.coarse_calls and random.Random(f"tool-policy/coarse/{index}").random() < \
+                cfg.coarse_calls:
+            if boxes is None:
+                raise ValueError("a zoom-call policy's examples need the twig boxes")
+            twig, gate = boxes.get(scene)
+            if twig is not None:
+                return ToolExample(s, twig, gate, "coarse")
         return ToolExample(s, None, None, "", cfg.call)
     rng = random.Random(f"tool-policy/box/{index}")  # per example: a repeated scene gets a new draw
     if cfg.call == "crop":
