@@ -323,3 +323,16 @@ def test_grpo_step_calls_zoom_and_trains_on_the_crop(tmp_path):
     assert again.boxes == perceived.boxes and run["seen"]["boxes"] == [perceived.boxes] * 2
     print(f"overfit {steps} steps {overfit_s:.1f}s (worst token loss {loss:.4f}); GRPO steps {short['s']:.1f}s "
           f"(budget too short), {refused['s']:.1f}s (every zoom refused), {run['s']:.1f}s")
+
+
+def test_arguments_the_signature_does_not_take_are_counted_error_lines(qm):
+    """TRL calls a tool with whatever arguments the policy wrote; a TypeError would reach the policy as a Python
+    message and bypass the rollout's counters, which the rewards read."""
+    env = zoom_environment(qm)()
+    env.reset(image=make_image(), question=QUESTION)
+    assert env.zoom(bogus=1) == [{"type": "text", "text": "zoom: got an unexpected keyword argument 'bogus'"}]
+    assert set(get_json_schema(env.zoom)["function"]["parameters"]["properties"]) == {"hint"}  # schema unchanged
+    crop = zoom_environment(qm, crop=True)()
+    crop.reset(image=make_image(), question=QUESTION)
+    assert crop.image_zoom_in_tool()[0]["text"] == "image_zoom_in_tool: missing a required argument: 'bbox_2d'"
+    assert (env.calls, env.failed_calls, crop.calls, crop.failed_calls) == (1, 1, 1, 1)

@@ -42,6 +42,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import inspect
 import logging
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -276,6 +278,23 @@ class CropEnvironment(_RolloutEnvironment):
     image_zoom_in_tool.__doc__ = _CROP_DOC.format(frame_words=_FRAME_WORDS["norm1000"])
 
 
+def _tolerant(method: Callable[..., list[dict]]) -> Callable[..., list[dict]]:
+    """``method`` with any arguments: ones its signature does not take are an error line and a counted failed
+    call, not a TypeError (TRL would show the policy the Python message and the counters would miss the call).
+    The signature and docstring, from which TRL builds the tool's schema, are ``method``'s."""
+    signature = inspect.signature(method)
+
+    @functools.wraps(method)
+    def call(self: _RolloutEnvironment, *args: Any, **kwargs: Any) -> list[dict]:
+        try:
+            signature.bind(self, *args, **kwargs)
+        except TypeError as err:
+            return self._record(ToolOutput.error(f"{method.__name__}: {err}"))
+        return method(self, *args, **kwargs)
+
+    return call
+
+
 def zoom_environment(model: QZoomModel, *, crop: bool = False, frame: Frame = "norm1000",
                      view_tokens: int = VIEW_TOKENS,
                      view_size_of: Callable[[Image.Image], tuple[int, int]] | None = None) -> type:
@@ -312,6 +331,7 @@ def zoom_environment(model: QZoomModel, *, crop: bool = False, frame: Frame = "n
         raise ValueError(f"view_tokens must be an int >= 1, got {view_tokens!r}")
     if not crop:
         return type("QZoomEnvironment", (ZoomEnvironment,), {"model": model, "view_tokens": view_tokens,
+                                                             "zoom": _tolerant(ZoomEnvironment.zoom),
                                                              "__module__": __name__})
 
     # TRL builds the tool's schema from the method's docstring, so this frame's wording goes on a copy of it.
@@ -319,6 +339,7 @@ def zoom_environment(model: QZoomModel, *, crop: bool = False, frame: Frame = "n
         return CropEnvironment.image_zoom_in_tool(self, bbox_2d, label)
 
     image_zoom_in_tool.__doc__ = _CROP_DOC.format(frame_words=_FRAME_WORDS[frame])
+    image_zoom_in_tool = _tolerant(image_zoom_in_tool)
     px = float(model.adapter.px_per_token)
     return type("CropZoomEnvironment", (CropEnvironment,), {
         "_frame": frame, "_view_size_of": staticmethod(view_size_of) if view_size_of else None,
