@@ -39,7 +39,8 @@ def _rate(records: list[dict[str, Any]], key: str, kind: str | None = None) -> f
 
 def summarize_eval(records: list[dict[str, Any]], step: int) -> dict[str, Any]:
     """One evaluation's line: accuracy (all, fine, coarse), share of questions with a tool call (fine, coarse),
-    mean tool calls, latency and generated tokens per question.
+    mean tool calls, latency and generated tokens per question, and the share of answers that are a call written as
+    text (an agent without the tool).
 
     Examples:
         >>> recs = [{"kind": "fine", "correct": True, "tool_calls": 1, "latency_s": 0.5, "generated_tokens": 30},
@@ -54,6 +55,9 @@ def summarize_eval(records: list[dict[str, Any]], step: int) -> dict[str, Any]:
             "call_rate_fine": _rate(records, "called", "fine"), "call_rate_coarse": _rate(records, "called", "coarse"),
             "tool_calls": _rate(records, "tool_calls"), "latency_s": _rate(records, "latency_s"),
             "generated_tokens": _rate(records, "generated_tokens"),
+            # a call written as text that no tool ran (the no-tool agent's answers): the habit, not an answer
+            "call_text_rate": (sum("<tool_call>" in str(r.get("answer") or "") for r in records) / len(records)
+                               if records else None),
             "errors": sum(bool(r.get("error")) for r in records)}
 
 
@@ -122,25 +126,27 @@ def plot_progress(log_history: list[dict[str, Any]], evals: list[dict[str, Any]]
                and math.isfinite(float(e[key]))]
         return [p[0] for p in pts], [p[1] for p in pts]
 
+    def rolling(xs: list[int], ys: list[float], k: int) -> tuple[list[int], list[float]]:
+        return xs, [sum(ys[max(0, i - k + 1):i + 1]) / len(ys[max(0, i - k + 1):i + 1]) for i in range(len(ys))]
+
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     steps, reward = series("reward")
-    axes[0].plot(steps, reward, alpha=0.35, label="per step")
+    k = max(5, len(reward) // 5)  # one prompt per step is noisy: the mean over a fifth of the run shows the trend
+    axes[0].plot(steps, reward, alpha=0.3, label="per step")
     if len(reward) >= 5:
-        k = max(5, len(reward) // 10)
-        smooth = [sum(reward[max(0, i - k + 1):i + 1]) / len(reward[max(0, i - k + 1):i + 1])
-                  for i in range(len(reward))]
-        axes[0].plot(steps, smooth, label=f"mean of last {k}")
+        axes[0].plot(*rolling(steps, reward, k), label=f"mean of last {k} steps")
     axes[0].set(title="reward (training rollouts)", xlabel="step")
     axes[0].legend()
     for key, label in (("tools/call_frequency", "calls per rollout"),
-                       ("rollouts/call_rate_fine", "fine: share called"),
-                       ("rollouts/call_rate_coarse", "coarse: share called")):
+                       ("rollouts/call_rate_fine", "fine rollouts: share that called"),
+                       ("rollouts/call_rate_coarse", "coarse rollouts: share that called")):
         s, v = series(key)
-        if s:
-            axes[1].plot(s, v, label=label, marker="." if len(s) < 30 else None)
-    axes[1].set(title="tool calls (training rollouts)", xlabel="step", ylim=(-0.05, None))
+        if s:  # each point: the mean over the last k steps that logged it
+            axes[1].plot(*rolling(s, v, max(3, k // 2)), label=label)
+    axes[1].set(title=f"tool calls (training rollouts, mean of last {max(3, k // 2)} logged)", xlabel="step",
+                ylim=(-0.05, 1.05))
     if axes[1].lines:
-        axes[1].legend()
+        axes[1].legend(fontsize=8)
     if evals:
         e_steps = [e["step"] for e in evals]
         for key, label, style in (("accuracy", "accuracy", "-o"), ("accuracy_fine", "accuracy, fine", "--o"),
@@ -158,6 +164,23 @@ def plot_progress(log_history: list[dict[str, Any]], evals: list[dict[str, Any]]
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def replot(output_dir: str | Path) -> Path:
+    """Redraw ``OUTPUT_DIR/grpo_progress.png`` from the run's files: the latest checkpoint's ``trainer_state.json``
+    (TRL's log history) and ``eval/history.jsonl``.
+
+    Raises:
+        FileNotFoundError: the folder holds no checkpoint.
+    """
+    from transformers.trainer_utils import get_last_checkpoint
+
+    out = Path(output_dir)
+    last = get_last_checkpoint(str(out)) if out.is_dir() else None
+    if last is None:
+        raise FileNotFoundError(f"no checkpoint-* folder in {out}: nothing to plot")
+    state = json.loads((Path(last) / "trainer_state.json").read_text(encoding="utf-8"))
+    return plot_progress(state["log_history"], read_history(out / "eval"), out / PROGRESS_PNG, title=out.name)
 
 
 class HeldOutEvalCallback(TrainerCallback):

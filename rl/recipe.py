@@ -66,17 +66,24 @@ def policy_writer(recipe: RecipeArguments, start: QZoomModel) -> Any:
 
 
 def _rollout_stats(completions: list, environments: list | None = None, kind: list | None = None,
-                   log_metric: Any = None, **kwargs: Any) -> list[float]:
-    """Logs the share of fine and of coarse rollouts that called a tool (``rollouts/call_rate_*``); weight 0, it
-    does not enter the reward."""
+                   answer: list | None = None, options: list | None = None, log_metric: Any = None,
+                   **kwargs: Any) -> list[float]:
+    """Logs, per question kind, the share of rollouts that called a tool and their accuracy
+    (``rollouts/call_rate_fine``, ``rollouts/accuracy_coarse``, ...): one prompt per step mixes kinds, so the
+    reward alone cannot tell a policy that answers worse from a batch of harder questions. Weight 0: it does not
+    enter the reward."""
     if log_metric is not None and kind is not None:
-        from .rewards import call_cost
+        from .rewards import accuracy, call_cost
 
         calls = [-c for c in call_cost(completions, environments)]
+        right = accuracy(completions, answer, options) if answer is not None else [None] * len(completions)
         for which in ("fine", "coarse"):
-            picked = [c for c, k in zip(calls, kind, strict=True) if k == which]
+            picked = [(c, r) for c, r, k in zip(calls, right, kind, strict=True) if k == which]
             if picked:
-                log_metric(f"rollouts/call_rate_{which}", sum(c > 0 for c in picked) / len(picked))
+                log_metric(f"rollouts/call_rate_{which}", sum(c > 0 for c, _ in picked) / len(picked))
+                scored = [r for _, r in picked if r is not None]
+                if scored:
+                    log_metric(f"rollouts/accuracy_{which}", sum(scored) / len(scored))
     return [0.0] * len(completions)
 
 

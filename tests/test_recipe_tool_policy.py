@@ -291,3 +291,33 @@ def test_bundled_policies_load_with_their_calls():
     deepeyes = QZoomModel.from_pretrained("zoomworld-tiny-deepeyes")
     assert deepeyes.policy.call == "crop" and deepeyes.policy.system is None
     assert deepeyes.policy.base == "zoomworld-tiny" and not deepeyes.policy.list_tools
+
+
+class _FixedBoxes:
+    """Stands in for TwigBoxes: one twig box and gate score for every scene."""
+
+    def get(self, scene: int):
+        return Box(10, 20, 300, 400), 0.7
+
+
+def test_coarse_calls_make_a_share_of_coarse_examples_call_at_the_twig_box_and_leave_the_rest_as_they_were():
+    plain = ToolPolicyDataConfig(fine_share=0.5, size_range=(1024, 1280))
+    calling = plain.model_copy(update={"coarse_calls": 0.5})
+    examples = [(make_tool_example(plain, ALPHABET, k, _FixedBoxes()),
+                 make_tool_example(calling, ALPHABET, k, _FixedBoxes())) for k in range(24)]
+    coarse = [(a, b) for a, b in examples if a.sample.kind == "coarse"]
+    called = [b for _, b in coarse if b.box is not None]
+    assert coarse and 0 < len(called) < len(coarse)  # a share, drawn per example
+    assert all(b.box_source == "coarse" and b.box == Box(10, 20, 300, 400) and b.gate_score == 0.7 for b in called)
+    assert all(a.box is None and a.box_source == "" for a, _ in coarse)  # coarse_calls 0: no coarse call
+    # fine examples draw exactly as before: the coarse draw has its own random stream
+    assert all((a.box, a.box_source) == (b.box, b.box_source) for a, b in examples if a.sample.kind == "fine")
+    with pytest.raises(ValueError):
+        ToolPolicyDataConfig(coarse_calls=1.5)
+
+
+def test_a_policy_can_be_the_base_of_further_training():
+    from qzoom_agent.recipes.zoomworld_tiny.tool_policy import underlying_base
+
+    assert underlying_base("zoomworld-tiny-tool") == "zoomworld-tiny"
+    assert underlying_base("zoomworld-tiny") == "zoomworld-tiny"

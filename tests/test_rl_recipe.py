@@ -60,7 +60,7 @@ def test_two_grpo_steps_call_the_internal_zoom_and_train_on_its_crop(tmp_path):
     logs = {key: v for entry in trainer.state.log_history for key, v in entry.items()}
     # the policy called the zoom tool in its rollouts, and the calls ran (no refusal, no exception)
     assert logs["tools/call_frequency"] > 0 and logs["tools/failure_frequency"] == 0
-    assert logs["rollouts/call_rate_fine"] > 0 and logs["reward_std"] > 0
+    assert logs["rollouts/call_rate_fine"] > 0 and logs["reward_std"] > 0 and "rollouts/accuracy_fine" in logs
     # the crop reached the training forward: more images than rows (each row's image, plus a crop per call)
     assert forwards and any(images > rows for rows, images in forwards), forwards
     after = dict(hf.named_parameters())

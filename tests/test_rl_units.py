@@ -20,7 +20,7 @@ from PIL import Image
 from qzoom_agent.rl.config import RecipeArguments, parse_recipe
 from qzoom_agent.rl.data import load_rows, prompt_messages, read_jsonl, zoomworld_mix
 from qzoom_agent.rl.environments import TOOL_NAMES, build_environment, dialect_environment
-from qzoom_agent.rl.evaluate import plot_progress, policy_compare_args, read_history, summarize_eval
+from qzoom_agent.rl.evaluate import plot_progress, policy_compare_args, read_history, replot, summarize_eval
 from qzoom_agent.rl.processor import CALL_END, grpo_processor, view_size_of
 from qzoom_agent.tools.crop import ToolImage
 from qzoom_agent.tools.dialect_base import Call
@@ -699,3 +699,32 @@ def test_parse_recipe_yaml_and_command_line(tmp_path):
     assert recipe.rewards == {"accuracy": 2} and grpo.max_steps == 5  # the command line wins over the YAML
     with pytest.raises(ValueError, match="rewards must be a mapping"):
         parse_recipe(["--config", str(yaml), "--rewards", "{bad"])
+
+
+def test_replot_redraws_the_progress_plot_from_the_last_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        replot(tmp_path)
+    logs = [{"step": s, "reward": 0.1 * s, "tools/call_frequency": 1.0, "rollouts/call_rate_coarse": 1 - s / 10}
+            for s in range(1, 11)]
+    for step, upto in ((5, 5), (10, 10)):  # the latest checkpoint holds the longest history
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(json.dumps({"log_history": logs[:upto]}))
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "history.jsonl").write_text(json.dumps(summarize_eval([], 0) | {"n": 3}) + "\n")
+    path = replot(tmp_path)
+    assert path == tmp_path / "grpo_progress.png" and path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_compare_takes_a_policy_as_its_model(tmp_path):
+    """The no-tool recipe's held-out run: `compare --model POLICY` (a delta on a base), its alphabet the base's."""
+    from qzoom_agent.bench import runner
+
+    cfg = runner.CompareConfig("zoomworld:hr", ["plain@256"], 2, 0, str(tmp_path), model="zoomworld-tiny-tool")
+    summary = runner.run_compare(cfg)
+    records = [json.loads(line) for line in (tmp_path / runner.RESULTS).read_text().splitlines()]
+    assert len(records) == 2 and summary["agents"]["plain@256"]["n"] == 2
+    run = json.loads((tmp_path / runner.RUN).read_text())
+    assert run["args"]["alphabet"] == "0123456789" and run["args"]["model"].endswith("policy")  # the policy's own
+    other = runner.CompareConfig("zoomworld:hr", ["plain@256"], 2, 0, str(tmp_path), model="zoomworld-tiny")
+    with pytest.raises(ValueError, match="other arguments"):  # another model (its base) is another run
+        runner.run_compare(other)

@@ -66,7 +66,7 @@ class CompareConfig:
         n: number of questions.
         seed: picks the question indices (see :func:`question_indices`).
         out: output directory.
-        model: model directory or bundled model name.
+        model: model directory, bundled model name, or a policy (a directory with policy.json, or a bundled policy).
         lowres_tokens: visual tokens of ``lowres``.
         highres_tokens: visual tokens of ``highres``.
         max_new_tokens: decoding budget per answer.
@@ -301,11 +301,14 @@ def run_compare(cfg: CompareConfig) -> dict[str, Any]:
         FileNotFoundError: the model directory does not exist.
     """
     from ..loading import resolve_model_path, trained_alphabet
+    from ..policy import is_policy, read_policy, resolve_policy_path
 
-    model_path = resolve_model_path(cfg.model)
+    # a policy delta (e.g. a GRPO run's) is a model too: its base gives the directory, its delta the weights
+    base = read_policy(resolve_policy_path(cfg.model))[0].base if is_policy(cfg.model) else cfg.model
+    model_path = resolve_model_path(base)
     if not cfg.alphabet:
         cfg = replace(cfg, alphabet=trained_alphabet(model_path) or zoomworld.DEFAULT_ALPHABET)
-    prepare_run_dir(cfg, model_path)
+    prepare_run_dir(cfg, resolve_policy_path(cfg.model) if is_policy(cfg.model) else model_path)
     out = Path(cfg.out)
     path = out / RESULTS
     done = {(int(r["index"]), r["agent"]) for r in load_results(path)}
@@ -363,7 +366,8 @@ def add_compare_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="picks the test questions (default 0)")
     p.add_argument("--out", required=True, help="output directory; rerun with the same arguments to resume")
     p.add_argument("--budgets", default=None, help="also run plain@B for each budget, e.g. 256,576,1024,2048,4096")
-    p.add_argument("--model", default="zoomworld-tiny", help="model directory or bundled model name")
+    p.add_argument("--model", default="zoomworld-tiny",
+                   help="model directory, bundled model name or a policy (directory with policy.json)")
     p.add_argument("--lowres-tokens", type=int, default=registry.DEFAULT_LOWRES_TOKENS,
                    help="visual tokens of the lowres agent (default 256)")
     p.add_argument("--highres-tokens", type=int, default=registry.DEFAULT_HIGHRES_TOKENS,
