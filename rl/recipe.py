@@ -87,6 +87,29 @@ def _rollout_stats(completions: list, environments: list | None = None, kind: li
     return [0.0] * len(completions)
 
 
+VISION_PLACEHOLDERS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<image>")
+
+
+def placeholder_suppression(model: QZoomModel, args: Any) -> dict[str, list[int]]:
+    """``generation_kwargs`` that keep the policy from sampling the vision placeholder tokens (transformers
+    generation; {} under vLLM, whose sampling parameters have no ``suppress_tokens``).
+
+    Those ids mark where the processor puts visual tokens. TRL suppresses the image token only; a sampled
+    ``<|video_pad|>`` (a real risk at temperature 1 on a small vocabulary) is read as a video that has no frames, and
+    the next forward's M-RoPE index fails (``'NoneType' object is not an iterator`` in ``get_rope_index``), which
+    stopped a CPU run at step 35. The user's own ``suppress_tokens`` are kept.
+    """
+    if getattr(args, "use_vllm", False):
+        return {}
+    vocab = model.adapter.tokenizer.get_vocab()
+    ids = {vocab[t] for t in VISION_PLACEHOLDERS if t in vocab}
+    config = model.adapter.model.config
+    ids |= {i for i in (getattr(config, "image_token_id", None), getattr(config, "video_token_id", None))
+            if isinstance(i, int)}
+    own = (args.generation_kwargs or {}).get("suppress_tokens") or []
+    return {"suppress_tokens": sorted(ids | set(own))}
+
+
 def load_policy(recipe: RecipeArguments, device: str) -> QZoomModel:
     """The starting policy with its Q-Zoom heads, on ``device``."""
     import torch
@@ -115,6 +138,7 @@ def build_trainer(recipe: RecipeArguments, args: Any,
 
     from ..loading import resolve_model_path, trained_alphabet
     from ..tools.trl_env import freeze_perception
+    from .config import load_judge
     from .data import load_rows, prompt_messages
     from .environments import build_environment
     from .evaluate import HeldOutEvalCallback
@@ -149,11 +173,10 @@ def build_trainer(recipe: RecipeArguments, args: Any,
     rows = rows.map(lambda q: {"prompt": prompt_messages(q, system=system, instruction=instruction)},
                     input_columns=["question"], desc="prompts")
 
-    from .config import load_judge
-
     judge = load_judge(recipe.judge) if recipe.judge else None
     funcs, weights = build_rewards(recipe.rewards, num_generations=args.num_generations, curiosity=recipe.curiosity,
                                    judge=judge)
+    args.generation_kwargs = {**(args.generation_kwargs or {}), **placeholder_suppression(model, args)}
     funcs = [*funcs, *(fn for fn, _ in extra_rewards), _rollout_stats]
     weights = [*weights, *(float(w) for _, w in extra_rewards), 0.0]
     args.reward_weights = weights
@@ -163,7 +186,6 @@ def build_trainer(recipe: RecipeArguments, args: Any,
     callback = HeldOutEvalCallback(recipe, model, Path(args.output_dir), save)
     trainer = trl.GRPOTrainer(model=model.adapter.model, reward_funcs=funcs, args=args, train_dataset=rows,
                               processing_class=processor, environment_factory=env, callbacks=[callback])
-    trainer.qzoom_policy_writer = save
     return trainer, model
 
 
@@ -214,7 +236,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     trainer.train(resume_from_checkpoint=resume)
     out = Path(args.output_dir)
     if trainer.is_world_process_zero():
-        trainer.qzoom_policy_writer(model, out / POLICY_DIR)
+        policy_writer(recipe, model)(model, out / POLICY_DIR)
     logs = trainer.state.log_history
     rewards = [e["reward"] for e in logs if "reward" in e]
     return {"output_dir": str(out), "steps": trainer.state.global_step, "policy": str(out / POLICY_DIR),

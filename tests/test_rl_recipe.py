@@ -57,6 +57,9 @@ def test_two_grpo_steps_call_the_internal_zoom_and_train_on_its_crop(tmp_path):
         trainer.train()
     finally:
         handle.remove()
+    # the policy cannot sample a vision placeholder (a sampled <|video_pad|> broke a run's M-RoPE index)
+    vocab = model.adapter.tokenizer.get_vocab()
+    assert {vocab["<|video_pad|>"], vocab["<|image_pad|>"]} <= set(trainer.generation_config.suppress_tokens)
     logs = {key: v for entry in trainer.state.log_history for key, v in entry.items()}
     # the policy called the zoom tool in its rollouts, and the calls ran (no refusal, no exception)
     assert logs["tools/call_frequency"] > 0 and logs["tools/failure_frequency"] == 0
@@ -110,8 +113,10 @@ def test_a_stopped_run_resumes_after_its_checkpoint_without_losing_or_repeating_
 def test_run_writes_the_policy_the_agent_loop_loads(tmp_path):
     from qzoom_agent.model import QZoomModel
 
-    summary = run(_argv(tmp_path, "--max_steps", "1", "--save_strategy", "no"))
+    # beta > 0: TRL builds the reference model from name_or_path, so the start is written whole for it
+    summary = run(_argv(tmp_path, "--max_steps", "1", "--save_strategy", "no", "--beta", "0.04"))
     assert summary["steps"] == 1 and Path(summary["policy"], "policy.json").is_file()
+    assert (tmp_path / "reference" / "config.json").is_file()
     policy = QZoomModel.from_pretrained(summary["policy"])
     assert policy.policy is not None and policy.policy.call == "zoom" and policy.heads is not None
     assert policy.policy.base == "zoomworld-tiny" and policy.policy.frozen_below == policy.config.twig_K
