@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from PIL import Image
 
+from ..boxes import Box
 from ..tools.crop import ToolImage
 from ..tools.dialects import Dialect, get_dialect
 from ..tools.output import ToolOutput
@@ -55,8 +56,6 @@ class DialectEnvironment(_RolloutEnvironment):
     def _start(self) -> None:
         self.images: list[ToolImage] = []
         if self.image is not None:
-            from ..boxes import Box
-
             self.images.append(ToolImage(self.image, tuple(self._view_size_of(self.image)), 0,
                                          Box(0, 0, self.image.width, self.image.height)))
 
