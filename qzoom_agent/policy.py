@@ -14,7 +14,7 @@ the policy, and the policy's first prefill *is* the perception. Only the trained
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -62,6 +62,25 @@ def is_policy(name: str | Path) -> bool:
     """Whether ``name`` names an installed policy (a bundled one, or a directory with ``policy.json``)."""
     path = BUNDLED_POLICIES.get(str(name), Path(name).expanduser())
     return (path / POLICY_CONFIG).is_file()
+
+
+def policy_base(name: str | Path) -> str:
+    """The base model ``name`` stands on: itself, or the base a policy delta applies to (a policy can also be a
+    `compare` model or the start of further training)."""
+    return read_policy(resolve_policy_path(name))[0].base if is_policy(name) else str(name)
+
+
+def above_k_prefixes(model: Any) -> list[str]:
+    """State-dict prefixes of what a policy trains on ``model`` (a `QZoomModel`; not imported, as model.py imports
+    this module): the decoder layers from ``twig_K`` up, the final norm, and the LM head unless it is tied to the
+    token embeddings (which the Q-Zoom heads' input depends on)."""
+    a, hf = model.adapter, model.adapter.model
+    names = {id(m): name for name, m in hf.named_modules()}
+    layers = names[id(a.layers)]
+    prefixes = [f"{layers}.{i}." for i in range(model.config.twig_K, a.num_layers)] + [names[id(a.norm)] + "."]
+    if a.lm_head.weight is not a.embed_tokens.weight:
+        prefixes.append(names[id(a.lm_head)] + ".")
+    return prefixes
 
 
 def read_policy(path: Path) -> tuple[PolicyConfig, dict[str, torch.Tensor]]:

@@ -31,7 +31,9 @@ CALL_END = "</tool_call>"
 MIN_TOOL_TOKENS = 4  # the agent loop's smallest tool-turn image (chat.ToolImageBudget)
 
 
-def _tensor_image_processor(base: type) -> type:
+def tensor_image_processor(base: type) -> type:
+    """``base`` (an image processor class) returning torch tensors when no ``return_tensors`` is given."""
+
     class TensorImageProcessor(base):  # type: ignore[misc, valid-type]
         """Returns torch tensors when no ``return_tensors`` is given (see the module docstring)."""
 
@@ -43,7 +45,9 @@ def _tensor_image_processor(base: type) -> type:
     return TensorImageProcessor
 
 
-def _no_video(base: type) -> type:
+def no_video_processor(base: type) -> type:
+    """``base`` (a processor class) built and saved without a video processor, which needs torchvision."""
+
     class NoVideoProcessor(base):  # type: ignore[misc, valid-type]
         """The processor without a video processor, which needs torchvision."""
 
@@ -99,7 +103,7 @@ def grpo_processor(model: QZoomModel, *, chat_template: str = "model", list_tool
     src = a.image_processor
     vc = a.model.config.vision_config
     f = a.px_per_token
-    image_processor = _tensor_image_processor(type(src))(
+    image_processor = tensor_image_processor(type(src))(
         size={"shortest_edge": MIN_TOOL_TOKENS * f * f, "longest_edge": model.config.max_tokens * f * f},
         patch_size=vc.patch_size, temporal_patch_size=vc.temporal_patch_size, merge_size=vc.spatial_merge_size,
         image_mean=src.image_mean, image_std=src.image_std)
@@ -110,7 +114,7 @@ def grpo_processor(model: QZoomModel, *, chat_template: str = "model", list_tool
         tokenizer.eos_token = CALL_END
     template = chat_template_for(model, chat_template, list_tools)
     tokenizer.chat_template = template
-    return _no_video(Processor)(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
+    return no_video_processor(Processor)(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
                                 chat_template=template)
 
 

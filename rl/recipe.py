@@ -28,31 +28,25 @@ logger = logging.getLogger(__name__)
 POLICY_DIR = "policy"
 
 
-def trained_prefixes(model: QZoomModel) -> list[str]:
-    """State-dict prefixes of what `freeze_perception` leaves trainable: the decoder layers from K, the final norm,
-    the LM head (the policy delta's ``trained`` list)."""
-    names = [n for n, p in model.adapter.model.named_parameters() if p.requires_grad]
-    prefixes: list[str] = []
-    for name in names:
-        parts = name.split(".")
-        cut = next((i + 2 for i, part in enumerate(parts) if part == "layers"), len(parts) - 1)
-        prefix = ".".join(parts[:cut]) + "."
-        if prefix not in prefixes:
-            prefixes.append(prefix)
-    return prefixes
+def list_tools_for(recipe: RecipeArguments, model: QZoomModel) -> bool:
+    """Whether prompts list the tools: the recipe's setting, else as the policy was trained (listed for a model
+    that is no policy)."""
+    if recipe.list_tools is not None:
+        return recipe.list_tools
+    return model.policy.list_tools if model.policy is not None else True
 
 
 def policy_writer(recipe: RecipeArguments, start: QZoomModel) -> Any:
     """``save(model, directory) -> base``: writes the trained layers of ``model`` as a policy delta on the starting
     model's base, with the prompt settings the recipe trains with."""
-    from ..policy import PolicyConfig, write_policy
+    from ..policy import PolicyConfig, above_k_prefixes, write_policy
 
     base = start.policy.base if start.policy is not None else str(start.path)
     system = start.policy.system if start.policy is not None else None
-    list_tools = recipe.list_tools if recipe.list_tools is not None else (
-        start.policy.list_tools if start.policy is not None else True)
+    list_tools = list_tools_for(recipe, start)
     call = "crop" if recipe.environment == "crop" else "zoom"
-    prefixes = trained_prefixes(start)
+    # what freeze_perception leaves trainable; without it every tensor trains ("" prefixes them all)
+    prefixes = above_k_prefixes(start) if recipe.freeze_perception else [""]
 
     def save(model: QZoomModel, directory: Path) -> str:
         cfg = PolicyConfig(base=base, system=system, list_tools=list_tools, call=call,
@@ -154,9 +148,7 @@ def build_trainer(recipe: RecipeArguments, args: Any,
     elif recipe.environment == "zoom":
         raise ValueError("the internal zoom needs freeze_perception: true (the heads read the layer-K states the "
                          "policy would otherwise move)")
-    list_tools = recipe.list_tools if recipe.list_tools is not None else (
-        model.policy.list_tools if model.policy is not None else True)
-    processor = grpo_processor(model, chat_template=recipe.chat_template, list_tools=list_tools)
+    processor = grpo_processor(model, chat_template=recipe.chat_template, list_tools=list_tools_for(recipe, model))
     env = build_environment(recipe, model, view_size_of(model))
 
     system, instruction = (model.policy.system if model.policy is not None else None), None

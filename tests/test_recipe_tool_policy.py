@@ -317,7 +317,7 @@ def test_coarse_calls_make_a_share_of_coarse_examples_call_at_the_twig_box_and_l
 
 
 def test_a_policy_can_be_the_base_of_further_training():
-    from qzoom_agent.recipes.zoomworld_tiny.tool_policy import underlying_base
+    from qzoom_agent.policy import policy_base
 
-    assert underlying_base("zoomworld-tiny-tool") == "zoomworld-tiny"
-    assert underlying_base("zoomworld-tiny") == "zoomworld-tiny"
+    assert policy_base("zoomworld-tiny-tool") == "zoomworld-tiny"
+    assert policy_base("zoomworld-tiny") == "zoomworld-tiny"

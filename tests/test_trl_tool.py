@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 from PIL import Image
+from qzoom_agent.rl.processor import no_video_processor, tensor_image_processor
 from qzoom_agent.tools.trl_env import (
     CropEnvironment,
     ZoomEnvironment,
@@ -147,26 +148,10 @@ def test_rows_and_bad_settings(qm):
 
 
 # ---- a real GRPOTrainer step ---------------------------------------------------------------------------------------
-class NoVideoQwen3VLProcessor(Qwen3VLProcessor):
-    """Qwen3VLProcessor without a video processor, which needs torchvision (stack-on-cpu.md, section 2)."""
-
-    def check_argument_for_proper_class(self, argument_name, argument):
-        return None if argument is None else super().check_argument_for_proper_class(argument_name, argument)
-
-
-class TensorImageProcessor(Qwen2VLImageProcessorPil):
-    """Returns torch tensors when no ``return_tensors`` is given (the PIL processor returns numpy arrays).
-
-    TRL 1.16.0 with ``environment_factory`` tokenizes each prompt without ``return_tensors`` and merges the image
-    fields with ``torch.cat`` only when they are tensors, else into lists of rows; a tool-calling turn in which no
-    rollout got an image back (every zoom refused) then crashes in ``split_pixel_values_by_grid``
-    (``'list' object has no attribute 'prod'``). Tensors from the processor avoid it.
-    """
-
-    def __call__(self, images, *args, **kwargs):
-        if kwargs.get("return_tensors") is None:
-            kwargs["return_tensors"] = "pt"
-        return super().__call__(images, *args, **kwargs)
+# the recipe's processor classes (rl/processor.py): no video processor (it needs torchvision), and torch tensors
+# from the image processor (TRL 1.16 crashes on a tool turn in which no rollout got an image back otherwise)
+NoVideoQwen3VLProcessor = no_video_processor(Qwen3VLProcessor)
+TensorImageProcessor = tensor_image_processor(Qwen2VLImageProcessorPil)
 
 
 def _processor(qm, max_tokens: int) -> Qwen3VLProcessor:

@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from PIL import Image
 
 from ..images import load_image
+from ..policy import above_k_prefixes
 from .crop import FRAMES, ZOOM_TOOL, Frame, ImageZoomInTool, short_repr
 from .output import ToolOutput
 from .zoom import VIEW_TOKENS, zoom_once, zoom_view
@@ -357,13 +358,11 @@ def freeze_perception(model: QZoomModel) -> list[str]:
     Returns:
         The names of the parameters left trainable.
     """
-    a = model.adapter
-    hf = a.model
+    hf = model.adapter.model
+    prefixes = tuple(above_k_prefixes(model))
     hf.requires_grad_(False)
-    for layer in a.layers[model.config.twig_K:]:
-        layer.requires_grad_(True)
-    a.norm.requires_grad_(True)
-    if a.lm_head.weight is not a.embed_tokens.weight:
-        a.lm_head.requires_grad_(True)
+    for name, p in hf.named_parameters():
+        if name.startswith(prefixes):
+            p.requires_grad_(True)
     return [name for name, p in hf.named_parameters() if p.requires_grad]
 

@@ -301,11 +301,10 @@ def run_compare(cfg: CompareConfig) -> dict[str, Any]:
         FileNotFoundError: the model directory does not exist.
     """
     from ..loading import resolve_model_path, trained_alphabet
-    from ..policy import is_policy, read_policy, resolve_policy_path
+    from ..policy import is_policy, policy_base, resolve_policy_path
 
     # a policy delta (e.g. a GRPO run's) is a model too: its base gives the directory, its delta the weights
-    base = read_policy(resolve_policy_path(cfg.model))[0].base if is_policy(cfg.model) else cfg.model
-    model_path = resolve_model_path(base)
+    model_path = resolve_model_path(policy_base(cfg.model))
     if not cfg.alphabet:
         cfg = replace(cfg, alphabet=trained_alphabet(model_path) or zoomworld.DEFAULT_ALPHABET)
     prepare_run_dir(cfg, resolve_policy_path(cfg.model) if is_policy(cfg.model) else model_path)

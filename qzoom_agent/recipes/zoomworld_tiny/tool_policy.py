@@ -44,7 +44,7 @@ from ...boxes import ROI_COVERAGE, coverage, roi_hit
 from ...chat import ChatSession
 from ...loading import BUNDLED_MODELS, resolve_model_path, trained_alphabet
 from ...model import QZoomModel
-from ...policy import PolicyConfig, write_policy
+from ...policy import PolicyConfig, above_k_prefixes, policy_base, write_policy
 from ...scoring import is_correct
 from ...tools.zoom import ZOOM_TOOL_NAME, session_zoom
 from ...train.common import OptimConfig, decay_groups, load_section
@@ -111,15 +111,7 @@ def load_tool_policy_config(path: str | Path) -> ToolPolicyConfig:
 
 def base_alphabet(cfg: ToolPolicyConfig) -> str:
     """The tag characters of the conversations: the config's, else the base model's, else ZoomWorld's default."""
-    return cfg.alphabet or trained_alphabet(resolve_model_path(underlying_base(cfg.base))) or DEFAULT_ALPHABET
-
-
-def underlying_base(name: str) -> str:
-    """The base model of ``name``: itself, or the base a policy delta applies to (a policy can be the starting
-    point of further training; its export is a delta on the same base)."""
-    from ...policy import is_policy, read_policy, resolve_policy_path
-
-    return read_policy(resolve_policy_path(name))[0].base if is_policy(name) else name
+    return cfg.alphabet or trained_alphabet(resolve_model_path(policy_base(cfg.base))) or DEFAULT_ALPHABET
 
 
 # ---- what trains ---------------------------------------------------------------------------------------------
@@ -130,13 +122,10 @@ def trained_prefixes(model: QZoomModel) -> list[str]:
         ValueError: the model ties ``lm_head`` to the token embeddings (training it would move the embeddings,
             hence the layer-K states the heads read).
     """
-    a, hf = model.adapter, model.adapter.model
+    a = model.adapter
     if a.lm_head.weight is a.embed_tokens.weight:
         raise ValueError("the model ties lm_head to the token embeddings; a policy above layer K cannot train it")
-    names = {id(m): name for name, m in hf.named_modules()}
-    layers = names[id(a.layers)]
-    return ([f"{layers}.{i}." for i in range(model.config.twig_K, a.num_layers)]
-            + [names[id(a.norm)] + ".", names[id(a.lm_head)] + "."])
+    return above_k_prefixes(model)
 
 
 def freeze_below_k(model: QZoomModel) -> list[torch.nn.Parameter]:
@@ -276,7 +265,7 @@ def train_tool_policy(model: QZoomModel, cfg: ToolPolicyConfig, folder: Path, al
 
 def export_policy(model: QZoomModel, out: Path, cfg: ToolPolicyConfig, step: int) -> Path:
     """Write the trained tensors and ``policy.json`` (`policy.write_policy`) into ``out``."""
-    start = underlying_base(cfg.base)
+    start = policy_base(cfg.base)  # a policy as the start: the export is a delta on the same base
     base = start if start in BUNDLED_MODELS else str(resolve_model_path(start).resolve())
     flow = ("fine question -> zoom call -> tool crop -> answer" if cfg.data.call == "zoom" else
             "fine question -> DeepEyes image_zoom_in_tool call (bbox_2d in pixels of the resized view, a jittered "
