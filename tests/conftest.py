@@ -76,3 +76,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tool_model():
+    """The bundled tool-calling policy (`zoomworld-tiny-tool`), loaded once per module (about a second)."""
+    from qzoom_agent.model import QZoomModel
+
+    return QZoomModel.from_pretrained("zoomworld-tiny-tool")

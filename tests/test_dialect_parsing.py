@@ -7,7 +7,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from dialect_helpers import BIG, SETTINGS
+from hypothesis import given
 from hypothesis import strategies as st
 from qzoom_agent.tools.dialects import (
     DIALECTS,
@@ -16,10 +17,6 @@ from qzoom_agent.tools.dialects import (
     Turn,
     get_dialect,
 )
-
-SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-BIG = 10**400  # a 400-digit integer: past any float
-INF = float("1e999")  # what JSON makes of 1e999
 
 # ---- parsing ----
 

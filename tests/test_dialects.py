@@ -9,7 +9,8 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from dialect_helpers import BIG, INF, SETTINGS
+from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 from qzoom_agent.tools.crop import ToolCallError, ToolImage, zoom_tool_schema
@@ -24,10 +25,6 @@ from qzoom_agent.tools.dialects import (
 )
 
 from qzoom_agent.boxes import Box
-
-SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-BIG = 10**400  # a 400-digit integer: past any float
-INF = float("1e999")  # what JSON makes of 1e999
 
 # The original is 1600x1200, shown to the policy at 448x336 (both axes scaled by 7/25). Crop 1 is its region
 # (400, 200)-(1200, 1000), seen at 400x400; crop 2 is (500, 300)-(700, 500), a crop of crop 1, seen at 200x200.
