@@ -84,7 +84,8 @@ def test_box_labels_and_head_agreement_follow_the_box_cells():
     r0, c0, r1, c1 = box_to_cells(Box(*box), view.grid, view.resized_size, view.source_size)
     labels = box_labels(box, view)
     assert labels.sum() == (r1 - r0) * (c1 - c0) and (labels[r0:r1, c0:c1] == 1).all()
-    maps = torch.rand(2, 3, *view.grid) * 1e-3
+    # its own seed: the noise outside the box must not depend on what earlier tests drew from the global RNG
+    maps = torch.rand(2, 3, *view.grid, generator=torch.Generator().manual_seed(0)) * 1e-3
     maps[1, 2, r0:r1, c0:c1] = 1.0  # layer 1, head 2 looks at the box
     share = head_agreement(maps, box, view)
     assert share.shape == (2, 3) and share.argmax() == 1 * 3 + 2 and share[1, 2] > 0.99
