@@ -200,7 +200,7 @@ def test_resume(tiny_model, tmp_path, capsys, caplog):
     lines = results.read_text().splitlines(keepends=True)
     assert len(lines) == 6
     results.write_text("".join(lines[:3]) + lines[3][: len(lines[3]) // 2])  # killed mid-write
-    with caplog.at_level(logging.WARNING, logger="qzoom_agent.bench.runner"):
+    with caplog.at_level(logging.WARNING, logger="qzoom_agent.bench.rundir"):
         _run(_argv(tiny_model, out, 3), capsys)
     assert "half-written" in caplog.text
     final = results.read_text().splitlines(keepends=True)

@@ -164,7 +164,7 @@ def test_runner_rotates_agents_survives_a_failing_one_and_plots(tmp_path, monkey
     monkeypatch.setitem(registry.FACTORIES, "a", lambda ctx, name: _Fine(name, order))
     monkeypatch.setitem(registry.FACTORIES, "b", lambda ctx, name: _Fine(name, order))
     monkeypatch.setitem(registry.FACTORIES, "boom", lambda ctx, name: _Boom())
-    monkeypatch.setattr(runner, "_load_model", lambda cfg: None)
+    monkeypatch.setattr(runner, "_load_model", lambda cfg, preset: None)
     cfg = runner.CompareConfig("zoomworld:hr", ["a", "b", "boom"], 3, 0, str(tmp_path), alphabet=ALPHABET)
     summary = runner.run_compare(cfg)
     records = [json.loads(line) for line in (tmp_path / runner.RESULTS).read_text().splitlines()]

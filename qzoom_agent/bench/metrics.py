@@ -23,8 +23,14 @@ def _mean(values: Iterable[float]) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
+def score_of(record: Mapping[str, Any]) -> float:
+    """A record's score in [0, 1]: the benchmark's ``score`` (fractional for ANLS and VQA accuracy), or 1/0 from
+    ``correct`` in records written before scores were kept."""
+    return float(record["score"]) if record.get("score") is not None else float(bool(record["correct"]))
+
+
 def summarize_agent(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Accuracy (overall, fine, coarse; fractions, None when empty), mean costs and zooms over one agent's records.
+    """Accuracy (overall, fine, coarse: mean scores, None when empty), mean costs and zooms over one agent's records.
 
     For agents that propose boxes, ``roi_coverage_mean`` is the mean share of the target box covered (fine
     questions with a box) and ``roi_hit_fine`` the share of fine questions whose box covers >= 70% of the target
@@ -43,9 +49,9 @@ def summarize_agent(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     fine = [r for r in records if r.get("kind") == "fine"]
     coarse = [r for r in records if r.get("kind") == "coarse"]
     out = {
-        "accuracy": _mean(bool(r["correct"]) for r in records),
-        "accuracy_fine": _mean(bool(r["correct"]) for r in fine),
-        "accuracy_coarse": _mean(bool(r["correct"]) for r in coarse),
+        "accuracy": _mean(score_of(r) for r in records),
+        "accuracy_fine": _mean(score_of(r) for r in fine),
+        "accuracy_coarse": _mean(score_of(r) for r in coarse),
         "latency_s_mean": _mean(r["latency_s"] for r in records),
         "visual_tokens_mean": _mean(r["visual_tokens"] for r in records),
         "forward_passes_mean": _mean(r["forward_passes"] for r in records),
@@ -66,7 +72,7 @@ def summarize_agent(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "roi_hit_by_family": {},
     }
     for family in sorted({r["family"] for r in records if r.get("family")}):
-        out["accuracy_by_family"][family] = _mean(bool(r["correct"]) for r in records if r.get("family") == family)
+        out["accuracy_by_family"][family] = _mean(score_of(r) for r in records if r.get("family") == family)
     if any(r.get("bbox") is not None for r in records):  # an agent that proposes boxes: how good are they
         boxed = [r for r in fine if r.get("coverage") is not None]
         out["roi_coverage_mean"] = _mean(r["coverage"] for r in boxed)

@@ -1,20 +1,29 @@
 """`qzoom-agent compare`: run agents on benchmark questions, interleaved, and summarise accuracy against cost.
 
-Questions: ``--seed S --n N`` draws ``random.Random(S).sample(range(T), N)`` question indices, where ``T`` is the
-size of ZoomWorld's TEST split, so every seed gives held-out questions and the same seed always the same ones
-(a larger N with the same seed extends the list: the first N' indices are the same).
+Questions come from ZoomWorld's held-out TEST split (``--bench zoomworld:hr``) or from a real benchmark read by its
+adapter (``--bench vstar:PATH``, see :mod:`qzoom_agent.bench.tasks`), scored by that benchmark's own rule.
+``--seed S --n N`` draws ``random.Random(S).sample(range(T), N)`` question indices of the ``T`` available, so the
+same seed always gives the same questions and a larger N extends the list (the first N' indices are the same).
+Without ``--n``: 100 ZoomWorld questions, or every question of a real benchmark. On a real benchmark the Q-Zoom
+agents use the task's released RoI and gate thresholds (``--preset auto``; :mod:`qzoom_agent.presets`).
 
-Timing: batch size 1; one unrecorded warm-up question per agent (from the val split); then, for each question,
-every agent in turn before the next question, so machine drift cancels and costs are compared side by side. The
-order of the agents rotates by one each question, so no agent always runs first (after another's allocations) or
-last.
+Timing: batch size 1; one unrecorded warm-up question per agent; then, for each question, every agent in turn
+before the next question, so machine drift cancels and costs are compared side by side. The order of the agents
+rotates by one each question, so no agent always runs first (after another's allocations) or last. Latency is the
+agent's wall time around its answer; decoding the image file is not in it.
 
 Robustness: an agent that raises on a question (a bug, never a policy's bad output, which agents turn into trace
 entries) does not stop the run: the record keeps the error, scores the answer wrong, and the run goes on.
 
+More than one process: under ``accelerate launch`` (or ``torchrun``) the questions are shared out across the
+processes, each appending to its own shard file and resumable; the main process merges them into results.jsonl and
+writes one summary (:mod:`qzoom_agent.bench.rundir`). The records equal a single-process run's, timings aside.
+
 Output in ``--out DIR``:
     results.jsonl  one line per (question, agent), written and flushed as it goes; an interrupted run resumes,
                    skipping pairs already there and never rewriting lines (a torn last line is dropped, logged).
+                   ``score`` is the benchmark's score in [0, 1] (fractional for ANLS and VQA accuracy); ``correct``
+                   is ``score >= 0.5``; accuracy is the mean score.
     run.json       arguments, resolved model path, date, agents, question indices; a rerun with other arguments
                    is refused.
     summary.json, summary.md  per-agent accuracy and mean costs, recomputed from all of results.jsonl.
@@ -30,30 +39,32 @@ import argparse
 import datetime as dt
 import json
 import logging
-import random
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .. import boxes, scoring, zoomworld
+from .. import boxes, zoomworld
 from ..checks import int_at_least
 from ..config import budget_for
-from . import metrics, registry, report
+from ..presets import get_preset, preset_names
+from . import metrics, registry, report, rundir, sources
 from .agents import Agent, AgentResult
+from .rundir import RESULTS, load_results
 
 logger = logging.getLogger(__name__)
 
-TEST_SPLIT = "test"
-WARMUP_SPLIT, WARMUP_INDEX = "val", 0
-RESULTS, RUN, SUMMARY_JSON, SUMMARY_MD, PLOT = (
-    "results.jsonl", "run.json", "summary.json", "summary.md", "accuracy_by_budget.png")
+TEST_SPLIT = sources.TEST_SPLIT
+RUN, SUMMARY_JSON, SUMMARY_MD, PLOT = "run.json", "summary.json", "summary.md", "accuracy_by_budget.png"
 PARETO, PARETO_FINE = "pareto.png", "pareto_fine.png"  # accuracy against throughput, plain@N and qzoom@N
 ACC_LATENCY, TOOL_CALLS = "accuracy_latency.png", "tool_calls.png"  # one point per agent; calls per question
 IDENTITY_KEYS = ("bench", "agents", "seed", "n", "model", "lowres_tokens", "highres_tokens", "max_new_tokens",
-                 "alphabet", "qzoom_tokens", "policy", "crop_policy")
-NEW_KEY_DEFAULTS = {"policy": "", "crop_policy": ""}
+                 "alphabet", "qzoom_tokens", "policy", "crop_policy", "preset")
+NEW_KEY_DEFAULTS = {"policy": "", "crop_policy": "", "preset": "auto"}
+DEFAULT_N, DEFAULT_NEW_TOKENS = 100, 8  # ZoomWorld questions; answer tokens when the source sets no budget
+CORRECT_AT = 0.5  # a record counts as correct from this score (exact scorers give 0 or 1)
+__all__ = ["RESULTS", "CompareConfig", "load_results", "run_compare", "question_indices", "parse_bench"]
 
 
 @dataclass
@@ -61,38 +72,41 @@ class CompareConfig:
     """A validated `compare` run.
 
     Attributes:
-        bench: ``zoomworld:VARIANT``.
+        bench: ``zoomworld:VARIANT`` or ``TASK:SOURCE`` (a real benchmark, :mod:`qzoom_agent.bench.tasks`).
         agents: agent names in run order (``--agents`` then ``plain@B`` for each ``--budgets`` value).
-        n: number of questions.
-        seed: picks the question indices (see :func:`question_indices`).
+        n: number of questions; None: 100 ZoomWorld questions, or all of a real benchmark.
+        seed: picks the question indices (see :func:`sources.question_indices`).
         out: output directory.
         model: model directory, bundled model name, or a policy (a directory with policy.json, or a bundled policy).
         lowres_tokens: visual tokens of ``lowres``.
         highres_tokens: visual tokens of ``highres``.
-        max_new_tokens: decoding budget per answer.
+        max_new_tokens: decoding budget per answer; None: the benchmark's own (8 on ZoomWorld).
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ...
         qzoom_tokens: global-view tokens of the Q-Zoom agents.
-        alphabet: tag characters of the questions; "" means the model's training alphabet (``zoomworld.json``
-            next to its weights), else A-Z0-9.
+        alphabet: tag characters of ZoomWorld questions; "" means the model's training alphabet
+            (``zoomworld.json`` next to its weights), else A-Z0-9.
         policy: the tool-calling policy of ``qzoom-tool``; "" for the bundled one.
         crop_policy: the external-crop policy of the ``deepeyes*`` agents; "" for the default
             (`registry.crop_policy_for`).
+        preset: whose RoI and gate thresholds the model uses: ``auto`` (the benchmark's task, none on ZoomWorld),
+            ``none`` (the model's own), or a preset name.
     """
 
     bench: str
     agents: list[str]
-    n: int
+    n: int | None
     seed: int
     out: str
     model: str = "zoomworld-tiny"
     lowres_tokens: int = registry.DEFAULT_LOWRES_TOKENS
     highres_tokens: int = registry.DEFAULT_HIGHRES_TOKENS
-    max_new_tokens: int = 8
+    max_new_tokens: int | None = DEFAULT_NEW_TOKENS
     device: str = "auto"
     alphabet: str = ""
     qzoom_tokens: int = registry.DEFAULT_QZOOM_TOKENS
     policy: str = ""
     crop_policy: str = ""
+    preset: str = "auto"
 
     @property
     def variant(self) -> str:
@@ -101,17 +115,17 @@ class CompareConfig:
 
 def split_size() -> int:
     """Number of questions in ZoomWorld's test split."""
-    start, stop = zoomworld.SPLITS[TEST_SPLIT]
-    return stop - start
+    return sources.ZoomWorldSource("zoomworld:hr", "").size()
 
 
 def question_indices(seed: int, n: int) -> list[int]:
-    """The ``n`` test-split question indices of ``seed``: ``random.Random(seed).sample(range(test size), n)``."""
-    return random.Random(seed).sample(range(split_size()), n)
+    """The ``n`` ZoomWorld test-split question indices of ``seed`` (:func:`sources.question_indices`)."""
+    return sources.question_indices(split_size(), seed, n)
 
 
 def parse_bench(text: str) -> str:
-    """Check ``zoomworld:VARIANT`` and return it; raises ValueError naming the valid benches."""
+    """Check ``zoomworld:VARIANT`` and return it; raises ValueError naming the valid benches (ZoomWorld only: GRPO's
+    held-out evaluation draws its questions from it)."""
     valid = [f"zoomworld:{v}" for v in zoomworld.VARIANTS]
     if text not in valid:
         raise ValueError(f"unknown bench {text!r}; choose one of {', '.join(valid)}")
@@ -122,9 +136,10 @@ def config_from_args(args: argparse.Namespace) -> CompareConfig:
     """Validate the parsed `compare` options.
 
     Raises:
-        ValueError: unknown bench or agent, n < 1 or beyond the test split, a bad budget list, or bad token counts.
+        ValueError: unknown bench or agent, n < 1 or beyond the test split, a bad budget list, bad token counts, or
+            an unknown preset. A real benchmark is not read here (:func:`resolve` reads it).
     """
-    bench = parse_bench(args.bench)
+    bench = sources.check_bench(args.bench)
     names = [a.strip() for a in str(args.agents).split(",") if a.strip()]
     if args.budgets is not None:
         names += [f"plain@{b}" for b in registry.parse_budgets(args.budgets)]
@@ -135,17 +150,22 @@ def config_from_args(args: argparse.Namespace) -> CompareConfig:
     repeated = sorted({a for a in names if names.count(a) > 1})
     if repeated:
         raise ValueError(f"agents repeat: {', '.join(repeated)}; list each agent once")
-    int_at_least(args.n, 1, "--n")
-    if args.n > split_size():
-        raise ValueError(f"--n {args.n} exceeds the {split_size()} questions of the test split")
+    if args.n is not None:
+        int_at_least(args.n, 1, "--n")
+        if sources.is_zoomworld(bench) and args.n > split_size():
+            raise ValueError(f"--n {args.n} exceeds the {split_size()} questions of the test split")
     for opt in ("lowres_tokens", "highres_tokens", "max_new_tokens", "qzoom_tokens"):
-        int_at_least(getattr(args, opt), 1, "--" + opt.replace("_", "-"))
+        if getattr(args, opt) is not None:
+            int_at_least(getattr(args, opt), 1, "--" + opt.replace("_", "-"))
     alphabet = args.alphabet or ""
     if alphabet:
         zoomworld.check_alphabet(alphabet)
+    preset = getattr(args, "preset", None) or "auto"
+    if preset not in ("auto", "none"):
+        get_preset(preset, "qwen2_5_vl")  # raises naming the known presets
     return CompareConfig(bench, names, args.n, args.seed, str(args.out), str(args.model), args.lowres_tokens,
                          args.highres_tokens, args.max_new_tokens, args.device, alphabet, args.qzoom_tokens,
-                         args.policy or "", args.crop_policy or "")
+                         args.policy or "", args.crop_policy or "", preset)
 
 
 # ---- run directory -------------------------------------------------------------------------------------------
@@ -154,12 +174,14 @@ def _identity(cfg: CompareConfig, model_path: Path) -> dict[str, Any]:
     return {key: values[key] for key in IDENTITY_KEYS}
 
 
-def prepare_run_dir(cfg: CompareConfig, model_path: Path) -> dict[str, Any]:
+def prepare_run_dir(cfg: CompareConfig, model_path: Path, source: sources.QuestionSource | None = None
+                    ) -> dict[str, Any]:
     """Create ``cfg.out`` and write run.json, or check an existing one was written with the same arguments.
 
     Raises:
         ValueError: run.json exists with different arguments (or is unreadable).
     """
+    source = source or sources.ZoomWorldSource(cfg.bench, cfg.alphabet)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / RUN
@@ -178,9 +200,8 @@ def prepare_run_dir(cfg: CompareConfig, model_path: Path) -> dict[str, Any]:
     run = {
         "args": identity, "device": cfg.device, "model_path": identity["model"], "out": str(out),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "agents": cfg.agents,
-        "budgets": {name: _budget_of(cfg, name) for name in cfg.agents}, "split": TEST_SPLIT,
-        "question_indices": question_indices(cfg.seed, cfg.n), "generator_version": zoomworld.GENERATOR_VERSION,
-        "command": " ".join(sys.argv),
+        "budgets": {name: _budget_of(cfg, name) for name in cfg.agents}, **source.identity(),
+        "question_indices": sources.question_indices(source.size(), cfg.seed, cfg.n), "command": " ".join(sys.argv),
     }
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(run, indent=2) + "\n", encoding="utf-8")
@@ -194,54 +215,24 @@ def _budget_of(cfg: CompareConfig, name: str) -> list[int] | None:
     return list(budget_for(tokens)) if tokens else None
 
 
-def load_results(path: Path) -> list[dict[str, Any]]:
-    """Read results.jsonl, first record of each (index, agent) pair only.
-
-    A torn last line (no newline: a run killed mid-write) is cut off and logged, so appending can resume; other
-    unreadable lines are skipped and logged. Complete lines are never changed.
-    """
-    if not path.exists():
-        return []
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        keep = data.rfind(b"\n") + 1
-        logger.warning("%s: dropping a half-written last line (%d bytes); its pair will be rerun", path,
-                       len(data) - keep)
-        with path.open("r+b") as fh:
-            fh.truncate(keep)
-        data = data[:keep]
-    records, seen = [], set()
-    for lineno, line in enumerate(data.split(b"\n")[:-1], 1):
-        try:
-            rec = json.loads(line.decode("utf-8"))
-            key = (int(rec["index"]), str(rec["agent"]))
-        except (ValueError, KeyError, TypeError):
-            logger.warning("%s:%d is not a result record; skipped", path, lineno)
-            continue
-        if key not in seen:
-            seen.add(key)
-            records.append(rec)
-    return records
-
-
 # ---- running ---------------------------------------------------------------------------------------------------
-def _record(cfg: CompareConfig, s: zoomworld.ZoomWorldSample, name: str, res: AgentResult,
+def _record(cfg: CompareConfig, q: sources.Question, name: str, res: AgentResult,
             error: str | None = None) -> dict:
-    target = list(s.target_box) if s.target_box is not None else None
+    score = q.score(res.answer) if error is None else 0.0
+    target = q.fields.get("target_box")
     return {
-        "index": s.index, "seed": s.seed, "run_seed": cfg.seed, "split": s.split, "variant": s.variant,
-        "family": s.family, "kind": s.kind, "agent": name, "question": s.question, "answer": res.answer,
-        "truth": s.answer, "options": s.options, "correct": scoring.is_correct(res.answer, s.answer, s.options),
+        "index": q.index, "run_seed": cfg.seed, **q.fields, "agent": name, "question": q.question,
+        "answer": res.answer, "score": score, "correct": score >= CORRECT_AT,
         "latency_s": res.latency_s, "visual_tokens": res.visual_tokens, "forward_passes": res.forward_passes,
         "generated_tokens": res.generated_tokens, "tool_calls": res.tool_calls, "zooms": res.zooms,
-        "gate_score": res.gate_score, "bbox": res.bbox, "target_box": target,
-        "vision_encodes": res.vision_encodes, "layer_tokens": res.layer_tokens, "external_calls": res.external_calls,
+        "gate_score": res.gate_score, "bbox": res.bbox, "vision_encodes": res.vision_encodes,
+        "layer_tokens": res.layer_tokens, "external_calls": res.external_calls,
         "iou": boxes.iou(res.bbox, target), "coverage": boxes.coverage(res.bbox, target),
         "trace": res.trace, "error": error,
     }
 
 
-def _load_model(cfg: CompareConfig):
+def _load_model(cfg: CompareConfig, preset: str | None):
     from transformers.utils import logging as hf_logging
 
     from ..loading import resolve_device
@@ -249,81 +240,141 @@ def _load_model(cfg: CompareConfig):
 
     hf_logging.disable_progress_bar()
     device, dtype = resolve_device(cfg.device)
-    logger.info("loading %s on %s", cfg.model, device)
-    return QZoomModel.from_pretrained(cfg.model, device=device, dtype=dtype)
+    logger.info("loading %s on %s%s", cfg.model, device, f" with the {preset} preset's thresholds" if preset else "")
+    model = QZoomModel.from_pretrained(cfg.model, device=device, dtype=dtype)
+    if preset:  # the task's released RoI and gate thresholds; view budgets stay the agents' own (qzoom@N)
+        overrides = get_preset(preset, model.adapter.family).overrides()
+        for key in ("roi_threshold", "gate_threshold"):
+            if key in overrides:
+                setattr(model.config, key, overrides[key])
+    return model
 
 
-def _extra(agent: Agent, s: zoomworld.ZoomWorldSample) -> dict[str, Any]:
+def _extra(agent: Agent, q: sources.Question) -> dict[str, Any]:
     """Keyword arguments beyond (image, question): the target box, for reference agents that declare they use it."""
-    return {"target_box": tuple(s.target_box)} if getattr(agent, "uses_target_box", False) else {}
+    return {"target_box": q.target_box} if getattr(agent, "uses_target_box", False) else {}
 
 
-def _run_pending(cfg: CompareConfig, pending: list[tuple[int, list[str]]], path: Path) -> None:
+def _run_pending(cfg: CompareConfig, source: sources.QuestionSource, pending: list[tuple[int, list[str]]],
+                 path: Path, done: int) -> None:
     """Warm every agent up, then run the pending (question, agents) pairs interleaved, appending to ``path``."""
     from tqdm import tqdm
 
-    ctx = registry.AgentContext(_load_model(cfg), cfg.lowres_tokens, cfg.highres_tokens, cfg.max_new_tokens,
-                                  cfg.qzoom_tokens, cfg.policy or None, cfg.crop_policy or None)
+    ctx = registry.AgentContext(_load_model(cfg, _preset_of(cfg, source)), cfg.lowres_tokens, cfg.highres_tokens,
+                                cfg.max_new_tokens, cfg.qzoom_tokens, cfg.policy or None, cfg.crop_policy or None)
     names = [a for a in cfg.agents if any(a in todo for _, todo in pending)]
     runners = {name: registry.make_agent(name, ctx) for name in names}
-    warm = zoomworld.sample(cfg.variant, WARMUP_SPLIT, WARMUP_INDEX, alphabet=cfg.alphabet)
+    warm = source.warmup()
     for agent in runners.values():
         _run_one(agent, warm)  # warm-up: not recorded (a failure is logged)
-    done = cfg.n - len(pending)
-    with path.open("a", encoding="utf-8") as fh, tqdm(total=cfg.n, initial=done, unit="q", file=sys.stderr,
-                                                      desc=f"compare {cfg.bench}", disable=None) as bar:
+    with path.open("a", encoding="utf-8") as fh, tqdm(total=done + len(pending), initial=done, unit="q",
+                                                      file=sys.stderr, desc=f"compare {cfg.bench}",
+                                                      disable=None) as bar:
         for index, todo in pending:
-            s = zoomworld.sample(cfg.variant, TEST_SPLIT, index, alphabet=cfg.alphabet)
+            q = source.get(index)
             shift = index % len(cfg.agents)  # rotate the order, by question, so no agent always goes first
             for name in sorted(todo, key=lambda a: (cfg.agents.index(a) - shift) % len(cfg.agents)):
-                fh.write(json.dumps(_record(cfg, s, name, *_run_one(runners[name], s))) + "\n")
+                fh.write(json.dumps(_record(cfg, q, name, *_run_one(runners[name], q))) + "\n")
                 fh.flush()
             bar.update(1)
 
 
-def _run_one(agent: Agent, s: zoomworld.ZoomWorldSample) -> tuple[AgentResult, str | None]:
-    """Run one agent on one question; an exception is logged and recorded (answer "", costs 0), not raised."""
+def _run_one(agent: Agent, q: sources.Question) -> tuple[AgentResult, str | None]:
+    """Run one agent on one question; an exception is logged and recorded (answer "", costs 0), not raised.
+
+    The image is decoded before the clock starts: latency is the agent's, as in the paper's protocol (wall time
+    around the answer)."""
     t0 = time.perf_counter()
     try:
-        return agent.run(s.image, s.question, **_extra(agent, s)), None
+        image = q.load_image()
+        t0 = time.perf_counter()
+        return agent.run(image, q.question, **_extra(agent, q)), None
     except Exception as err:  # noqa: BLE001 - one agent's failure must not lose a long run; it is recorded
-        logger.warning("agent %s failed on question %d: %s: %s", agent.name, s.index, type(err).__name__, err)
+        logger.warning("agent %s failed on question %d: %s: %s", agent.name, q.index, type(err).__name__, err)
         empty = AgentResult(answer="", latency_s=time.perf_counter() - t0, visual_tokens=0, forward_passes=0,
                             generated_tokens=0)
         return empty, f"{type(err).__name__}: {err}"
 
 
-def run_compare(cfg: CompareConfig) -> dict[str, Any]:
-    """Run (or resume) a comparison and write its outputs; returns the summary ``{"agents": {...}}``.
+def _preset_of(cfg: CompareConfig, source: sources.QuestionSource) -> str | None:
+    """The presets.py task whose thresholds the model uses: ``--preset``, or the source's own under ``auto``."""
+    if cfg.preset == "auto":
+        return source.preset
+    return None if cfg.preset == "none" else cfg.preset
+
+
+def resolve(cfg: CompareConfig) -> tuple[CompareConfig, sources.QuestionSource, Path]:
+    """Open the question source and fill what the source decides: the alphabet, ``n`` (None: 100 ZoomWorld
+    questions, or all of a real benchmark) and ``max_new_tokens`` (None: the source's budget, else 8).
+
+    Returns:
+        The completed config, the source and the resolved model path.
 
     Raises:
-        ValueError: the output directory holds a run with other arguments.
-        FileNotFoundError: the model directory does not exist.
+        ValueError: the benchmark cannot be read or misses images, or ``n`` exceeds its questions.
     """
     from ..loading import resolve_model_path, trained_alphabet
-    from ..policy import is_policy, policy_base, resolve_policy_path
+    from ..policy import policy_base
 
     # a policy delta (e.g. a GRPO run's) is a model too: its base gives the directory, its delta the weights
     model_path = resolve_model_path(policy_base(cfg.model))
-    if not cfg.alphabet:
+    if not cfg.alphabet and sources.is_zoomworld(cfg.bench):
         cfg = replace(cfg, alphabet=trained_alphabet(model_path) or zoomworld.DEFAULT_ALPHABET)
-    prepare_run_dir(cfg, resolve_policy_path(cfg.model) if is_policy(cfg.model) else model_path)
+    source = sources.open_source(cfg.bench, cfg.alphabet)
+    n = cfg.n if cfg.n is not None else (DEFAULT_N if sources.is_zoomworld(cfg.bench) else source.size())
+    if n > source.size():
+        raise ValueError(f"--n {n} exceeds the {source.size()} questions of {cfg.bench}")
+    tokens = cfg.max_new_tokens if cfg.max_new_tokens is not None else (source.max_new_tokens or DEFAULT_NEW_TOKENS)
+    return replace(cfg, n=n, max_new_tokens=tokens), source, model_path
+
+
+def run_compare(cfg: CompareConfig) -> dict[str, Any]:
+    """Run (or resume) a comparison and write its outputs; returns the summary ``{"agents": {...}}``.
+
+    Under ``accelerate launch`` (or ``torchrun``) every process runs its share of the pending questions into its
+    own shard file; the main process merges them and writes the summary, which every process returns.
+
+    Raises:
+        ValueError: the output directory holds a run with other arguments, or the benchmark cannot be read.
+        FileNotFoundError: the model directory does not exist.
+    """
+    from ..policy import is_policy, resolve_policy_path
+
+    shard = rundir.current_shard()
+    if shard.device and cfg.device == "auto":
+        cfg = replace(cfg, device=shard.device)  # one GPU per process
+    cfg, source, model_path = resolve(cfg)
+    identity_path = resolve_policy_path(cfg.model) if is_policy(cfg.model) else model_path
+    if shard.main:  # one writer of run.json; the others then check theirs against it
+        prepare_run_dir(cfg, identity_path, source)
+    shard.barrier()
+    if not shard.main:
+        prepare_run_dir(cfg, identity_path, source)
     out = Path(cfg.out)
-    path = out / RESULTS
-    done = {(int(r["index"]), r["agent"]) for r in load_results(path)}
-    pending = [(i, [a for a in cfg.agents if (i, a) not in done]) for i in question_indices(cfg.seed, cfg.n)]
-    pending = [(i, todo) for i, todo in pending if todo]
+    indices = sources.question_indices(source.size(), cfg.seed, cfg.n)
+    done = {(int(r["index"]), r["agent"]) for r in rundir.load_all(out)}
+    pending = [(i, [a for a in cfg.agents if (i, a) not in done]) for i in indices]
+    pending = shard.take([(i, todo) for i, todo in pending if todo])
+    path = out / RESULTS if shard.world == 1 else rundir.shard_path(out, shard.rank)
     if pending:
-        logger.info("%d of %d questions to run (%d already done)", len(pending), cfg.n, len(done))
-        _run_pending(cfg, pending, path)
+        logger.info("%d of %d questions to run here (%d pairs already done)", len(pending), cfg.n, len(done))
+        _run_pending(cfg, source, pending, path, cfg.n - len(pending) if shard.world == 1 else 0)
     else:
-        logger.info("all %d questions x %d agents already in %s", cfg.n, len(cfg.agents), path)
-    return write_summary(cfg, load_results(path))
+        logger.info("nothing left to run here: %d questions x %d agents in %s", cfg.n, len(cfg.agents), out)
+    shard.barrier()
+    if shard.main:
+        rundir.merge_shards(out, indices, cfg.agents)
+        write_summary(cfg, rundir.load_results(out / RESULTS), source)
+    shard.barrier()
+    return json.loads((out / SUMMARY_JSON).read_text(encoding="utf-8"))
 
 
-def write_summary(cfg: CompareConfig, records: list[dict[str, Any]]) -> dict[str, Any]:
-    """Summarise ``records`` of this run's questions and agents into summary.json, summary.md and the plot."""
-    wanted = set(question_indices(cfg.seed, cfg.n))
+def write_summary(cfg: CompareConfig, records: list[dict[str, Any]],
+                  source: sources.QuestionSource | None = None) -> dict[str, Any]:
+    """Summarise ``records`` of this run's questions and agents into summary.json, summary.md and the plots
+    (``source``: the run's question source; default ZoomWorld's test split)."""
+    source = source or sources.ZoomWorldSource(cfg.bench, cfg.alphabet)
+    wanted = set(sources.question_indices(source.size(), cfg.seed, cfg.n))
     records = [r for r in records if int(r["index"]) in wanted and r["agent"] in cfg.agents]
     summary = metrics.summarize(records, cfg.agents)
     matched = {key: report.matched_accuracy(summary, key) for key in ("accuracy", "accuracy_fine")}
@@ -331,7 +382,9 @@ def write_summary(cfg: CompareConfig, records: list[dict[str, Any]]) -> dict[str
         summary["matched"] = matched
     out = Path(cfg.out)
     (out / SUMMARY_JSON).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    title = f"{cfg.bench}, n={cfg.n}, seed={cfg.seed}, alphabet {cfg.alphabet or zoomworld.DEFAULT_ALPHABET}"
+    title = f"{cfg.bench}, n={cfg.n}, seed={cfg.seed}"
+    if sources.is_zoomworld(cfg.bench):
+        title += f", alphabet {cfg.alphabet or zoomworld.DEFAULT_ALPHABET}"
     text = f"# {title}\n\n{report.markdown_table(summary)}\n"
     for key, caption in (("accuracy_by_family", "Accuracy by question family"),
                          ("roi_hit_by_family", "RoI hit (box covers >= 70% of the target, <= 16x its area) by fine "
@@ -358,10 +411,12 @@ def add_compare_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser("compare", help="compare agents' accuracy and cost on benchmark questions",
                               description="Run agents on benchmark questions, interleaved, and summarise accuracy "
                               "against cost. Rerun with the same --out and arguments to resume.")
-    p.add_argument("--bench", required=True, help="zoomworld:hr or zoomworld:doc")
+    p.add_argument("--bench", required=True,
+                   help="zoomworld:hr, zoomworld:doc, or TASK:PATH for a real benchmark (e.g. vstar:DIR, docvqa:DIR)")
     p.add_argument("--agents", default="lowres,highres",
                    help=f"comma-separated agents: {', '.join(registry.known_agents())} (default: lowres,highres)")
-    p.add_argument("--n", type=int, default=100, help="number of test questions (default 100)")
+    p.add_argument("--n", type=int, default=None,
+                   help="number of questions (default: 100 on ZoomWorld, all of a real benchmark)")
     p.add_argument("--seed", type=int, default=0, help="picks the test questions (default 0)")
     p.add_argument("--out", required=True, help="output directory; rerun with the same arguments to resume")
     p.add_argument("--budgets", default=None, help="also run plain@B for each budget, e.g. 256,576,1024,2048,4096")
@@ -373,7 +428,11 @@ def add_compare_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="visual tokens of the highres agent (default 4096)")
     p.add_argument("--qzoom-tokens", type=int, default=registry.DEFAULT_QZOOM_TOKENS,
                    help="global-view visual tokens of the qzoom agents (default 576)")
-    p.add_argument("--max-new-tokens", type=int, default=8, help="max generated tokens per answer (default 8)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="max generated tokens per answer (default: the benchmark's own; 8 on ZoomWorld)")
+    p.add_argument("--preset", default="auto",
+                   help="RoI and gate thresholds: auto (the benchmark's task; default), none, or one of "
+                        f"{', '.join(preset_names())}")
     p.add_argument("--alphabet", default=None,
                    help="tag characters of the questions (default: the model's training alphabet, else A-Z0-9)")
     p.add_argument("--device", default="auto", help="torch device (default: cuda when available, else cpu)")
@@ -390,6 +449,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     """Run `qzoom-agent compare`; prints the summary table (or one JSON object with ``--json``); returns 0."""
     cfg = config_from_args(args)
     summary = run_compare(cfg)
+    if not rundir.current_shard().main:
+        return 0  # the main process prints the merged summary
     if args.json:
         print(json.dumps(summary))  # noqa: T201 - CLI output
     else:
