@@ -133,7 +133,8 @@ class TaskSource:
         return self.get(0)
 
     def identity(self) -> dict[str, Any]:
-        return {"task": self.task.name, "source": self.task.source, "size": self.size()}
+        return {"task": self.task.name, "source": self.task.source, "size": self.size(),
+                "full_size": self.task.full_size}
 
 
 def is_zoomworld(bench: str) -> bool:
