@@ -80,7 +80,8 @@ def evaluate(recipe: RecipeArguments, model: QZoomModel, out_dir: Path, step: in
     """
     from dataclasses import replace
 
-    from ..bench.runner import RESULTS, CompareConfig, load_results, run_compare
+    from ..bench.rundir import load_results
+    from ..bench.runner import RESULTS, CompareConfig, run_compare
 
     history = read_history(out_dir)
     for line in history:

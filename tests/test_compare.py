@@ -16,8 +16,9 @@ zoomworld = pytest.importorskip("qzoom_agent.zoomworld")
 from qzoom_agent import boxes, scoring  # noqa: E402
 from qzoom_agent.bench import metrics  # noqa: E402
 from qzoom_agent.bench.agents import AgentResult  # noqa: E402
+from qzoom_agent.bench.compare_cli import add_compare_parser  # noqa: E402
 from qzoom_agent.bench.registry import parse_budgets  # noqa: E402
-from qzoom_agent.bench.runner import add_compare_parser, question_indices  # noqa: E402
+from qzoom_agent.bench.runner import question_indices  # noqa: E402
 from qzoom_agent.config import budget_for  # noqa: E402
 from qzoom_agent.tiny import make_tiny  # noqa: E402
 

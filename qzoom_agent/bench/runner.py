@@ -35,7 +35,6 @@ Output in ``--out DIR``:
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import json
 import logging
@@ -46,12 +45,11 @@ from pathlib import Path
 from typing import Any
 
 from .. import boxes, zoomworld
-from ..checks import int_at_least
 from ..config import budget_for
-from ..presets import get_preset, preset_names
+from ..presets import get_preset
 from . import metrics, registry, report, rundir, sources
 from .agents import Agent, AgentResult
-from .rundir import RESULTS, load_results
+from .rundir import RESULTS
 
 logger = logging.getLogger(__name__)
 
@@ -64,8 +62,6 @@ IDENTITY_KEYS = ("bench", "agents", "seed", "n", "model", "lowres_tokens", "high
 NEW_KEY_DEFAULTS = {"policy": "", "crop_policy": "", "preset": "auto"}
 DEFAULT_N, DEFAULT_NEW_TOKENS = 100, 8  # ZoomWorld questions; answer tokens when the source sets no budget
 CORRECT_AT = 0.5  # a record counts as correct from this score (exact scorers give 0 or 1)
-__all__ = ["RESULTS", "CompareConfig", "load_results", "run_compare", "question_indices", "parse_bench"]
-
 
 @dataclass
 class CompareConfig:
@@ -112,16 +108,13 @@ class CompareConfig:
     def variant(self) -> str:
         return self.bench.partition(":")[2]
 
-
 def split_size() -> int:
     """Number of questions in ZoomWorld's test split."""
     return sources.ZoomWorldSource("zoomworld:hr", "").size()
 
-
 def question_indices(seed: int, n: int) -> list[int]:
     """The ``n`` ZoomWorld test-split question indices of ``seed`` (:func:`sources.question_indices`)."""
     return sources.question_indices(split_size(), seed, n)
-
 
 def parse_bench(text: str) -> str:
     """Check ``zoomworld:VARIANT`` and return it; raises ValueError naming the valid benches (ZoomWorld only: GRPO's
@@ -131,48 +124,10 @@ def parse_bench(text: str) -> str:
         raise ValueError(f"unknown bench {text!r}; choose one of {', '.join(valid)}")
     return text
 
-
-def config_from_args(args: argparse.Namespace) -> CompareConfig:
-    """Validate the parsed `compare` options.
-
-    Raises:
-        ValueError: unknown bench or agent, n < 1 or beyond the test split, a bad budget list, bad token counts, or
-            an unknown preset. A real benchmark is not read here (:func:`resolve` reads it).
-    """
-    bench = sources.check_bench(args.bench)
-    names = [a.strip() for a in str(args.agents).split(",") if a.strip()]
-    if args.budgets is not None:
-        names += [f"plain@{b}" for b in registry.parse_budgets(args.budgets)]
-    if not names:
-        raise ValueError("no agents given; pass --agents lowres,highres or --budgets 256,1024")
-    for name in names:
-        registry.check_agent_name(name)
-    repeated = sorted({a for a in names if names.count(a) > 1})
-    if repeated:
-        raise ValueError(f"agents repeat: {', '.join(repeated)}; list each agent once")
-    if args.n is not None:
-        int_at_least(args.n, 1, "--n")
-        if sources.is_zoomworld(bench) and args.n > split_size():
-            raise ValueError(f"--n {args.n} exceeds the {split_size()} questions of the test split")
-    for opt in ("lowres_tokens", "highres_tokens", "max_new_tokens", "qzoom_tokens"):
-        if getattr(args, opt) is not None:
-            int_at_least(getattr(args, opt), 1, "--" + opt.replace("_", "-"))
-    alphabet = args.alphabet or ""
-    if alphabet:
-        zoomworld.check_alphabet(alphabet)
-    preset = getattr(args, "preset", None) or "auto"
-    if preset not in ("auto", "none"):
-        get_preset(preset, "qwen2_5_vl")  # raises naming the known presets
-    return CompareConfig(bench, names, args.n, args.seed, str(args.out), str(args.model), args.lowres_tokens,
-                         args.highres_tokens, args.max_new_tokens, args.device, alphabet, args.qzoom_tokens,
-                         args.policy or "", args.crop_policy or "", preset)
-
-
 # ---- run directory -------------------------------------------------------------------------------------------
 def _identity(cfg: CompareConfig, model_path: Path) -> dict[str, Any]:
     values = {**asdict(cfg), "model": str(model_path.resolve())}
     return {key: values[key] for key in IDENTITY_KEYS}
-
 
 def prepare_run_dir(cfg: CompareConfig, model_path: Path, source: sources.QuestionSource | None = None
                     ) -> dict[str, Any]:
@@ -208,12 +163,10 @@ def prepare_run_dir(cfg: CompareConfig, model_path: Path, source: sources.Questi
     tmp.replace(path)
     return run
 
-
 def _budget_of(cfg: CompareConfig, name: str) -> list[int] | None:
     tokens = registry.agent_tokens(name, {"lowres": cfg.lowres_tokens, "highres": cfg.highres_tokens,
                                             "qzoom": cfg.qzoom_tokens})
     return list(budget_for(tokens)) if tokens else None
-
 
 # ---- running ---------------------------------------------------------------------------------------------------
 def _record(cfg: CompareConfig, q: sources.Question, name: str, res: AgentResult,
@@ -230,7 +183,6 @@ def _record(cfg: CompareConfig, q: sources.Question, name: str, res: AgentResult
         "iou": boxes.iou(res.bbox, target), "coverage": boxes.coverage(res.bbox, target),
         "trace": res.trace, "error": error,
     }
-
 
 def _load_model(cfg: CompareConfig, preset: str | None):
     from transformers.utils import logging as hf_logging
@@ -249,11 +201,9 @@ def _load_model(cfg: CompareConfig, preset: str | None):
                 setattr(model.config, key, overrides[key])
     return model
 
-
 def _extra(agent: Agent, q: sources.Question) -> dict[str, Any]:
     """Keyword arguments beyond (image, question): the target box, for reference agents that declare they use it."""
     return {"target_box": q.target_box} if getattr(agent, "uses_target_box", False) else {}
-
 
 def _run_pending(cfg: CompareConfig, source: sources.QuestionSource, pending: list[tuple[int, list[str]]],
                  path: Path, done: int) -> None:
@@ -278,7 +228,6 @@ def _run_pending(cfg: CompareConfig, source: sources.QuestionSource, pending: li
                 fh.flush()
             bar.update(1)
 
-
 def _run_one(agent: Agent, q: sources.Question) -> tuple[AgentResult, str | None]:
     """Run one agent on one question; an exception is logged and recorded (answer "", costs 0), not raised.
 
@@ -295,13 +244,11 @@ def _run_one(agent: Agent, q: sources.Question) -> tuple[AgentResult, str | None
                             generated_tokens=0)
         return empty, f"{type(err).__name__}: {err}"
 
-
 def _preset_of(cfg: CompareConfig, source: sources.QuestionSource) -> str | None:
     """The presets.py task whose thresholds the model uses: ``--preset``, or the source's own under ``auto``."""
     if cfg.preset == "auto":
         return source.preset
     return None if cfg.preset == "none" else cfg.preset
-
 
 def resolve(cfg: CompareConfig) -> tuple[CompareConfig, sources.QuestionSource, Path]:
     """Open the question source and fill what the source decides: the alphabet, ``n`` (None: 100 ZoomWorld
@@ -326,7 +273,6 @@ def resolve(cfg: CompareConfig) -> tuple[CompareConfig, sources.QuestionSource, 
         raise ValueError(f"--n {n} exceeds the {source.size()} questions of {cfg.bench}")
     tokens = cfg.max_new_tokens if cfg.max_new_tokens is not None else (source.max_new_tokens or DEFAULT_NEW_TOKENS)
     return replace(cfg, n=n, max_new_tokens=tokens), source, model_path
-
 
 def run_compare(cfg: CompareConfig) -> dict[str, Any]:
     """Run (or resume) a comparison and write its outputs; returns the summary ``{"agents": {...}}``.
@@ -368,7 +314,6 @@ def run_compare(cfg: CompareConfig) -> dict[str, Any]:
     shard.barrier()
     return json.loads((out / SUMMARY_JSON).read_text(encoding="utf-8"))
 
-
 def write_summary(cfg: CompareConfig, records: list[dict[str, Any]],
                   source: sources.QuestionSource | None = None) -> dict[str, Any]:
     """Summarise ``records`` of this run's questions and agents into summary.json, summary.md and the plots
@@ -403,59 +348,3 @@ def write_summary(cfg: CompareConfig, records: list[dict[str, Any]],
     report.plot_accuracy_latency(summary, out / ACC_LATENCY, title=f"Accuracy against latency\n{title}")
     report.plot_tool_calls(records, cfg.agents, out / TOOL_CALLS, title=f"Tool calls per question\n{title}")
     return summary
-
-
-# ---- command line ------------------------------------------------------------------------------------------------
-def add_compare_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add the ``compare`` subcommand to ``subparsers`` (from ``ArgumentParser.add_subparsers``)."""
-    p = subparsers.add_parser("compare", help="compare agents' accuracy and cost on benchmark questions",
-                              description="Run agents on benchmark questions, interleaved, and summarise accuracy "
-                              "against cost. Rerun with the same --out and arguments to resume.")
-    p.add_argument("--bench", required=True,
-                   help="zoomworld:hr, zoomworld:doc, or TASK:PATH for a real benchmark (e.g. vstar:DIR, docvqa:DIR)")
-    p.add_argument("--agents", default="lowres,highres",
-                   help=f"comma-separated agents: {', '.join(registry.known_agents())} (default: lowres,highres)")
-    p.add_argument("--n", type=int, default=None,
-                   help="number of questions (default: 100 on ZoomWorld, all of a real benchmark)")
-    p.add_argument("--seed", type=int, default=0, help="picks the test questions (default 0)")
-    p.add_argument("--out", required=True, help="output directory; rerun with the same arguments to resume")
-    p.add_argument("--budgets", default=None, help="also run plain@B for each budget, e.g. 256,576,1024,2048,4096")
-    p.add_argument("--model", default="zoomworld-tiny",
-                   help="model directory, bundled model name or a policy (directory with policy.json)")
-    p.add_argument("--lowres-tokens", type=int, default=registry.DEFAULT_LOWRES_TOKENS,
-                   help="visual tokens of the lowres agent (default 256)")
-    p.add_argument("--highres-tokens", type=int, default=registry.DEFAULT_HIGHRES_TOKENS,
-                   help="visual tokens of the highres agent (default 4096)")
-    p.add_argument("--qzoom-tokens", type=int, default=registry.DEFAULT_QZOOM_TOKENS,
-                   help="global-view visual tokens of the qzoom agents (default 576)")
-    p.add_argument("--max-new-tokens", type=int, default=None,
-                   help="max generated tokens per answer (default: the benchmark's own; 8 on ZoomWorld)")
-    p.add_argument("--preset", default="auto",
-                   help="RoI and gate thresholds: auto (the benchmark's task; default), none, or one of "
-                        f"{', '.join(preset_names())}")
-    p.add_argument("--alphabet", default=None,
-                   help="tag characters of the questions (default: the model's training alphabet, else A-Z0-9)")
-    p.add_argument("--device", default="auto", help="torch device (default: cuda when available, else cpu)")
-    p.add_argument("--policy", default=None, help="tool-calling policy of qzoom-tool (default: zoomworld-tiny-tool)")
-    p.add_argument("--crop-policy", default=None,
-                   help="external-crop policy of the deepeyes agents (default: zoomworld-tiny-deepeyes on the bundled "
-                        "model, else --model itself)")
-    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
-    p.set_defaults(func=cmd_compare)
-    return p
-
-
-def cmd_compare(args: argparse.Namespace) -> int:
-    """Run `qzoom-agent compare`; prints the summary table (or one JSON object with ``--json``); returns 0."""
-    cfg = config_from_args(args)
-    summary = run_compare(cfg)
-    if not rundir.current_shard().main:
-        return 0  # the main process prints the merged summary
-    if args.json:
-        print(json.dumps(summary))  # noqa: T201 - CLI output
-    else:
-        print(report.markdown_table(summary))  # noqa: T201 - CLI output
-        extra = report.findings(summary)
-        if extra:
-            print("\n" + "\n".join(extra))  # noqa: T201 - CLI output
-    return 0
