@@ -36,6 +36,9 @@ def test_vstar_folder_runs_every_question_with_its_scorer_and_preset(tmp_path, c
     run = json.loads((out / runner.RUN).read_text())
     assert run["args"]["max_new_tokens"] == 16  # V*'s own answer budget
     assert run["task"] == "vstar" and run["full_size"] == 191 and run["args"]["preset"] == "auto"
+    assert run["budgets"] == {"plain@256": [256, 256], "qzoom": [512, 576]}  # V*'s floor of 512, capped
+    assert all(r["visual_tokens"] >= 512 for r in recs if r["agent"] == "qzoom")  # the floor is applied
+    assert all(r["visual_tokens"] <= 256 for r in recs if r["agent"] == "plain@256")
     for name, stats in summary["agents"].items():
         mine = [r for r in recs if r["agent"] == name]
         assert stats["accuracy"] == pytest.approx(sum(r["score"] for r in mine) / len(mine))

@@ -33,6 +33,7 @@ class AgentContext:
     qzoom_tokens: int = DEFAULT_QZOOM_TOKENS
     policy: str | None = None  # the tool-calling policy of ``qzoom-tool`` (default: the bundled one)
     crop_policy: str | None = None  # the external-crop policy of ``deepeyes*`` (default: see `crop_policy_for`)
+    min_tokens: int | None = None  # a task's minimum view tokens (its preset), in place of `config.budget_for`'s
     loaded: dict = field(default_factory=dict)  # policy models by name, loaded once and shared between agents
 
     def load(self, name: str) -> QZoomModel:
@@ -179,16 +180,22 @@ def check_agent_name(name: str) -> None:
 
 
 def make_agent(name: str, ctx: AgentContext) -> Agent:
-    """Build the agent called ``name``.
+    """Build the agent called ``name``. With ``ctx.min_tokens`` set, an agent with a view budget ``(lo, hi)`` gets
+    ``(min(ctx.min_tokens, hi), hi)``: a benchmark's own minimum (e.g. 512 tokens on V*), capped by the budget.
 
     Raises:
         ValueError: an unknown name or a bad argument.
     """
     check_agent_name(name)
     if name in FACTORIES:
-        return FACTORIES[name](ctx, name)
-    prefix, _, arg = name.partition("@")
-    return PARAM_FACTORIES[prefix][1](ctx, name, arg)
+        agent = FACTORIES[name](ctx, name)
+    else:
+        prefix, _, arg = name.partition("@")
+        agent = PARAM_FACTORIES[prefix][1](ctx, name, arg)
+    budget = getattr(agent, "budget", None)
+    if ctx.min_tokens is not None and budget is not None:  # the task's floor, as its released evaluation sets it
+        agent.budget = (min(ctx.min_tokens, budget[1]), budget[1])  # type: ignore[attr-defined]
+    return agent
 
 
 def parse_budgets(text: str) -> list[int]:

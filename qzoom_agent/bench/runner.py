@@ -5,7 +5,8 @@ adapter (``--bench vstar:PATH``, see :mod:`qzoom_agent.bench.tasks`), scored by 
 ``--seed S --n N`` draws ``random.Random(S).sample(range(T), N)`` question indices of the ``T`` available, so the
 same seed always gives the same questions and a larger N extends the list (the first N' indices are the same).
 Without ``--n``: 100 ZoomWorld questions, or every question of a real benchmark. On a real benchmark the Q-Zoom
-agents use the task's released RoI and gate thresholds (``--preset auto``; :mod:`qzoom_agent.presets`).
+agents use the task's released RoI and gate thresholds, and every agent's view its minimum tokens (``--preset
+auto``; :mod:`qzoom_agent.presets`): 512 on V*, 256 on DocVQA, capped by the agent's own budget.
 
 Timing: batch size 1; one unrecorded warm-up question per agent; then, for each question, every agent in turn
 before the next question, so machine drift cancels and costs are compared side by side. The order of the agents
@@ -152,10 +153,11 @@ def prepare_run_dir(cfg: CompareConfig, model_path: Path, source: sources.Questi
             raise ValueError(f"{out} holds a run with other arguments ({', '.join(changed)}); choose another --out "
                              "or repeat the original arguments to resume")
         return old
+    floor = _min_tokens(_preset_of(cfg, source))
     run = {
         "args": identity, "device": cfg.device, "model_path": identity["model"], "out": str(out),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "agents": cfg.agents,
-        "budgets": {name: _budget_of(cfg, name) for name in cfg.agents}, **source.identity(),
+        "budgets": {name: _budget_of(cfg, name, floor) for name in cfg.agents}, **source.identity(),
         "question_indices": sources.question_indices(source.size(), cfg.seed, cfg.n), "command": " ".join(sys.argv),
     }
     tmp = path.with_suffix(".json.tmp")
@@ -163,10 +165,17 @@ def prepare_run_dir(cfg: CompareConfig, model_path: Path, source: sources.Questi
     tmp.replace(path)
     return run
 
-def _budget_of(cfg: CompareConfig, name: str) -> list[int] | None:
+def _budget_of(cfg: CompareConfig, name: str, min_tokens: int | None) -> list[int] | None:
     tokens = registry.agent_tokens(name, {"lowres": cfg.lowres_tokens, "highres": cfg.highres_tokens,
                                             "qzoom": cfg.qzoom_tokens})
-    return list(budget_for(tokens)) if tokens else None
+    if not tokens:
+        return None
+    return [min(min_tokens, tokens), tokens] if min_tokens is not None else list(budget_for(tokens))
+
+
+def _min_tokens(preset: str | None) -> int | None:
+    """A task's minimum view tokens, from its preset (the Qwen tables: every family gets the same floor)."""
+    return get_preset(preset, "qwen2_5_vl").min_tokens if preset else None
 
 # ---- running ---------------------------------------------------------------------------------------------------
 def _record(cfg: CompareConfig, q: sources.Question, name: str, res: AgentResult,
@@ -194,7 +203,7 @@ def _load_model(cfg: CompareConfig, preset: str | None):
     device, dtype = resolve_device(cfg.device)
     logger.info("loading %s on %s%s", cfg.model, device, f" with the {preset} preset's thresholds" if preset else "")
     model = QZoomModel.from_pretrained(cfg.model, device=device, dtype=dtype)
-    if preset:  # the task's released RoI and gate thresholds; view budgets stay the agents' own (qzoom@N)
+    if preset:  # the task's released RoI and gate thresholds; the view's floor is set per agent (`_min_tokens`)
         overrides = get_preset(preset, model.adapter.family).overrides()
         for key in ("roi_threshold", "gate_threshold"):
             if key in overrides:
@@ -210,8 +219,9 @@ def _run_pending(cfg: CompareConfig, source: sources.QuestionSource, pending: li
     """Warm every agent up, then run the pending (question, agents) pairs interleaved, appending to ``path``."""
     from tqdm import tqdm
 
-    ctx = registry.AgentContext(_load_model(cfg, _preset_of(cfg, source)), cfg.lowres_tokens, cfg.highres_tokens,
-                                cfg.max_new_tokens, cfg.qzoom_tokens, cfg.policy or None, cfg.crop_policy or None)
+    preset = _preset_of(cfg, source)
+    ctx = registry.AgentContext(_load_model(cfg, preset), cfg.lowres_tokens, cfg.highres_tokens, cfg.max_new_tokens,
+                                cfg.qzoom_tokens, cfg.policy or None, cfg.crop_policy or None, _min_tokens(preset))
     names = [a for a in cfg.agents if any(a in todo for _, todo in pending)]
     runners = {name: registry.make_agent(name, ctx) for name in names}
     warm = source.warmup()
