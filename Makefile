@@ -13,6 +13,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q "$(TORCH)"
 	echo "$(TORCH)" > $(VENV)/constraints.txt
 	PIP_CONSTRAINT=$(VENV)/constraints.txt $(PY) -m pip install -q -e ".[dev]"
+	# lmms-eval's registry and model API, without its heavy dependencies (torchvision, wandb...), so the tests can
+	# check that lmms-eval finds the `qzoom` model; `pip install qzoom-agent[lmms]` installs the whole of it
+	$(PY) -m pip install -q --no-deps "lmms-eval==0.7.3" loguru pytz
 	touch $@
 
 venv: $(VENV)/.installed
