@@ -380,14 +380,15 @@ def _add_serve_mcp(sub: argparse._SubParsersAction) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``qzoom-agent`` parser: one subcommand per job; errors raise `UsageError` instead of exiting."""
-    from .bench.runner import add_compare_parser
+    from .bench.compare_cli import add_compare_parser
     from .bench.scale import add_bench_scale_parser
+    from .bench.sweep import add_sweep_parser
 
     parser = _Parser(prog="qzoom-agent", description="Q-Zoom adaptive perception for vision-language models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for add in (_add_ask, _add_agent, _add_make_tiny, _add_zoomworld, _add_demo, _add_train, _add_serve_mcp,
-                add_compare_parser, add_bench_scale_parser, _add_grpo):
+                add_compare_parser, add_sweep_parser, add_bench_scale_parser, _add_grpo):
         add(sub)
     return parser
 
