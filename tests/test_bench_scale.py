@@ -16,6 +16,7 @@ from qzoom_agent.config import budget_for
 from qzoom_agent.tokenization import build_char_tokenizer
 
 ROW_KEYS = {"budget", "grid", "roi_tokens", "prompt_tokens", "spliced_tokens", "plain_prefill_s", "plain_answer_s",
+            "plain_engine_s",
             "qzoom_rate0_s", "qzoom_rate05_s", "qzoom_rate1_s", "decode_per_token_s", "gate_extra_s", "twig_extra_s",
             "twig_gate_extra_s", "roi_pass_extra_s", "rate0_perceive_s", "rate0_look_s", "rate0_decode_s",
             "rate1_perceive_s", "rate1_zoom_s", "rate1_decode_s", "rounds_s", "attn"}
@@ -97,7 +98,8 @@ def test_tiny_run_writes_every_output(tiny_run):
     for row in saved["rows"]:
         assert ROW_KEYS <= set(row), ROW_KEYS - set(row)
         assert row["grid"][0] * row["grid"][1] == row["budget"]
-        for key in ("plain_prefill_s", "plain_answer_s", "qzoom_rate0_s", "qzoom_rate1_s", "decode_per_token_s"):
+        for key in ("plain_prefill_s", "plain_answer_s", "plain_engine_s", "qzoom_rate0_s", "qzoom_rate1_s",
+                    "decode_per_token_s"):
             assert row[key] > 0, key
         assert row["qzoom_rate0_s"] <= row["qzoom_rate05_s"] <= row["qzoom_rate1_s"] or \
             row["qzoom_rate1_s"] <= row["qzoom_rate05_s"] <= row["qzoom_rate0_s"]
@@ -111,6 +113,10 @@ def test_tiny_run_writes_every_output(tiny_run):
     assert (speed["qzoom_budget_used"], speed["plain_budget_used"]) == (64, 256)  # 576 / 4096 were not measured
     assert speed["speedup"]["rate1"] == pytest.approx(
         saved["rows"][1]["plain_answer_s"] / saved["rows"][0]["qzoom_rate1_s"])
+    assert speed["speedup_engine"]["rate0"] == pytest.approx(  # like for like: the plain model on the same engine
+        saved["rows"][1]["plain_engine_s"] / saved["rows"][0]["qzoom_rate0_s"])
+    assert speed["overhead_same_budget"]["64"]["rate1"] == pytest.approx(
+        saved["rows"][0]["qzoom_rate1_s"] / saved["rows"][0]["plain_engine_s"])
     text = (out / "scale.md").read_text()
     for column, _, _ in scale_report.COLUMNS:
         assert f"| {column} " in text or f"| {column} |" in text, column
