@@ -178,8 +178,9 @@ def open_source(bench: str, alphabet: str) -> QuestionSource:
     task = load_task(bench)
     if task.missing:
         shown = ", ".join(task.missing[:5]) + (f" and {len(task.missing) - 5} more" if len(task.missing) > 5 else "")
+        where = f" ({task.name}:QUESTIONS.jsonl@IMAGE_DIR)" if task.name == "vstar" else ""
         raise BenchDataError(f"{bench}: {len(task.missing)} of {len(task.items)} images are missing ({shown}); "
-                             "point the source at the folder that holds them")
+                             f"point the source at the folder that holds them{where}")
     if not task.items:
         raise BenchDataError(f"{bench}: no questions read from {task.source}")
     return TaskSource(bench, task)
