@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+from bench_fixtures import make_vstar_folder
 
 from qzoom_agent.bench import sweep
 from qzoom_agent.cli import main
@@ -85,3 +86,17 @@ def test_bad_input_is_one_line(tmp_path, capsys, extra, message):
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()
+
+
+def test_a_real_benchmark_weighs_by_its_full_size(tmp_path, capsys):
+    folder = make_vstar_folder(tmp_path, 2)
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--bench", f"vstar:{folder},zoomworld:hr", "--budgets", "256", "--n", "2", "--out", str(out),
+            "--max-new-tokens", "2", "--device", "cpu", "--json"]
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["weights"] == {"vstar": 191.0, "zoomworld-hr": 2.0}  # V*'s 191 questions, not the 2 run
+    tasks, g = summary["tasks"], summary["group"]["qzoom@256"]
+    v, z = tasks["vstar"]["qzoom@256"], tasks["zoomworld-hr"]["qzoom@256"]
+    assert math.isclose(g["sps"], 193 / (191 / v["sps"] + 2 / z["sps"]))
+    assert math.isclose(g["accuracy"], (v["accuracy"] + z["accuracy"]) / 2)
