@@ -49,6 +49,32 @@ ALIASES = {"doc": "textvqa", "chart": "chartqa", "ocr": "ocrbench", "hr": "hrben
 LLAVA = Preset(0.15, None, None, None)  # SD-RPN: one setting for every task; the view is always 576 tokens
 
 
+# The released trade-off sweep (examples/multimax_tradeoff, Qwen2.5-VL) switches every task to one threshold set,
+# its "Tab2" set, for global views of 2048 tokens and more: RoI 0.04 and gate 0.02, with RoI 0.03 on V*.
+TAB2_FROM = 2048
+TAB2 = {"roi_threshold": 0.04, "gate_threshold": 0.02}
+TAB2_VSTAR_ROI = 0.03
+
+
+def thresholds_at(name: str, family: str, tokens: int) -> dict[str, float]:
+    """The RoI and gate thresholds of task ``name`` at a ``tokens``-token global view, as the released trade-off
+    sweep sets them: the task's preset below `TAB2_FROM` tokens, the "Tab2" set from there on (Qwen2.5-VL only; other
+    families keep their preset, since their scripts define no such set).
+
+    Examples:
+        >>> thresholds_at("docvqa", "qwen2_5_vl", 576), thresholds_at("docvqa", "qwen2_5_vl", 4096)
+        ({'roi_threshold': 0.125, 'gate_threshold': 0.05}, {'roi_threshold': 0.04, 'gate_threshold': 0.02})
+        >>> thresholds_at("vstar", "qwen2_5_vl", 2048)
+        {'roi_threshold': 0.03, 'gate_threshold': 0.02}
+    """
+    preset = get_preset(name, family)
+    if family != "qwen2_5_vl" or tokens < TAB2_FROM:
+        own = {"roi_threshold": preset.roi_threshold, "gate_threshold": preset.gate_threshold}
+        return {k: v for k, v in own.items() if v is not None}
+    task = ALIASES.get(name, name)
+    return {**TAB2, "roi_threshold": TAB2_VSTAR_ROI} if task == "vstar" else dict(TAB2)
+
+
 def preset_names() -> list[str]:
     """Every accepted name, groups first."""
     return [*ALIASES, *PRESETS]

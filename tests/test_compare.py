@@ -363,10 +363,10 @@ def test_missing_model(tmp_path, capsys):
 def test_doctests():
     import doctest
 
-    from qzoom_agent import checks, config, loading
-    from qzoom_agent.bench import registry, report
+    from qzoom_agent import checks, config, loading, presets
+    from qzoom_agent.bench import registry, report, sweep
 
-    for module in (metrics, registry, report, scoring, boxes, config, checks, loading):
+    for module in (metrics, registry, report, scoring, boxes, config, checks, loading, presets, sweep):
         result = doctest.testmod(module)
         assert result.attempted > 0 and result.failed == 0, module.__name__
 

@@ -81,3 +81,29 @@ def test_unknown_task_and_missing_source(tmp_path, capsys):
     assert "needs a source" in capsys.readouterr().err
     assert _compare(f"vstar:{tmp_path / 'nowhere'}", tmp_path / "c") == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_qzoom_agents_answer_under_the_thresholds_of_their_view():
+    from qzoom_agent.bench import registry
+    from qzoom_agent.presets import thresholds_at
+
+    cfg = runner.CompareConfig("docvqa:unused", ["qzoom@576"], 1, 0, "unused", device="cpu")
+    model = runner._load_model(cfg, "docvqa")
+    ctx = registry.AgentContext(model, thresholds_at=lambda tokens: thresholds_at("docvqa", "qwen2_5_vl", tokens))
+    small, large = registry.make_agent("qzoom@576", ctx), registry.make_agent("qzoom@2048", ctx)
+    assert small.thresholds == {"roi_threshold": 0.125, "gate_threshold": 0.05}  # DocVQA's own
+    assert large.thresholds == {"roi_threshold": 0.04, "gate_threshold": 0.02}  # the sweep's set from 2048 on
+    seen = []
+    real_answer = model.answer
+
+    def spy(*args, **kwargs):
+        seen.append((model.config.roi_threshold, model.config.gate_threshold))
+        return real_answer(*args, **kwargs)
+
+    model.answer = spy
+    model.config.roi_threshold = 0.5
+    from bench_fixtures import make_image
+
+    large.run(make_image(0), "What is the date?")
+    assert seen == [(0.04, 0.02)] and model.config.roi_threshold == 0.5  # set for the answer, then put back
+    assert registry.make_agent("plain@2048", ctx).__class__.__name__ == "PlainAgent"  # plain agents take none

@@ -160,6 +160,22 @@ class QZoomAgent(PlainAgent):
                              "qzoom/ adapter (qzoom-agent train stage1 writes one)")
         super().__init__(model, tokens, name, max_new_tokens)
         self.mode = mode
+        self.thresholds: dict[str, float] = {}  # RoI/gate thresholds of this agent's view (`presets.thresholds_at`)
+
+    def run(self, image: Any, question: str) -> AgentResult:
+        """Answer as `PlainAgent.run`, under this agent's own thresholds when it has them: agents share one model,
+        so they are set for this answer and the model's own are put back after it."""
+        if not self.thresholds:
+            return super().run(image, question)
+        config = self.model.config
+        saved = {key: getattr(config, key) for key in self.thresholds}
+        try:
+            for key, value in self.thresholds.items():
+                setattr(config, key, value)
+            return super().run(image, question)
+        finally:
+            for key, value in saved.items():
+                setattr(config, key, value)
 
 
 class OracleAgent:

@@ -34,6 +34,7 @@ class AgentContext:
     policy: str | None = None  # the tool-calling policy of ``qzoom-tool`` (default: the bundled one)
     crop_policy: str | None = None  # the external-crop policy of ``deepeyes*`` (default: see `crop_policy_for`)
     min_tokens: int | None = None  # a task's minimum view tokens (its preset), in place of `config.budget_for`'s
+    thresholds_at: Callable[[int], dict[str, float]] | None = None  # a Q-Zoom agent's thresholds by its view tokens
     loaded: dict = field(default_factory=dict)  # policy models by name, loaded once and shared between agents
 
     def load(self, name: str) -> QZoomModel:
@@ -182,6 +183,7 @@ def check_agent_name(name: str) -> None:
 def make_agent(name: str, ctx: AgentContext) -> Agent:
     """Build the agent called ``name``. With ``ctx.min_tokens`` set, an agent with a view budget ``(lo, hi)`` gets
     ``(min(ctx.min_tokens, hi), hi)``: a benchmark's own minimum (e.g. 512 tokens on V*), capped by the budget.
+    With ``ctx.thresholds_at``, a Q-Zoom agent answers under the thresholds of its view's size.
 
     Raises:
         ValueError: an unknown name or a bad argument.
@@ -195,6 +197,8 @@ def make_agent(name: str, ctx: AgentContext) -> Agent:
     budget = getattr(agent, "budget", None)
     if ctx.min_tokens is not None and budget is not None:  # the task's floor, as its released evaluation sets it
         agent.budget = (min(ctx.min_tokens, budget[1]), budget[1])  # type: ignore[attr-defined]
+    if ctx.thresholds_at is not None and isinstance(agent, QZoomAgent):
+        agent.thresholds = ctx.thresholds_at(agent.budget[1])
     return agent
 
 

@@ -6,7 +6,8 @@ adapter (``--bench vstar:PATH``, see :mod:`qzoom_agent.bench.tasks`), scored by 
 same seed always gives the same questions and a larger N extends the list (the first N' indices are the same).
 Without ``--n``: 100 ZoomWorld questions, or every question of a real benchmark. On a real benchmark the Q-Zoom
 agents use the task's released RoI and gate thresholds, and every agent's view its minimum tokens (``--preset
-auto``; :mod:`qzoom_agent.presets`): 512 on V*, 256 on DocVQA, capped by the agent's own budget.
+auto``; :mod:`qzoom_agent.presets`): 512 on V*, 256 on DocVQA, capped by the agent's own budget. From a
+2048-token view on, a Qwen2.5-VL Q-Zoom agent switches to the released sweep's common set (`presets.thresholds_at`).
 
 Timing: batch size 1; one unrecorded warm-up question per agent; then, for each question, every agent in turn
 before the next question, so machine drift cancels and costs are compared side by side. The order of the agents
@@ -37,6 +38,7 @@ Output in ``--out DIR``:
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import logging
 import sys
@@ -47,7 +49,7 @@ from typing import Any
 
 from .. import boxes, zoomworld
 from ..config import budget_for
-from ..presets import get_preset
+from ..presets import get_preset, thresholds_at
 from . import metrics, registry, report, rundir, sources
 from .agents import Agent, AgentResult
 from .rundir import RESULTS
@@ -220,8 +222,11 @@ def _run_pending(cfg: CompareConfig, source: sources.QuestionSource, pending: li
     from tqdm import tqdm
 
     preset = _preset_of(cfg, source)
-    ctx = registry.AgentContext(_load_model(cfg, preset), cfg.lowres_tokens, cfg.highres_tokens, cfg.max_new_tokens,
-                                cfg.qzoom_tokens, cfg.policy or None, cfg.crop_policy or None, _min_tokens(preset))
+    model = _load_model(cfg, preset)
+    ctx = registry.AgentContext(model, cfg.lowres_tokens, cfg.highres_tokens, cfg.max_new_tokens, cfg.qzoom_tokens,
+                                cfg.policy or None, cfg.crop_policy or None, _min_tokens(preset))
+    if preset and model is not None:  # thresholds by view size, as the released trade-off sweep sets them
+        ctx.thresholds_at = functools.partial(thresholds_at, preset, model.adapter.family)
     names = [a for a in cfg.agents if any(a in todo for _, todo in pending)]
     runners = {name: registry.make_agent(name, ctx) for name in names}
     warm = source.warmup()
