@@ -20,7 +20,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 # package -> folder, as pyproject.toml's package-dir maps them
 ROOTS = {"qzoom_agent": REPO / "qzoom_agent", "qzoom_agent.tools": REPO / "tools", "qzoom_agent.rl": REPO / "rl"}
-UPPER = ("bench", "train", "recipes", "agent", "tools", "rl", "integrations", "cli", "demo")  # the rooms built on the core
+# the rooms built on the core
+UPPER = ("bench", "train", "recipes", "agent", "tools", "rl", "integrations", "cli", "demo")
 
 
 def _modules() -> dict[str, Path]:
