@@ -8,7 +8,7 @@ import math
 import pytest
 from bench_fixtures import make_vstar_folder
 
-from qzoom_agent.bench import sweep
+from qzoom_agent.bench import metrics, sweep
 from qzoom_agent.cli import main
 
 
@@ -27,9 +27,11 @@ def test_task_point_counts_samples_over_total_latency():
     recs = [{"score": 1.0, "latency_s": 0.5, "visual_tokens": 100}, {"score": 0.25, "latency_s": 1.5,
                                                                      "visual_tokens": 300},
             {"correct": True, "latency_s": 2.0, "visual_tokens": 200}]  # an old record without a score
-    p = sweep.task_point(recs)
+    for r in recs:
+        r.update(forward_passes=1, generated_tokens=1)
+    p = sweep.task_point(metrics.summarize_agent(recs))  # from the compare summary's entry of the agent
     assert math.isclose(p["accuracy"], 100 * 2.25 / 3) and math.isclose(p["sps"], 3 / 4.0)
-    assert p["visual_tokens"] == 200 and sweep.task_point([]) is None
+    assert p["visual_tokens"] == 200 and sweep.task_point(metrics.summarize_agent([])) is None
 
 
 @pytest.mark.parametrize("tolerance, matched, speedup", [(0.0, "qzoom@1024", 1.5), (1.5, "qzoom@576", 3.0)])

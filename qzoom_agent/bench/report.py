@@ -106,7 +106,7 @@ def budget_agents(names: list[str], prefix: str = "plain") -> dict[str, int]:
     return dict(sorted(found.items(), key=lambda item: item[1]))
 
 
-def _axes(size: tuple[float, float]) -> Any:
+def axes(size: tuple[float, float]) -> Any:
     """One set of axes on a new figure, rendered off-screen without pyplot's global state."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -116,7 +116,7 @@ def _axes(size: tuple[float, float]) -> Any:
     return fig.add_subplot()
 
 
-def _finish(ax: Any, title: str, path: str | Path) -> Path:
+def finish(ax: Any, title: str, path: str | Path) -> Path:
     """Title, grid and legend on ``ax``, then its figure written to ``path`` as a PNG."""
     ax.set_title(title, fontsize=9)
     ax.grid(True, alpha=0.3)
@@ -143,7 +143,7 @@ def plot_accuracy_by_budget(summary: Mapping[str, Any], path: str | Path, title:
     budgets = budget_agents(list(agents))
     if len(budgets) < 2:
         return None
-    ax = _axes((6, 4))
+    ax = axes((6, 4))
     for key, label, marker in (("accuracy_fine", "fine", "o"), ("accuracy_coarse", "coarse", "s")):
         points = [(b, agents[name][key]) for name, b in budgets.items() if agents[name][key] is not None]
         if points:
@@ -154,7 +154,7 @@ def plot_accuracy_by_budget(summary: Mapping[str, Any], path: str | Path, title:
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("visual-token budget (max tokens, log2 scale)")
     ax.set_ylabel("accuracy")
-    return _finish(ax, title or "Accuracy by visual-token budget", path)
+    return finish(ax, title or "Accuracy by visual-token budget", path)
 
 
 def qzoom_agents(names: list[str]) -> list[str]:
@@ -171,14 +171,14 @@ def _qps(point: Mapping[str, Any]) -> str:
     return "-" if point["throughput_qps"] is None else f"{point['throughput_qps']:.2f}"
 
 
-def _throughput(stats: Mapping[str, Any]) -> float | None:
+def throughput(stats: Mapping[str, Any]) -> float | None:
     """Questions per second at batch size 1 (1 / mean latency); None without a positive latency."""
     latency = stats.get("latency_s_mean") or 0.0
     return 1.0 / latency if latency > 0 else None
 
 
 def _point(name: str, stats: Mapping[str, Any], key: str) -> dict[str, Any]:
-    return {"agent": name, key: stats.get(key), "throughput_qps": _throughput(stats),
+    return {"agent": name, key: stats.get(key), "throughput_qps": throughput(stats),
             "visual_tokens_mean": stats.get("visual_tokens_mean")}
 
 
@@ -208,7 +208,7 @@ def matched_accuracy(summary: Mapping[str, Any], key: str = "accuracy", toleranc
         return None
 
     def speed(name: str) -> float:
-        return _throughput(agents[name]) or 0.0
+        return throughput(agents[name]) or 0.0
 
     peak = max(plain, key=lambda n: (agents[n][key], speed(n)))
     best = max(gated, key=lambda n: (agents[n][key], speed(n)))
@@ -264,17 +264,17 @@ def plot_pareto(summary: Mapping[str, Any], path: str | Path, title: str = "", k
     agents = summary["agents"]
     series = {"plain": list(budget_agents(list(agents))), "Q-Zoom (gated)": qzoom_agents(list(agents)),
               "external crop (DeepEyes)": [n for n in agents if n.partition("@")[0] == "deepeyes"]}
-    points = {label: [(n, agents[n]) for n in names if agents[n].get(key) is not None and _throughput(agents[n])]
+    points = {label: [(n, agents[n]) for n in names if agents[n].get(key) is not None and throughput(agents[n])]
               for label, names in series.items()}
     if sum(len(v) for v in points.values()) < 2:
         return None
-    ax = _axes((6.5, 4.5))
+    ax = axes((6.5, 4.5))
     for (label, pts), marker, offset in zip(points.items(), ("o", "*", "^"), ((4, -11), (4, 5), (-14, 5)),
                                             strict=True):
         if not pts:
             continue
-        pts = sorted(pts, key=lambda p: _throughput(p[1]))
-        xs = [_throughput(st) for _, st in pts]
+        pts = sorted(pts, key=lambda p: throughput(p[1]))
+        xs = [throughput(st) for _, st in pts]
         ys = [st[key] for _, st in pts]
         ax.plot(xs, ys, marker=marker, markersize=9 if marker == "*" else 6, label=label)
         for (name, _), x, y in zip(pts, xs, ys, strict=True):
@@ -284,7 +284,7 @@ def plot_pareto(summary: Mapping[str, Any], path: str | Path, title: str = "", k
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("throughput (questions/s, batch 1, log scale)")
     ax.set_ylabel(key.replace("_", " "))
-    return _finish(ax, title or f"{key.replace('_', ' ')} against throughput", path)
+    return finish(ax, title or f"{key.replace('_', ' ')} against throughput", path)
 
 
 def plot_accuracy_latency(summary: Mapping[str, Any], path: str | Path, title: str = "",
@@ -298,7 +298,7 @@ def plot_accuracy_latency(summary: Mapping[str, Any], path: str | Path, title: s
               if st.get(key) is not None and (st.get("latency_s_mean") or 0) > 0]
     if len(points) < 2:
         return None
-    ax = _axes((6.5, 4.5))
+    ax = axes((6.5, 4.5))
     for name, x, y in points:
         external = (summary["agents"][name].get("external_calls_mean") or 0) > 0
         ax.plot([x], [y], marker="^" if external else "*" if name.startswith("qzoom") else "o", linestyle="",
@@ -307,7 +307,7 @@ def plot_accuracy_latency(summary: Mapping[str, Any], path: str | Path, title: s
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("mean latency per question (s, batch 1, log scale)")
     ax.set_ylabel(key.replace("_", " "))
-    return _finish(ax, title or f"{key.replace('_', ' ')} against latency", path)
+    return finish(ax, title or f"{key.replace('_', ' ')} against latency", path)
 
 
 def plot_tool_calls(records: list[Mapping[str, Any]], agents: list[str], path: str | Path,
@@ -327,7 +327,7 @@ def plot_tool_calls(records: list[Mapping[str, Any]], agents: list[str], path: s
     if not per_agent:
         return None
     top = min(CALLS_CAP, max(max(v) for v in per_agent.values()))
-    ax = _axes((6.5, 4.0))
+    ax = axes((6.5, 4.0))
     width = 0.8 / len(per_agent)
     for i, (name, values) in enumerate(per_agent.items()):
         shares = [sum(min(v, top) == k for v in values) / len(values) for k in range(top + 1)]
@@ -335,4 +335,4 @@ def plot_tool_calls(records: list[Mapping[str, Any]], agents: list[str], path: s
     ax.set_xticks(range(top + 1), [str(k) for k in range(top)] + [f"{top}+" if top == CALLS_CAP else str(top)])
     ax.set_xlabel("tool calls (or internal zooms) per question")
     ax.set_ylabel("share of questions")
-    return _finish(ax, title or "Tool calls per question", path)
+    return finish(ax, title or "Tool calls per question", path)

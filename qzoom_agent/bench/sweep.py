@@ -25,7 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -75,17 +75,19 @@ def task_dir_name(bench: str) -> str:
     return f"zoomworld-{rest}" if name == sources.ZOOMWORLD else name
 
 
-def task_point(records: Sequence[Mapping[str, Any]]) -> dict[str, float] | None:
-    """One agent on one task: accuracy (mean score, in points), samples per second (``n / sum(latency)``) and mean
-    visual tokens; None without records."""
-    from .metrics import score_of
+def task_point(stats: Mapping[str, Any]) -> dict[str, float] | None:
+    """One agent on one task, from its entry in the task's `compare` summary: accuracy (mean score, in points),
+    samples per second (``n / sum(latency)``, i.e. 1 / mean latency) and mean visual tokens; None without
+    questions.
 
-    if not records:
+    Examples:
+        >>> task_point({"accuracy": 0.75, "latency_s_mean": 0.5, "visual_tokens_mean": 300.0, "n": 4})
+        {'accuracy': 75.0, 'sps': 2.0, 'visual_tokens': 300.0, 'n': 4}
+    """
+    if not stats.get("n"):
         return None
-    latency = sum(float(r["latency_s"]) for r in records)
-    return {"accuracy": 100.0 * sum(score_of(r) for r in records) / len(records),
-            "sps": len(records) / latency if latency > 0 else float("inf"),
-            "visual_tokens": sum(float(r["visual_tokens"]) for r in records) / len(records), "n": len(records)}
+    return {"accuracy": 100.0 * stats["accuracy"], "sps": report.throughput(stats) or float("inf"),
+            "visual_tokens": stats["visual_tokens_mean"], "n": stats["n"]}
 
 
 def group_point(points: Mapping[str, Mapping[str, float]], weights: Mapping[str, float]) -> dict[str, float] | None:
@@ -141,18 +143,16 @@ def _weight(run_dir: Path, n: int) -> float:
     return float(run.get("full_size") or n)
 
 
-def summarize_sweep(cfg: SweepConfig) -> dict[str, Any]:
-    """Per-task points, group points and headline numbers from the runs in ``cfg.out`` (recomputed from their
-    results.jsonl files)."""
+def summarize_sweep(cfg: SweepConfig, summaries: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """Per-task points, group points and headline numbers from each benchmark's `compare` summary
+    (``summaries[bench]``, as `run_compare` returns it)."""
     tasks: dict[str, dict[str, Any]] = {}
     weights: dict[str, float] = {}
     for bench in cfg.benches:
-        run_dir = Path(cfg.out) / task_dir_name(bench)
-        records = rundir.load_results(run_dir / rundir.RESULTS)
-        by_agent = {a: [r for r in records if r["agent"] == a] for a in cfg.agents}
         name = task_dir_name(bench)
-        tasks[name] = {a: task_point(rs) for a, rs in by_agent.items()}
-        weights[name] = _weight(run_dir, max((len(rs) for rs in by_agent.values()), default=0))
+        stats = summaries[bench]["agents"]
+        tasks[name] = {a: task_point(stats[a]) for a in cfg.agents}
+        weights[name] = _weight(Path(cfg.out) / name, max((stats[a]["n"] for a in cfg.agents), default=0))
     group = {a: group_point({t: pts[a] for t, pts in tasks.items()}, weights) for a in cfg.agents}
     return {"benches": cfg.benches, "budgets": cfg.budgets, "weights": weights, "tasks": tasks, "group": group,
             "headline": headline(group, cfg.tolerance)}
@@ -181,7 +181,7 @@ def markdown(summary: Mapping[str, Any]) -> str:
 
 def plot(summary: Mapping[str, Any], path: Path) -> Path | None:
     """Group accuracy against group throughput (log x), one curve per series, points labelled by budget."""
-    ax = report._axes((6.5, 4.5))
+    ax = report.axes((6.5, 4.5))
     drawn = 0
     for prefix, label, marker in (("plain", "plain model", "o"), ("qzoom", "Q-Zoom (gated)", "*")):
         pts = sorted(((int(n.partition("@")[2]), g) for n, g in summary["group"].items()
@@ -199,7 +199,7 @@ def plot(summary: Mapping[str, Any], path: Path) -> Path | None:
     ax.set_xscale("log")
     ax.set_xlabel("throughput (samples/s, batch 1, size-weighted harmonic mean; log scale)")
     ax.set_ylabel("accuracy (mean over tasks, points)")
-    return report._finish(ax, f"Accuracy against throughput: {', '.join(summary['tasks'])}", path)
+    return report.finish(ax, f"Accuracy against throughput: {', '.join(summary['tasks'])}", path)
 
 
 def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
@@ -208,11 +208,12 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
     Works under ``accelerate launch`` like `compare`: each run is sharded; the main process writes the sweep.
     """
     base = dict(cfg.base or {})
+    summaries = {}
     for bench in cfg.benches:
         compare = CompareConfig(bench=bench, agents=cfg.agents, n=cfg.n, seed=cfg.seed,
                                 out=str(Path(cfg.out) / task_dir_name(bench)))
-        run_compare(replace(compare, **base))
-    summary = summarize_sweep(cfg)
+        summaries[bench] = run_compare(replace(compare, **base))
+    summary = summarize_sweep(cfg, summaries)
     if rundir.current_shard().main:
         out = Path(cfg.out)
         (out / SWEEP_JSON).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
