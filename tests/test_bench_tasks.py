@@ -371,3 +371,28 @@ def test_vstar_real_records(real_data, tmp_path):
     assert [it.record() for it in found.items] == [it.record() for it in task.items]
     assert found.items[190].load_image().size == image_size(0)
     assert load_task(f"vstar:{jsonl}@{copy.parent}").missing == ()
+
+
+def test_images_decode_through_the_library_loader(tmp_path):
+    """Benchmark images go through `images.load_image`, as agents' inputs do: alpha over white, bad data one line."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from qzoom_agent.bench.tasks._common import decode_image
+    from qzoom_agent.images import load_image
+
+    clear = Image.new("RGBA", (8, 6), (0, 0, 0, 0))
+    buf = io.BytesIO()
+    clear.save(buf, format="PNG")
+    png = buf.getvalue()
+    for value in (png, base64.b64encode(png).decode(), {"bytes": png, "path": None}, clear):
+        img = decode_image(value, "clear.png")
+        assert img.mode == "RGB" and img.size == (8, 6) and img.getpixel((0, 0)) == (255, 255, 255)
+    (tmp_path / "clear.png").write_bytes(png)
+    assert decode_image(str(tmp_path / "clear.png"), "f").tobytes() == load_image(png).tobytes()
+    for bad, message in ((b"not an image", "cannot decode image bad"), ("@@not base64@@", "cannot decode image bad"),
+                         (None, "image bad is empty")):
+        with pytest.raises(BenchDataError, match=message):
+            decode_image(bad, "bad")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
-import io
 import logging
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -209,23 +208,25 @@ def columns(ds: datasets.Dataset, names: Sequence[str], stop: int) -> dict[str, 
 
 
 def decode_image(value: Any, name: str) -> Image.Image:
-    """An image stored as a PIL image, ``{"bytes", "path"}``, raw bytes or a base64 string, decoded to RGB.
+    """An image stored as a PIL image, ``{"bytes", "path"}``, raw bytes, a file path or a base64 string, decoded to
+    RGB by the library's safe loader (`images.load_image`: size limit checked before decoding, EXIF orientation,
+    alpha over white), as every agent's own input is.
 
     Raises:
         BenchDataError: nothing decodable (``name`` says which image).
     """
+    from ...images import load_image
+
     if isinstance(value, dict):
         value = value.get("bytes") or value.get("path")
-    try:
-        if isinstance(value, str):  # a path (short, exists) or, as in HR-Bench and MME-RealWorld, base64
-            value = Image.open(value) if len(value) < 1024 and Path(value).is_file() else base64.b64decode(value)
-        if isinstance(value, (bytes, bytearray)):
-            value = Image.open(io.BytesIO(value))
-    except (binascii.Error, OSError, ValueError) as exc:
-        raise BenchDataError(f"cannot decode image {name}: {_first_line(exc)}") from None
-    if not isinstance(value, Image.Image):
+    if not isinstance(value, (str, Path, bytes, bytearray, Image.Image)):
         raise BenchDataError(f"image {name} is empty ({type(value).__name__})")
-    return value.convert("RGB")
+    try:
+        if isinstance(value, str) and not (len(value) < 1024 and Path(value).is_file()):
+            value = base64.b64decode(value)  # as HR-Bench and MME-RealWorld store their images
+        return load_image(value)
+    except (binascii.Error, ValueError) as exc:  # ImageLoadError is a ValueError
+        raise BenchDataError(f"cannot decode image {name}: {_first_line(exc)}") from None
 
 
 def row_image(ds: datasets.Dataset, column: str, row: int, name: str) -> Callable[[], Image.Image]:
@@ -238,16 +239,8 @@ def row_image(ds: datasets.Dataset, column: str, row: int, name: str) -> Callabl
 
 
 def file_image(path: Path) -> Callable[[], Image.Image]:
-    """A loader that decodes the image file ``path`` to RGB when called."""
-
-    def load() -> Image.Image:
-        try:
-            with Image.open(path) as img:
-                return img.convert("RGB")
-        except OSError as exc:
-            raise BenchDataError(f"cannot decode image {path}: {_first_line(exc)}") from None
-
-    return load
+    """A loader that decodes the image file ``path`` when called (:func:`decode_image`)."""
+    return lambda: decode_image(path, str(path))
 
 
 def check_limit(limit: int | None, size: int) -> int:
