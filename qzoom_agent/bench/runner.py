@@ -113,7 +113,7 @@ class CompareConfig:
 
 def split_size() -> int:
     """Number of questions in ZoomWorld's test split."""
-    return sources.ZoomWorldSource("zoomworld:hr", "").size()
+    return sources.zoomworld_size()
 
 def question_indices(seed: int, n: int) -> list[int]:
     """The ``n`` ZoomWorld test-split question indices of ``seed`` (:func:`sources.question_indices`)."""
@@ -132,14 +132,12 @@ def _identity(cfg: CompareConfig, model_path: Path) -> dict[str, Any]:
     values = {**asdict(cfg), "model": str(model_path.resolve())}
     return {key: values[key] for key in IDENTITY_KEYS}
 
-def prepare_run_dir(cfg: CompareConfig, model_path: Path, source: sources.QuestionSource | None = None
-                    ) -> dict[str, Any]:
+def prepare_run_dir(cfg: CompareConfig, model_path: Path, source: sources.QuestionSource) -> dict[str, Any]:
     """Create ``cfg.out`` and write run.json, or check an existing one was written with the same arguments.
 
     Raises:
         ValueError: run.json exists with different arguments (or is unreadable).
     """
-    source = source or sources.ZoomWorldSource(cfg.bench, cfg.alphabet)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / RUN
@@ -329,11 +327,10 @@ def run_compare(cfg: CompareConfig) -> dict[str, Any]:
     shard.barrier()
     return json.loads((out / SUMMARY_JSON).read_text(encoding="utf-8"))
 
-def write_summary(cfg: CompareConfig, records: list[dict[str, Any]],
-                  source: sources.QuestionSource | None = None) -> dict[str, Any]:
-    """Summarise ``records`` of this run's questions and agents into summary.json, summary.md and the plots
-    (``source``: the run's question source; default ZoomWorld's test split)."""
-    source = source or sources.ZoomWorldSource(cfg.bench, cfg.alphabet)
+def write_summary(cfg: CompareConfig, records: list[dict[str, Any]], source: sources.QuestionSource
+                  ) -> dict[str, Any]:
+    """Summarise ``records`` of this run's questions (drawn from ``source``) and agents into summary.json,
+    summary.md and the plots."""
     wanted = set(sources.question_indices(source.size(), cfg.seed, cfg.n))
     records = [r for r in records if int(r["index"]) in wanted and r["agent"] in cfg.agents]
     summary = metrics.summarize(records, cfg.agents)

@@ -103,15 +103,15 @@ def run_scale(cfg: ScaleConfig) -> dict[str, Any]:
     Raises:
         UsageError: bad input, or out of memory (naming the budget; the rows before it stay in scale.json).
     """
-    import torch
     from tqdm import tqdm
 
+    from ..loading import resolve_device
     from . import scale_report, scale_run
     from .scale_archs import arch_spec, parameter_counts
 
     spec = arch_spec(cfg.arch, cfg.size)
     device = scale_run.resolve_device(cfg.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    _, dtype = resolve_device(device.type)  # bf16 on CUDA, fp32 on the CPU: the library's rule
     attns, skipped = attention_plan(cfg.attn, device.type == "cuda")
     for name, why in skipped.items():
         logger.warning("%s skipped: %s", name, why)

@@ -46,11 +46,12 @@ def roi_box(image: Image.Image) -> Box:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto``: CUDA when available, else the CPU; ``cuda`` without a GPU is a `UsageError`."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """``auto``: CUDA when available, else the CPU (`loading.resolve_device`'s rule); ``cuda`` without a GPU is a
+    `UsageError`."""
+    from ..loading import resolve_device as run_device
+
     try:
-        device = torch.device(name)
+        device = torch.device(run_device(name)[0])
     except RuntimeError:
         raise UsageError(f"--device must be auto, cpu or cuda[:N], got {name!r}") from None
     if device.type not in ("cuda", "cpu"):

@@ -70,6 +70,12 @@ class QuestionSource(Protocol):
         ...
 
 
+def zoomworld_size() -> int:
+    """Number of questions in ZoomWorld's TEST split (either variant)."""
+    start, stop = zoomworld.SPLITS[TEST_SPLIT]
+    return stop - start
+
+
 def question_indices(size: int, seed: int, n: int) -> list[int]:
     """The ``n`` question indices of ``seed`` among ``size``: ``random.Random(seed).sample(range(size), n)``."""
     return random.Random(seed).sample(range(size), n)
@@ -87,8 +93,7 @@ class ZoomWorldSource:
         self.alphabet = alphabet
 
     def size(self) -> int:
-        start, stop = zoomworld.SPLITS[TEST_SPLIT]
-        return stop - start
+        return zoomworld_size()
 
     def _question(self, s: zoomworld.ZoomWorldSample) -> Question:
         target = tuple(s.target_box) if s.target_box is not None else None
